@@ -1,0 +1,60 @@
+"""The model families behind one registry: `build_model(arch, **fields)` -> an nn.Module.
+
+Every family follows the contract in docs/design.md ("Models"): `logits, state = model(tokens, state)`,
+`model.hidden`, `model.head`, `model.init_state`, `model.config`, `model.arch`, `model.max_context`,
+`model.flops_per_token()`, `model.lora_targets`. Adding a family is one file plus one line in MODELS.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn as nn
+
+from lmforge.errors import LmforgeError
+
+from .cnn import CNNConfig, CNNModel
+from .rnn import RNNConfig, RNNModel
+from .transformer import KVCache, Transformer, TransformerConfig
+
+MODELS = {"transformer": Transformer, "lstm": RNNModel, "gru": RNNModel, "cnn": CNNModel}
+CONFIGS = {Transformer: TransformerConfig, RNNModel: RNNConfig, CNNModel: CNNConfig}
+# Fields an arch name fixes: "lstm" and "gru" are one class that differs only in its cell.
+PRESETS = {"lstm": {"cell": "lstm"}, "gru": {"cell": "gru"}}
+
+
+def config_class(arch: str) -> type:
+    """The config dataclass of `arch`; raises LmforgeError for an unknown arch."""
+    if arch not in MODELS:
+        raise LmforgeError(f"unknown model arch {arch!r}; choose one of {', '.join(MODELS)}")
+    return CONFIGS[MODELS[arch]]
+
+
+def build_model(arch: str, **fields) -> nn.Module:
+    """A freshly initialised model (weights drawn from the caller's torch RNG).
+    `build_model(model.arch, **dataclasses.asdict(model.config))` rebuilds the same architecture."""
+    cls = config_class(arch)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise LmforgeError(f"unknown {arch} model field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
+    if "vocab_size" not in fields:
+        raise LmforgeError(f"the {arch} model needs vocab_size (normally taken from the tokenizer)")
+    for name, value in PRESETS.get(arch, {}).items():
+        if fields.setdefault(name, value) != value:
+            raise LmforgeError(f"model.{name}={fields[name]!r} contradicts arch {arch!r}; "
+                               f"drop {name} or use arch {fields[name]!r}")
+    return MODELS[arch](cls(**fields))
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once. With exclude_embeddings, the weights of
+    nn.Embedding modules (token and learned position tables) are left out; a head tied to the token
+    embedding shares that tensor, so it is left out too."""
+    skip = set()
+    if exclude_embeddings:
+        skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+__all__ = ["MODELS", "build_model", "config_class", "count_params", "KVCache",
+           "Transformer", "TransformerConfig", "RNNModel", "RNNConfig", "CNNModel", "CNNConfig"]

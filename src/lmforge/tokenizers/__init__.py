@@ -1,0 +1,97 @@
+"""Tokenizers: text <-> token ids. One class per kind (char, word, bpe), each saved as one tokenizer.json.
+
+`train_tokenizer(kind, texts, **options)` fits one on training text; `load_tokenizer(path)` reads one back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from ..errors import LmforgeError
+
+EOS = "<|endoftext|>"  # every kind has it; separates documents; encode never makes it from text
+UNK = "<unk>"  # char and word: stands for a piece outside the vocabulary
+FORMAT_VERSION = 1  # of our own char/word tokenizer.json
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    eos_id: int
+    options: dict
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def unknown(self, text: str) -> dict[str, int]: ...
+    def save(self, directory) -> None: ...
+    def fingerprint(self) -> str: ...
+
+
+def write_tokenizer_json(directory, content: str) -> None:
+    """Write directory/tokenizer.json atomically: a reader sees the old file or the new one, never half."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tokenizer.json.{os.getpid()}.tmp"
+    tmp.write_text(content, encoding="utf-8")
+    os.replace(tmp, directory / "tokenizer.json")
+
+
+def sha256_text(content: str) -> str:
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+
+
+# The kinds import the helpers above, so they come after them.
+from .bpe import BPETokenizer  # noqa: E402
+from .char import CharTokenizer  # noqa: E402
+from .word import WordTokenizer  # noqa: E402
+
+TOKENIZERS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer}
+
+
+def tokenizer_class(kind: str):
+    if kind not in TOKENIZERS:
+        raise LmforgeError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[kind]
+
+
+def resolve_options(kind: str, options: dict | None = None) -> dict:
+    """The kind's default options updated by `options`; unknown names fail with the valid list."""
+    defaults = tokenizer_class(kind).DEFAULTS
+    options = dict(options or {})
+    bad = sorted(set(options) - set(defaults))
+    if bad:
+        valid = ", ".join(defaults) or "none"
+        raise LmforgeError(f"unknown option(s) {', '.join(bad)} for the {kind} tokenizer; valid options: {valid}")
+    return {**defaults, **options}
+
+
+def train_tokenizer(kind: str, texts: list[str], **options) -> Tokenizer:
+    """Fit a tokenizer of `kind` on `texts` (the training split)."""
+    cls = tokenizer_class(kind)
+    return cls.train(texts, **resolve_options(kind, options))
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Read a tokenizer.json (or a folder holding one): our char/word format, or any Hugging Face one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        content = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LmforgeError(f"cannot read tokenizer {path}: {exc.strerror or exc}; "
+                           "point at a folder holding tokenizer.json") from None
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise LmforgeError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); "
+                           "re-save the tokenizer or re-run `lmforge prepare`") from None
+    if isinstance(data, dict) and data.get("kind") in ("char", "word"):
+        return TOKENIZERS[data["kind"]].from_dict(data, path)
+    if isinstance(data, dict) and "model" in data:  # Hugging Face's format: ours (bpe) or an imported model's
+        return BPETokenizer.from_json(content, path)
+    raise LmforgeError(f"{path} is neither an lmforge char/word tokenizer nor a Hugging Face tokenizer.json; "
+                       "point at the tokenizer.json written by `lmforge prepare` or shipped with the model")

@@ -1,0 +1,190 @@
+"""The `lmforge` command: one verb per stage, each a thin shell over a library function.
+
+User mistakes (LmforgeError) print as one line, `error: ...`, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import LmforgeError
+
+
+def _train_overrides(args) -> list[str]:
+    """Turn the convenience flags into dotted overrides (the same names a TOML file uses)."""
+    out = list(args.overrides)
+    flags = {"train.max_steps": args.max_steps, "train.max_time": args.max_time, "train.seed": args.seed,
+             "model.arch": args.arch, "tokenizer.kind": args.tokenizer, "train.device": args.device,
+             "data.sources": args.data}
+    if args.max_steps is not None and args.max_time is None:
+        flags["train.max_time"] = 0  # a step budget alone means no time limit
+    out += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if args.no_progress:
+        out.append("train.progress=false")
+    return out
+
+
+def cmd_train(args) -> None:
+    from . import api
+
+    lm, result = api.train(args.config, args.resume or args.out, preset=args.preset,
+                           overrides=_train_overrides(args), resume=args.resume is not None)
+    val = result.extra.get("val")
+    print(f"run: {result.run_dir}  steps {result.steps}, {result.tokens:,} tokens in {result.train_time:.0f} s "
+          f"({result.tokens_per_s:,.0f} tokens/s)")
+    if val:
+        print(f"validation: {val['bits_per_byte']:.3f} bits per byte, perplexity {val['perplexity']:.2f}, "
+              f"accuracy {val['accuracy']:.1%}")
+    if result.interrupted:
+        return
+    prompt = args.prompt if args.prompt is not None else lm.config["train"]["sample_prompt"]
+    print(f"\nsample ({prompt!r}, temperature 0.8):\n")
+    sys.stdout.write(prompt)
+    lm.generate(prompt, max_new_tokens=lm.config["train"]["sample_tokens"], temperature=0.8, seed=0,
+                on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    print("\n")
+
+
+def cmd_generate(args) -> None:
+    from . import api
+    from .generation import SamplingConfig
+
+    sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
+                              args.top_p, args.seed, args.stop or [])
+    lm = api.load(args.run, device=args.device)
+    for _ in range(args.num_samples):
+        if args.prompt and lm.tokenizer.unknown(args.prompt):
+            pieces = ", ".join(f"{k!r}×{v}" for k, v in lm.tokenizer.unknown(args.prompt).items())
+            print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>",
+                  file=sys.stderr)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        lm.complete(args.prompt, sampling, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        if args.num_samples > 1:
+            print("-" * 40)
+        if sampling.seed is not None:
+            sampling.seed += 1
+
+
+def cmd_eval(args) -> None:
+    from . import api
+
+    lm = api.load(args.run, device=args.device)
+    if args.text:
+        path = Path(args.text)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise LmforgeError(f"--text {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"--text {path} is not UTF-8 (bad byte at offset {e.start}); convert it to UTF-8") from None
+        result = lm.evaluate(text)
+    else:
+        result = lm.evaluate()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    rows = [("all", result)] + list(result["documents"].items())
+    print(f"{'text':<28} {'bits/byte':>10} {'ppl/token':>10} {'top-1':>7} {'top-5':>7} {'tokens':>9} {'bytes':>10}")
+    for name, r in rows:
+        print(f"{name[:28]:<28} {r['bits_per_byte']:>10.4f} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
+              f"{r['top5_accuracy']:>7.1%} {r['tokens']:>9,} {r['bytes']:>10,}")
+
+
+def cmd_prepare(args) -> None:
+    from .data import prepare
+
+    options = {}
+    for item in args.option or []:
+        from .config import parse_value
+
+        key, _, value = item.partition("=")
+        options[key] = parse_value(value)
+    prepared = prepare(args.sources, tokenizer=args.tokenizer, tokenizer_options=options,
+                       val_fraction=args.val_fraction, cache_dir=args.cache_dir, jsonl_field=args.jsonl_field,
+                       encoding=args.encoding, errors=args.errors)
+    state = "reused" if prepared.reused else "written"
+    print(f"{state}: {prepared.path}")
+    print(f"tokenizer {prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}; "
+          f"{len(prepared.train):,} train tokens, {len(prepared.val):,} validation tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and fine-tune small language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="read, split and tokenize text into a cached memory-mapped array")
+    p.add_argument("sources", nargs="*", default=["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"],
+                   help="gutenberg:ID, text files, folders, globs or .jsonl files (default: Emma + Persuasion)")
+    p.add_argument("--tokenizer", default="bpe", help="char, word or bpe (default bpe)")
+    p.add_argument("--option", "-o", action="append", help="tokenizer option, e.g. -o vocab_size=2048")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--errors", default="strict", help="strict, replace or ignore undecodable bytes")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (default: a Transformer on Emma + Persuasion, 5 minutes)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.d_model=128 train.lr=1e-3")
+    p.add_argument("--config", help="a TOML file with [data], [tokenizer], [model] and [train] tables")
+    p.add_argument("--preset", help="a named config shipped with lmforge (e.g. tutorial)")
+    p.add_argument("--out", help="run folder (default runs/<arch>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--max-time", help="training time budget, e.g. 300, 90s, 5m")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--arch", help="transformer, lstm, gru or cnn")
+    p.add_argument("--tokenizer", help="char, word or bpe")
+    p.add_argument("--data", nargs="+", help="text sources (as for prepare)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps")
+    p.add_argument("--prompt", help="seed phrase for the sample printed at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue a seed phrase with a trained model")
+    p.add_argument("run")
+    p.add_argument("--prompt", "-p", default="")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=200)
+    p.add_argument("--temperature", "-t", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="bits per byte, perplexity and accuracy of a trained model")
+    p.add_argument("run")
+    p.add_argument("--text", help="a UTF-8 text file (default: the run's validation split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Read text sources into documents: NLTK Gutenberg ids, text files, folders, globs and JSONL.
+
+In: source specs ("gutenberg:austen-emma.txt", "notes/", "books/*.txt", "chat.jsonl"). Out: [Document].
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LmforgeError
+
+GUTENBERG = "gutenberg:"
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+def read_sources(specs, *, jsonl_field: str = "text", encoding: str = "utf-8",
+                 errors: str = "strict") -> list[Document]:
+    """Every document named by `specs`, in order; "\\r\\n" becomes "\\n". Fails on an empty corpus."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    documents: list[Document] = []
+    for spec in specs:
+        spec = str(spec)
+        if spec.startswith(GUTENBERG):
+            documents += read_gutenberg(spec[len(GUTENBERG):])
+        else:
+            for path in expand_path(spec):
+                documents += read_file(path, jsonl_field=jsonl_field, encoding=encoding, errors=errors)
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise LmforgeError(f"the sources {', '.join(map(str, specs)) or '(none)'} hold no text; "
+                           "name files, folders, globs or gutenberg:IDs that contain some")
+    return documents
+
+
+def expand_path(spec: str) -> list[Path]:
+    """A file, every *.txt under a folder (sorted), or the files a glob matches (sorted)."""
+    if glob.has_magic(spec):
+        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise LmforgeError(f"the glob {spec!r} matches no files; check the pattern (quote it in the shell)")
+        return paths
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        paths = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not paths:
+            raise LmforgeError(f"the folder {spec} holds no *.txt files; put text files in it or name the files")
+        return paths
+    if not path.exists():
+        raise LmforgeError(f"source {spec} does not exist; give a text/JSONL file, a folder, a glob or gutenberg:ID")
+    return [path]
+
+
+def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str) -> list[Document]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LmforgeError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
+    text = decode(data, path, encoding, errors).replace("\r\n", "\n")
+    if path.suffix == ".jsonl":
+        return read_jsonl(text, path, jsonl_field)
+    return [Document(str(path), text)]
+
+
+def decode(data: bytes, path: Path, encoding: str, errors: str) -> str:
+    try:
+        return data.decode(encoding, errors)
+    except UnicodeDecodeError as exc:
+        raise LmforgeError(f"{path}: byte {exc.start} (0x{data[exc.start]:02x}) is not valid {encoding}; "
+                           "pass the file's encoding (e.g. --encoding latin-1) or --errors replace") from None
+    except LookupError:
+        raise LmforgeError(f"unknown text encoding {encoding!r} or error handler {errors!r}; "
+                           "use e.g. utf-8 / latin-1 and strict / replace / ignore") from None
+
+
+def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
+    """One document per non-blank line, from the string under `field`."""
+    documents = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise LmforgeError(f"{path}:{number}: no string field {field!r}; "
+                               "add it, or name the field holding the text with --jsonl-field")
+        documents.append(Document(f"{path}:{number}", record[field]))
+    return documents
+
+
+def read_gutenberg(pattern: str) -> list[Document]:
+    """Texts of NLTK's Gutenberg corpus by file id or glob ("austen-emma.txt", "austen-*", "*")."""
+    gutenberg = gutenberg_corpus()
+    fileids = gutenberg.fileids()
+    matches = [f for f in fileids if fnmatch.fnmatchcase(f, pattern)]
+    if not matches:
+        raise LmforgeError(f"gutenberg:{pattern} names no text of NLTK's Gutenberg corpus; "
+                           f"choose from: {', '.join(fileids)}")
+    return [Document(f"{GUTENBERG}{f}", gutenberg.raw(f).replace("\r\n", "\n")) for f in matches]
+
+
+def gutenberg_corpus():
+    """nltk.corpus.gutenberg, downloading it once if NLTK can't find it."""
+    import nltk  # imported here: it is slow to import and only Gutenberg sources need it
+
+    # NLTK reads NLTK_DATA when it is first imported; honour a value set since then too
+    for folder in reversed(os.environ.get("NLTK_DATA", "").split(os.pathsep)):
+        if folder and folder not in nltk.data.path:
+            nltk.data.path.insert(0, folder)
+    try:
+        nltk.data.find("corpora/gutenberg")
+    except LookupError:
+        if not nltk.download("gutenberg", quiet=True, raise_on_error=False):
+            raise LmforgeError("NLTK's Gutenberg corpus is not installed and could not be downloaded; "
+                               "set NLTK_DATA to a folder that holds corpora/gutenberg") from None
+    return nltk.corpus.gutenberg

@@ -1,0 +1,119 @@
+"""How well a model predicts a text: bits per byte, perplexity per token, top-1/top-5 accuracy.
+
+Every token of the text is scored exactly once. A bounded-context model (the Transformer) reads
+overlapping windows with a stride of half its context, so each scored token sees at least half a
+window of history; recurrent and convolutional models carry their state through the whole text.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Score:
+    nats: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    correct1: int = 0
+    correct5: int = 0
+
+    def __iadd__(self, other: "Score") -> "Score":
+        for name in ("nats", "tokens", "bytes", "correct1", "correct5"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / max(self.bytes, 1) / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats / max(self.tokens, 1))
+
+    def summary(self) -> dict:
+        return {
+            "bits_per_byte": self.bits_per_byte,
+            "perplexity": self.perplexity,
+            "accuracy": self.correct1 / max(self.tokens, 1),
+            "top5_accuracy": self.correct5 / max(self.tokens, 1),
+            "nats_per_token": self.nats / max(self.tokens, 1),
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+        }
+
+
+def _score_positions(logits: torch.Tensor, targets: torch.Tensor) -> Score:
+    """logits (N, V), targets (N,) -> summed loss and hit counts."""
+    logits = logits.float()
+    nats = F.cross_entropy(logits, targets, reduction="sum").item()
+    top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
+    hits = top5 == targets[:, None]
+    return Score(nats=nats, tokens=targets.numel(), correct1=int(hits[:, 0].sum()), correct5=int(hits.any(-1).sum()))
+
+
+def _windows(n: int, window: int, stride: int):
+    """(start, end, first scored) triples: windows seq[start:end] whose predictions for positions
+    first..end-1 are kept, so positions 1..n-1 are each scored exactly once."""
+    end = min(window, n)
+    yield 0, end, 1
+    while end < n:
+        new_end = min(end + stride, n)
+        yield max(0, new_end - window), new_end, end
+        end = new_end
+
+
+@torch.inference_mode()
+def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int = 8, chunk: int = 1024) -> Score:
+    """Score `ids` given a leading `bos` token: predictions for every id, each exactly once."""
+    seq = torch.tensor([bos] + list(ids), dtype=torch.long, device=device)
+    n = seq.numel()
+    total = Score()
+    if n < 2:
+        return total
+    limit = model.max_context
+    if limit is None:
+        dtype = next(model.parameters()).dtype
+        state = model.init_state(1, device, dtype)
+        for begin in range(0, n - 1, chunk):
+            x = seq[begin:min(begin + chunk, n - 1)][None]
+            y = seq[begin + 1:begin + 1 + x.size(1)]
+            logits, state = model(x, state)
+            total += _score_positions(logits[0], y)
+        return total
+    window, stride = limit + 1, max(1, limit // 2)  # window+1 tokens give `limit` predictions
+    spans = list(_windows(n, window, stride))
+    for i in range(0, len(spans), batch_windows):
+        group = spans[i:i + batch_windows]
+        lengths = {end - start for start, end, _ in group}
+        if len(lengths) == 1:  # full windows: one batched forward
+            x = torch.stack([seq[start:end - 1] for start, end, _ in group])
+            logits, _ = model(x)
+        else:
+            logits = [model(seq[start:end - 1][None])[0][0] for start, end, _ in group]
+        for row, (start, end, first) in enumerate(group):
+            total += _score_positions(logits[row][first - start - 1:end - start - 1], seq[first:end])
+    return total
+
+
+def evaluate_text(model, tokenizer, text: str, *, device="cpu") -> Score:
+    score = score_ids(model, tokenizer.encode(text), tokenizer.eos_id, device=device)
+    score.bytes = len(text.encode("utf-8"))
+    return score
+
+
+def evaluate_documents(model, tokenizer, documents: list[tuple[str, str]], *, device="cpu") -> dict:
+    """Overall and per-document scores for (name, text) pairs; the overall numbers pool all bytes."""
+    total, per_doc = Score(), {}
+    for name, text in documents:
+        score = evaluate_text(model, tokenizer, text, device=device)
+        per_doc[name] = score.summary()
+        total += score
+    return {**total.summary(), "documents": per_doc}
+
+
+def score_to_dict(score: Score) -> dict:
+    return asdict(score)

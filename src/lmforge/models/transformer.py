@@ -1,0 +1,278 @@
+"""A decoder-only Transformer: (B, T) token ids -> (B, T, V) logits, with an explicit KV cache.
+
+The defaults are a modern block (RoPE, pre-norm RMSNorm, QK-norm, ReLU² MLP, zero-initialised output
+projections, untied head). The options cover GPT-2 and Llama exactly, so their weights can be imported:
+
+    GPT-2: norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True, qk_norm=False
+    Llama: norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qk_norm=False, n_kv_heads < n_heads
+
+Parameter names (H = n_heads, K = n_kv_heads, hd = d_model // n_heads, F = d_ff, L = context_len):
+
+    tok_emb.weight                 (V, D)   token embedding (also the output matrix when tied)
+    pos_emb.weight                 (L, D)   learned positions, only when pos="learned"
+    blocks.{i}.attn_norm.weight    (D,)     (+ .bias for layernorm with bias=True)
+    blocks.{i}.attn.qkv.weight     ((H + 2K)·hd, D)  rows: H·hd query rows, then K·hd key rows,
+                                            then K·hd value rows; head h owns rows h·hd..(h+1)·hd
+    blocks.{i}.attn.qkv.bias       ((H + 2K)·hd,)    only when bias=True, same layout
+    blocks.{i}.attn.q_norm.weight  (hd,)    only when qk_norm=True (RMSNorm over head_dim)
+    blocks.{i}.attn.k_norm.weight  (hd,)
+    blocks.{i}.attn.proj.weight    (D, H·hd) (+ .bias)  attention output projection
+    blocks.{i}.mlp_norm.weight     (D,)     (+ .bias)
+    blocks.{i}.mlp.gate.weight     (F, D)   only for mlp="swiglu" (HF gate_proj)
+    blocks.{i}.mlp.fc.weight       (F, D)   (+ .bias)  up projection (HF up_proj / GPT-2 c_fc)
+    blocks.{i}.mlp.proj.weight     (D, F)   (+ .bias)  down projection (HF down_proj / GPT-2 c_proj)
+    norm.weight                    (D,)     (+ .bias)  final norm
+    lm_head.weight                 (V, D)   only when tie_embeddings=False; never has a bias
+
+Note GPT-2's Conv1D stores weights as (in, out): the importer transposes them. RoPE uses the
+Hugging Face Llama "rotate_half" convention: dimension j pairs with j + hd/2, inv_freq = θ^(-2i/hd).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+CHOICES = {"norm": ("rmsnorm", "layernorm"), "pos": ("rope", "learned"), "mlp": ("relu2", "gelu", "swiglu")}
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (resolved on creation)
+    context_len: int = 256  # training sequence length, also the KV cache size and max_context
+    dropout: float = 0.0
+    d_ff: int | None = None  # MLP width; None = 4 * d_model (resolved on creation)
+    norm: str = "rmsnorm"
+    pos: str = "rope"
+    mlp: str = "relu2"
+    bias: bool = False  # biases on every Linear and LayerNorm except the output head
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    logit_softcap: float | None = None  # logits -> softcap * tanh(logits / softcap)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        # Resolve the defaults that depend on other fields, so asdict() is explicit and rebuilds the same model.
+        self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        self.d_ff = 4 * self.d_model if self.d_ff is None else self.d_ff
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context_len", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LmforgeError(f"model.{name} must be a positive integer, got {value!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise LmforgeError(f"model.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}")
+        if self.d_model % self.n_heads:
+            raise LmforgeError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                               f"pick n_heads that divides d_model")
+        if self.n_heads % self.n_kv_heads:
+            raise LmforgeError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
+                               f"pick n_kv_heads that divides n_heads")
+        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
+            raise LmforgeError(f"RoPE needs an even head size, got d_model/n_heads = {self.d_model // self.n_heads}; "
+                               f"change d_model or n_heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmforgeError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise LmforgeError(f"model.logit_softcap must be a positive number or unset, got {self.logit_softcap!r}")
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise LmforgeError("model.rope_theta and model.norm_eps must be positive")
+
+
+def make_norm(cfg: TransformerConfig, dim: int) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(dim, eps=cfg.norm_eps)  # x * rsqrt(mean(x²) + eps) * weight, as in HF Llama
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, head_dim), HF layout: the hd/2 frequencies repeated twice."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # (B, H, T, hd): rotate each pair (x[j], x[j + hd/2]) by its position's angle ("rotate_half").
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, rope, k_cache, v_cache, pos):
+        B, T, _ = x.shape
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, K * hd, K * hd], dim=-1)  # (B, T, H·hd), (B, T, K·hd) x2
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
+        v = v.view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
+        if self.q_norm is not None:  # QK-norm (per head, over head_dim) comes before RoPE, as in Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # Write this chunk into the preallocated cache in place; positions past pos + T stay unread.
+        k_cache[:, :, pos:pos + T] = k
+        v_cache[:, :, pos:pos + T] = v
+        mask, causal = None, T > 1
+        if pos > 0:  # attend over the cache; query i (absolute position pos + i) sees keys <= pos + i
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, K, pos + T, hd)
+            if T > 1:
+                keys = torch.arange(pos + T, device=x.device)
+                mask = keys[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None]  # (T, pos + T)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, H, T, hd) -> (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, F) -> (B, T, D)
+        if self.kind == "swiglu":
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        if self.kind == "gelu":  # GPT-2's "gelu_new" is the tanh approximation
+            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg, cfg.d_model), Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg, cfg.d_model), MLP(cfg)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, k_cache, v_cache, pos):  # (B, T, D) -> (B, T, D), pre-norm residual
+        # Dropout is skipped outright unless training: single-token decoding is bound by per-op overhead.
+        a = self.attn(self.attn_norm(x), rope, k_cache, v_cache, pos)
+        x = x + (F.dropout(a, self.dropout, True) if self.training and self.dropout else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + (F.dropout(m, self.dropout, True) if self.training and self.dropout else m)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value buffers (B, n_kv_heads, context_len, head_dim), valid up to `pos`.
+
+    The model writes into the buffers in place and advances `pos`; forward returns the same object."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pos: int = 0
+
+
+class Transformer(nn.Module):
+    arch = "transformer"
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.pos == "rope":  # not persistent: derived from the config, so not in the state_dict
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.context_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Embeddings and every Linear ~ N(0, 0.02); biases 0; norm weights 1; attn.proj and mlp.proj
+        zero, so each block starts as the identity and the residual stream carries the embedding."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.context_len
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        targets = ("qkv", "proj", "fc") + (("gate",) if self.config.mlp == "swiglu" else ())
+        return targets + (() if self.config.tie_embeddings else ("lm_head",))
+
+    def init_state(self, batch_size: int, device, dtype) -> KVCache:
+        cfg = self.config
+        shape = (batch_size, cfg.n_kv_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]
+        return KVCache(keys, [torch.zeros_like(k) for k in keys])
+
+    def hidden(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """(B, T) ids -> final normed hidden states (B, T, D), continuing from `state` (None = fresh)."""
+        B, T = tokens.shape
+        if state is None:
+            state = self.init_state(B, tokens.device, self.tok_emb.weight.dtype)
+        pos = state.pos
+        if pos + T > self.config.context_len:
+            raise LmforgeError(f"{pos + T} tokens exceed the Transformer's max_context={self.config.context_len}; "
+                               f"crop the input or start a fresh state")
+        x = self.tok_emb(tokens)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[pos:pos + T]
+        if self.training and self.config.dropout:
+            x = F.dropout(x, self.config.dropout, True)
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[pos:pos + T].to(x.dtype), self.rope_sin[pos:pos + T].to(x.dtype))  # (T, hd)
+        for block, k_cache, v_cache in zip(self.blocks, state.keys, state.values):
+            x = block(x, rope, k_cache, v_cache, pos)
+        state.pos = pos + T
+        return self.norm(x), state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, V) logits, soft-capped when logit_softcap is set."""
+        # Call lm_head as a module (not its .weight) so a LoRA wrapper around it takes effect.
+        logits = F.linear(hidden, self.tok_emb.weight) if self.lm_head is None else self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def forward(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        hidden, state = self.hidden(tokens, state)
+        return self.head(hidden), state
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM estimate: 6·N + 12·n_layers·d_model·context_len,
+        N = parameters of every matmul (the blocks' Linears and the output head, tied or not; embedding
+        lookups excluded). The second term is attention's QKᵀ and AV over a full context."""
+        cfg = self.config
+        attn_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * (cfg.d_model // cfg.n_heads)  # qkv output size
+        mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+        per_layer = cfg.d_model * attn_width + cfg.d_model * cfg.d_model + mlp_mats * cfg.d_model * cfg.d_ff
+        n = cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model  # blocks + output head
+        return 6 * n + 12 * cfg.n_layers * cfg.d_model * cfg.context_len

@@ -1,0 +1,304 @@
+"""The one training loop: every family, pretraining and fine-tuning alike.
+
+In: a RunConfig and a run folder. Out: a run folder with config.json, tokenizer.json,
+model.safetensors (best by validation), resume state in last/, metrics.jsonl and loss.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint as ckpt
+from ..config import RunConfig
+from ..data import get_batch, prepare
+from ..device import autocast, resolve_device, resolve_dtype, seed_everything, set_threads
+from ..errors import LmforgeError
+from ..models import build_model, count_params
+from .optim import build_optimizers, lr_factor, set_lr
+from .plots import plot_losses
+
+PROBE_STEPS = 8  # steps timed before a time budget is turned into a step count
+LOG_INTERVAL = 10
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    train_time: float
+    tokens_per_s: float
+    best_val_bpb: float | None
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Batches:
+    """Where a step's micro-batches come from: a function of (step, micro) so resume is exact."""
+    sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    tokens_per_step: int
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+    val_tokens_per_byte: float
+
+
+def prepared_batches(prepared, context_len: int, cfg, device) -> Batches:
+    accum, batch = cfg.grad_accum, cfg.batch_size
+    train_tokens = prepared.train
+    if len(train_tokens) <= context_len:
+        raise LmforgeError(f"the training split has {len(train_tokens)} tokens, fewer than context_len + 1 = "
+                           f"{context_len + 1}; give more text or a smaller model.context_len")
+
+    def sample(index: int):
+        return get_batch(train_tokens, batch, context_len, seed=cfg.seed, step=index, device=device)
+
+    val = np.asarray(prepared.val, dtype=np.int64)
+    val_bytes = max(1, len(prepared.val_text.encode("utf-8")))
+    return Batches(sample, batch * context_len * accum, fixed_windows(val, context_len, cfg.eval_batches, batch, device),
+                   len(val) / val_bytes)
+
+
+def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: int, device) -> list:
+    """Evenly spaced validation windows, the same every evaluation (a cheap running estimate)."""
+    if len(tokens) < 2:
+        return []
+    length = min(context_len, len(tokens) - 1)
+    starts = np.linspace(0, len(tokens) - length - 1, num=min(n_batches * batch, len(tokens) - length)).astype(np.int64)
+    rows = np.stack([tokens[s:s + length + 1] for s in np.unique(starts)])
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = torch.from_numpy(rows[i:i + batch]).to(device)
+        out.append((chunk[:, :-1], chunk[:, 1:]))
+    return out
+
+
+@torch.no_grad()
+def estimate_val_loss(model, windows, device, dtype) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in windows:
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def check_resume_config(stored: dict, config: RunConfig) -> None:
+    """Data, tokenizer and model must match the checkpoint; the training budget may change."""
+    current = config.to_dict()
+    conflicts = []
+    for section in ("data", "tokenizer"):
+        for key, value in current[section].items():
+            if stored[section].get(key) != value:
+                conflicts.append(f"{section}.{key}={value!r} (checkpoint: {stored[section].get(key)!r})")
+    if stored["model"]["arch"] != config.model.arch:
+        conflicts.append(f"model.arch={config.model.arch!r} (checkpoint: {stored['model']['arch']!r})")
+    for key, value in config.model.options.items():
+        if stored["model"]["options"].get(key) != value:
+            conflicts.append(f"model.{key}={value!r} (checkpoint: {stored['model']['options'].get(key)!r})")
+    if conflicts:
+        raise LmforgeError("--resume: options conflict with the checkpoint: " + "; ".join(conflicts)
+                           + "; drop them, or start a new run with another --out")
+
+
+def make_run_dir(out: Path, resume: bool) -> Path:
+    out = Path(out)
+    if resume:
+        ckpt.read_config(out)  # fails clearly when it is not a run
+        return out
+    if (out / ckpt.CONFIG).exists():
+        raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise LmforgeError(f"{out} exists and is not empty; choose another --out (nothing was written)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class Plan:
+    """Turns a time budget into a step count, so the schedule is a function of the step alone.
+
+    After a few probe steps the remaining time is divided by the measured time per step. A cosine
+    schedule is planned once; a warm-up-stable-decay schedule is re-planned while it is still flat
+    (its flat part doesn't depend on the total), so speed changes early in a run cost nothing.
+    """
+
+    def __init__(self, cfg, total: int | None = None, locked: bool = False):
+        self.cfg = cfg
+        self.total = total or cfg.max_steps or 10**9
+        self.locked = locked or cfg.max_time is None
+
+    def update(self, step: int, train_time: float) -> None:
+        cfg = self.cfg
+        if self.locked or step < PROBE_STEPS:
+            return
+        planned = int(step + max(0.0, cfg.max_time * 0.98 - train_time) / (train_time / step))
+        self.total = max(step + 1, min(planned, cfg.max_steps or planned))
+        decay_start = self.total - int(cfg.decay_fraction * self.total)
+        self.locked = cfg.schedule == "cosine" or step >= decay_start - 1
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
+          on_step: Callable[[int], None] | None = None, init_weights: dict | None = None,
+          prepared=None, trainable: Callable[[torch.nn.Module], None] | None = None) -> TrainResult:
+    """Train `config` into the run folder `out` (or continue it with resume=True).
+
+    `on_step(step)` runs after every optimizer step (a KeyboardInterrupt from it stops the run the
+    way Ctrl-C does: state is saved and the run can be resumed). `init_weights` starts from given
+    weights (fine-tuning); `trainable(model)` may freeze parameters or add adapters before the
+    optimizer is built.
+    """
+    cfg = config.train
+    threads = set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+    run_dir = make_run_dir(Path(out), resume)
+    if resume:
+        stored = ckpt.read_config(run_dir)
+        check_resume_config(stored, config)
+
+    if prepared is None:
+        d = config.data
+        prepared = prepare(d.sources, tokenizer=config.tokenizer.kind, tokenizer_options=config.tokenizer.options,
+                           val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
+                           encoding=d.encoding, errors=d.errors)
+    tokenizer = prepared.tokenizer
+    options = {**config.model.options, "vocab_size": tokenizer.vocab_size}
+    model = build_model(config.model.arch, **options)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    if trainable is not None:
+        trainable(model)
+    model.to(device)
+    context_len = model.config.context_len
+    batches = prepared_batches(prepared, context_len, cfg, device)
+    optimizers = build_optimizers(model, cfg)
+
+    from dataclasses import asdict
+
+    model_fields = {k: v for k, v in asdict(model.config).items()}
+    if not resume:
+        ckpt.save_config(run_dir, config, model_fields)
+        tokenizer.save(run_dir)
+    n_params = count_params(model)
+    log(f"model: {config.model.arch}, {n_params / 1e6:.2f}M parameters "
+        f"({count_params(model, exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+        f"{model.flops_per_token() / 1e6:.1f} MFLOPs per training token; tokenizer: {tokenizer.kind} "
+        f"(vocab {tokenizer.vocab_size}); data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens; "
+        f"{device.type}, {threads} threads")
+
+    state = {"step": 0, "tokens": 0, "train_time": 0.0, "best_val_loss": None}
+    plan = Plan(cfg)
+    if resume:
+        state.update(ckpt.load_resume(run_dir, model, optimizers))
+        if cfg.max_time is not None:  # keep the step plan the run was following
+            plan = Plan(cfg, state.get("total"), state.get("locked", False))
+        model.to(device)
+        log(f"resuming {run_dir} at step {state['step']}")
+    forward = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = open(metrics_path, "a")
+    progress = _progress(cfg, plan.total, state["step"])
+    interrupted = False
+    window_loss, window_steps = 0.0, 0
+
+    def write(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+
+    def save_resume() -> None:
+        ckpt.save_resume(run_dir, model, optimizers, {**state, "total": plan.total, "locked": plan.locked})
+
+    def evaluate() -> None:
+        val_loss = estimate_val_loss(forward, batches.val, device, dtype)
+        val_bpb = val_loss * batches.val_tokens_per_byte / math.log(2)
+        row = {"step": state["step"], "val_loss": val_loss, "val_bpb": val_bpb, "train_time": state["train_time"]}
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state["best_val_loss"] = val_loss
+            if cfg.keep_best:
+                ckpt.save_tensors(run_dir / ckpt.WEIGHTS, ckpt.model_state(model))
+        write(row)
+        progress.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {tokens_per_s:,.0f} tok/s")
+
+    model.train()
+    last_loss, tokens_per_s = float("nan"), 0.0
+    try:
+        while state["step"] < plan.total:
+            if cfg.max_time is not None and state["train_time"] >= cfg.max_time:
+                break
+            tic = time.perf_counter()
+            step = state["step"]
+            set_lr(optimizers, lr_factor(step, plan.total, cfg))
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = batches.sample(step * cfg.grad_accum + micro)
+                with autocast(device, dtype):
+                    logits, _ = forward(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += batches.tokens_per_step
+            state["train_time"] += time.perf_counter() - tic
+            last_loss = loss_sum / cfg.grad_accum
+            if not math.isfinite(last_loss):
+                raise LmforgeError(f"the loss became {last_loss} at step {state['step']}; lower train.lr "
+                                   f"(now {cfg.lr}) or raise train.warmup_steps")
+            window_loss += last_loss
+            window_steps += 1
+            tokens_per_s = state["tokens"] / max(state["train_time"], 1e-9)
+            plan.update(state["step"], state["train_time"])
+            progress.total = plan.total
+            progress.update(1)
+            if state["step"] % LOG_INTERVAL == 0 or state["step"] == plan.total:
+                write({"step": state["step"], "loss": window_loss / window_steps, "lr": lr_factor(step, plan.total, cfg),
+                       "tokens": state["tokens"], "train_time": state["train_time"], "tokens_per_s": tokens_per_s})
+                window_loss, window_steps = 0.0, 0
+                progress.set_postfix_str(f"loss {last_loss:.3f} {tokens_per_s:,.0f} tok/s")
+            if state["step"] % cfg.eval_interval == 0:
+                evaluate()
+            if state["step"] % cfg.checkpoint_interval == 0:
+                save_resume()
+            if on_step is not None:
+                on_step(state["step"])
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"\ninterrupted at step {state['step']}; continue with: lmforge train --resume {run_dir}")
+    finally:
+        progress.close()
+    if state["step"] % cfg.eval_interval != 0 and not interrupted:
+        evaluate()
+    save_resume()
+    if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
+        ckpt.save_tensors(run_dir / ckpt.WEIGHTS, ckpt.model_state(model))
+    metrics.close()
+    plot_losses(metrics_path, run_dir / "loss.png")
+    best = state["best_val_loss"]
+    return TrainResult(run_dir=run_dir, steps=state["step"], tokens=state["tokens"], train_time=state["train_time"],
+                       tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
+                       best_val_bpb=None if best is None else best * batches.val_tokens_per_byte / math.log(2),
+                       interrupted=interrupted, extra={"params": n_params, "device": device.type, "threads": threads})
+
+
+def _progress(cfg, total, initial):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+                file=sys.stderr, leave=True)

@@ -1,0 +1,57 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW everywhere, or Muon for the 2-D hidden weight matrices with AdamW for embeddings, the output
+head, norms and biases (Muon orthogonalises whole-matrix updates, which only makes sense there).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+
+
+def _is_embedding_or_head(name: str) -> bool:
+    return any(part in name for part in ("embed", "head", "pos_"))
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Each param group remembers its `base_lr`; `set_lr` scales it by the schedule."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if p.dim() >= 2 and not _is_embedding_or_head(n)]
+    others_2d = [p for n, p in named if p.dim() >= 2 and _is_embedding_or_head(n)]
+    vectors = [p for n, p in named if p.dim() < 2]  # norms and biases: never decayed
+    adam_kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.optimizer == "muon" and matrices:
+        muon = torch.optim.Muon([{"params": matrices, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                                weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        adam = torch.optim.AdamW(
+            [{"params": others_2d, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+             {"params": vectors, "weight_decay": 0.0, "base_lr": cfg.lr}], lr=cfg.lr, **adam_kwargs)
+        return [muon, adam]
+    groups = [{"params": matrices + others_2d, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+              {"params": vectors, "weight_decay": 0.0, "base_lr": cfg.lr}]
+    return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **adam_kwargs)]
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier on the base learning rate at `step` (0-based) of `total` steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # warm-up, stable, decay: flat at the peak, then linear to the floor over the last steps.
+    # Because the flat part doesn't depend on `total`, a time budget can re-plan `total` freely.
+    decay_start = total - int(cfg.decay_fraction * total)
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - floor) * (step - decay_start + 1) / max(1, total - decay_start)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor

@@ -1,0 +1,165 @@
+"""Data: sources, the per-document split, the prepare cache, and deterministic batches."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data import get_batch, open_prepared, prepare, read_sources
+from lmforge.errors import LmforgeError
+from lmforge.tokenizers import train_tokenizer
+
+AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
+
+
+def test_gutenberg_ids_and_globs_read_offline(gutenberg_dir):
+    docs = read_sources(AUSTEN)
+    assert [d.name for d in docs] == ["gutenberg:" + f for f in ("austen-emma.txt", "austen-persuasion.txt")]
+    assert docs[0].text == (gutenberg_dir / "austen-emma.txt").read_text(encoding="latin-1")
+    assert [d.name for d in read_sources(["gutenberg:austen-*"])][:2] == [d.name for d in docs]
+    with pytest.raises(LmforgeError, match="austen-emma.txt"):
+        read_sources(["gutenberg:nobody.txt"])
+
+
+def test_missing_gutenberg_corpus_says_how_to_fix(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # offline
+    with pytest.raises(LmforgeError, match="NLTK_DATA"):
+        read_sources(["gutenberg:austen-emma.txt"])
+
+
+def test_files_folders_globs_and_crlf(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.txt").write_bytes(b"second\r\nfile\r\n")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "skip.md").write_text("not text", encoding="utf-8")
+    docs = read_sources([str(tmp_path)])
+    assert [d.text for d in docs] == ["first", "second\nfile\n"]
+    assert [d.text for d in read_sources([str(tmp_path / "**" / "*.txt")])] == ["first", "second\nfile\n"]
+    with pytest.raises(LmforgeError, match="matches no files"):
+        read_sources([str(tmp_path / "*.csv")])
+
+
+def test_jsonl_documents_and_bad_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "one", "body": "x"}\n\n{"body": "y", "text": "two"}\n', encoding="utf-8")
+    assert [(d.name, d.text) for d in read_sources([str(path)])] == [(f"{path}:1", "one"), (f"{path}:3", "two")]
+    assert [d.text for d in read_sources([str(path)], jsonl_field="body")] == ["x", "y"]
+    path.write_text('{"text": "one"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"data.jsonl:2: not valid JSON"):
+        read_sources([str(path)])
+    path.write_text('{"text": "one"}\n{"content": "two"}\n', encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"data.jsonl:2: no string field 'text'.*--jsonl-field"):
+        read_sources([str(path)])
+
+
+def test_bad_utf8_names_file_offset_and_fix(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(LmforgeError, match=r"latin.txt: byte 3 .*--encoding latin-1.*--errors replace"):
+        read_sources([str(path)])
+    assert read_sources([str(path)], encoding="latin-1")[0].text == "café au lait"
+    assert read_sources([str(path)], errors="replace")[0].text == "caf\ufffd au lait"
+
+
+def test_missing_file_and_empty_corpus(tmp_path):
+    with pytest.raises(LmforgeError, match="nothere.txt does not exist"):
+        read_sources([str(tmp_path / "nothere.txt")])
+    (tmp_path / "blank.txt").write_text("  \n\n", encoding="utf-8")
+    with pytest.raises(LmforgeError, match="hold no text"):
+        read_sources([str(tmp_path / "blank.txt")])
+    with pytest.raises(LmforgeError, match="hold no text"):
+        read_sources([])
+
+
+def test_split_is_int_len_times_0_9_per_document(tmp_path):
+    texts = ["a" * 95 + "b" * 13, "c" * 7 + "d" * 50]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8")
+    p = prepare([str(tmp_path / "0.txt"), str(tmp_path / "1.txt")], cache_dir=tmp_path / "cache")
+    cuts = [int(len(t) * 0.9) for t in texts]
+    assert [d.text for d in p.documents] == [t[c:] for t, c in zip(texts, cuts)]
+    assert p.val_text == "".join(t[c:] for t, c in zip(texts, cuts))
+    assert (p.path / "train.txt").read_text(encoding="utf-8") == "".join(t[:c] for t, c in zip(texts, cuts))
+    eos = p.tokenizer.eos_id
+    # documents joined by eos: train = doc0 train, eos, doc1 train
+    assert p.train.tolist() == p.tokenizer.encode(texts[0][:cuts[0]]) + [eos] + p.tokenizer.encode(texts[1][:cuts[1]])
+    assert [p.val[slice(*d.tokens)].tolist() for d in p.documents] == [p.tokenizer.encode(d.text) for d in p.documents]
+    assert p.val[p.documents[0].tokens[1]] == eos
+    with pytest.raises(LmforgeError, match="val_fraction"):
+        prepare([str(tmp_path / "0.txt")], val_fraction=1.0, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_prepare_writes_a_self_describing_cache_and_reuses_it(kind, tiny_file, tmp_path):
+    options = {"vocab_size": 300} if kind == "bpe" else {}
+    first = prepare([str(tiny_file)], tokenizer=kind, tokenizer_options=options, cache_dir=tmp_path)
+    assert not first.reused
+    assert sorted(f.name for f in first.path.iterdir()) == [
+        "meta.json", "tokenizer.json", "train.bin", "train.txt", "val.bin", "val.txt"]
+    meta = json.loads((first.path / "meta.json").read_text(encoding="utf-8"))
+    assert meta["dtype"] == "uint16" and meta["train_tokens"] == len(first.train)
+    assert meta["tokenizer"]["kind"] == kind and meta["tokenizer"]["fingerprint"] == first.tokenizer.fingerprint()
+    doc = meta["documents"][0]
+    assert doc["val_bytes"] == len(first.val_text.encode("utf-8")) == first.documents[0].bytes
+    second = prepare([str(tiny_file)], tokenizer=kind, tokenizer_options=options, cache_dir=tmp_path)
+    assert second.reused and second.path == first.path
+    assert np.array_equal(second.train, first.train) and np.array_equal(second.val, first.val)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_cache_key_follows_content_and_options(tiny_file, tmp_path):
+    base = prepare([str(tiny_file)], cache_dir=tmp_path)
+    assert prepare([str(tiny_file)], tokenizer_options={}, cache_dir=tmp_path).path == base.path
+    assert prepare([str(tiny_file)], val_fraction=0.2, cache_dir=tmp_path).path != base.path
+    word = prepare([str(tiny_file)], tokenizer="word", tokenizer_options={"min_freq": 1}, cache_dir=tmp_path)
+    other = prepare([str(tiny_file)], tokenizer="word", tokenizer_options={"min_freq": 3}, cache_dir=tmp_path)
+    assert len({base.path, word.path, other.path}) == 3
+    tiny_file.write_text(tiny_file.read_text() + "More.", encoding="utf-8")
+    assert prepare([str(tiny_file)], cache_dir=tmp_path).path != base.path
+    with pytest.raises(LmforgeError, match="valid options"):
+        prepare([str(tiny_file)], tokenizer="char", tokenizer_options={"size": 3}, cache_dir=tmp_path)
+
+
+def test_default_cache_dir_from_environment(tiny_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "env-cache"))
+    assert prepare([str(tiny_file)]).path.parent == tmp_path / "env-cache"
+
+
+def test_given_tokenizer_encodes_new_text_and_reports_unknown(tiny_file, tmp_path):
+    base = train_tokenizer("char", ["Emma Woodhouse"])
+    p = prepare([str(tiny_file)], tokenizer_obj=base, cache_dir=tmp_path)
+    assert p.tokenizer is base and p.meta["tokenizer"]["trained"] is False
+    assert p.unknown[","] > 0 and "E" not in p.unknown
+    again = prepare([str(tiny_file)], tokenizer_obj=base, cache_dir=tmp_path)
+    assert again.reused and again.unknown == p.unknown
+    assert open_prepared(p.path).tokenizer.fingerprint() == base.fingerprint()
+
+
+def test_prepare_austen_bpe(gutenberg_dir, tmp_path):
+    p = prepare(AUSTEN, tokenizer="bpe", tokenizer_options={"vocab_size": 512}, cache_dir=tmp_path)
+    emma = (gutenberg_dir / "austen-emma.txt").read_text(encoding="latin-1")
+    assert p.documents[0].text == emma[int(len(emma) * 0.9):]
+    assert p.tokenizer.decode(p.val[slice(*p.documents[0].tokens)].tolist()) == p.documents[0].text
+
+
+def test_get_batch_is_a_function_of_seed_and_step():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(tokens, 4, 16, seed=1, step=7)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    again, _ = get_batch(tokens, 4, 16, seed=1, step=7)
+    assert torch.equal(x, again)
+    assert not torch.equal(x, get_batch(tokens, 4, 16, seed=1, step=8)[0])
+    assert not torch.equal(x, get_batch(tokens, 4, 16, seed=2, step=7)[0])
+    # the last window that fits is reachable, nothing past the end is
+    x, y = get_batch(np.arange(17, dtype=np.uint16), 8, 16, seed=0, step=0)
+    assert torch.equal(y[0], torch.arange(1, 17))
+
+
+def test_get_batch_too_short():
+    with pytest.raises(LmforgeError, match="has 16 tokens, fewer than context_len\\+1 = 17"):
+        get_batch(np.arange(16, dtype=np.uint16), 2, 16, seed=0, step=0)

@@ -1,0 +1,148 @@
+"""Tokenizers: exact round trips, save/load, unknown pieces, and clear errors for bad kinds/options."""
+import json
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.tokenizers import EOS, TOKENIZERS, load_tokenizer, train_tokenizer
+
+ODD_TEXT = "naïve café — 日本語 \t tabs\r\n\x00 \U0001F600 <|endoftext|> end"
+
+
+@pytest.fixture(scope="module")
+def emma(gutenberg_dir_module):
+    return (gutenberg_dir_module / "austen-emma.txt").read_text(encoding="latin-1")
+
+
+@pytest.fixture(scope="module")
+def gutenberg_dir_module():
+    from conftest import GUTENBERG
+
+    if not GUTENBERG.is_dir():
+        pytest.skip("the shared Gutenberg corpus is not beside the project")
+    return GUTENBERG
+
+
+@pytest.fixture(scope="module")
+def bpe(emma):
+    return train_tokenizer("bpe", [emma], vocab_size=1024)
+
+
+def test_char_round_trips_emma(austen_text):
+    tok = train_tokenizer("char", [austen_text])
+    ids = tok.encode(austen_text)
+    assert len(ids) == len(austen_text)
+    assert tok.decode(ids) == austen_text
+    assert tok.unknown(austen_text) == {}
+
+
+def test_bpe_round_trips_emma_and_any_string(emma, bpe):
+    assert bpe.decode(bpe.encode(emma)) == emma
+    assert bpe.decode(bpe.encode(ODD_TEXT)) == ODD_TEXT
+    assert bpe.unknown(ODD_TEXT) == {}
+
+
+def test_bpe_segment_encoding_matches_hugging_face(emma, bpe):
+    # our distinct-segment shortcut must give exactly the ids of a plain whole-text encode
+    assert bpe.encode(emma[:200_000]) == bpe._hf.encode(emma[:200_000], add_special_tokens=False).ids
+
+
+def test_word_round_trips_in_vocabulary_text(tiny_text):
+    tok = train_tokenizer("word", [tiny_text], min_freq=1)
+    text = "Emma Woodhouse, handsome, clever, and rich, with very little to distress or vex her.\n\nEmma "
+    assert tok.unknown(text) == {}
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_word_vocabulary_keeps_spacing_and_unknown_whitespace(tiny_text):
+    tok = train_tokenizer("word", [tiny_text], min_freq=1)
+    strings = tok.token_strings()
+    assert "Emma " in strings and "her" in strings
+    ids = tok.encode("Zebra and Quokka.")
+    assert tok.decode(ids) == "<unk> and <unk>."
+    assert tok.unknown("Zebra and Quokka. Zebra") == {"Zebra": 2, "Quokka": 1}
+    # "." is known, ". " (with a space) is not: it becomes "." + " ", exactly
+    assert tok.decode(tok.encode("her. Emma  her\n\n\n\n\n\n")) == "her. Emma  her\n\n\n\n\n\n"
+
+
+def test_word_options(tiny_text):
+    lower = train_tokenizer("word", [tiny_text], lowercase=True, min_freq=1)
+    assert lower.decode(lower.encode("EMMA Woodhouse")) == "emma woodhouse"
+    no_stop = train_tokenizer("word", [tiny_text], remove_stopwords=True, min_freq=1)
+    assert "the " not in no_stop.token_strings() and "Emma " in no_stop.token_strings()
+    small = train_tokenizer("word", [tiny_text], max_vocab=10, min_freq=1)
+    assert small.vocab_size == 10
+    rare = train_tokenizer("word", [tiny_text + " Zanzibar"], min_freq=2)
+    assert rare.unknown("Zanzibar") == {"Zanzibar": 1}
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_save_load_same_ids_and_fingerprint(kind, tiny_text, tmp_path):
+    options = {"vocab_size": 300} if kind == "bpe" else {}
+    tok = train_tokenizer(kind, [tiny_text], **options)
+    tok.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # one file, no temp left over
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.kind == kind and again.vocab_size == tok.vocab_size and again.eos_id == tok.eos_id
+    assert again.encode(tiny_text) == tok.encode(tiny_text)
+    assert again.fingerprint() == tok.fingerprint()
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_eos_never_comes_from_text_and_decodes_to_nothing(kind, tiny_text):
+    tok = train_tokenizer(kind, [tiny_text + EOS], **({"vocab_size": 300} if kind == "bpe" else {}))
+    assert tok.eos_id not in tok.encode("Emma " + EOS + " rich")
+    assert tok.decode([tok.eos_id]) == ""
+
+
+def test_char_reports_unseen_characters():
+    tok = train_tokenizer("char", ["abc abc"])
+    ids = tok.encode("abzz!")
+    assert ids[2:] == [tok.unk_id] * 3 and tok.decode(ids) == "ab<unk><unk><unk>"
+    assert tok.unknown("abzz!") == {"z": 2, "!": 1}
+
+
+def test_unknown_kind_and_option_errors(tiny_text):
+    with pytest.raises(LmforgeError, match="char, word, bpe"):
+        train_tokenizer("sentencepiece", [tiny_text])
+    with pytest.raises(LmforgeError, match="vocab_size"):
+        train_tokenizer("bpe", [tiny_text], vocab=100)
+    with pytest.raises(LmforgeError, match="max_vocab, min_freq, lowercase, remove_stopwords"):
+        train_tokenizer("word", [tiny_text], stopwords=True)
+    with pytest.raises(LmforgeError, match="none"):
+        train_tokenizer("char", [tiny_text], vocab_size=10)
+    with pytest.raises(LmforgeError, match="257"):
+        train_tokenizer("bpe", [tiny_text], vocab_size=100)
+
+
+def test_load_any_hugging_face_tokenizer(tmp_path):
+    """A non-BPE Hugging Face tokenizer.json (word level, with [UNK] and [SEP]) loads as well."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["[SEP]"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert tok.kind == "bpe" and tok.eos_id == 1
+    assert tok.encode("hello there world") == [2, 0, 3]
+    assert tok.unknown("hello there world there") == {"there": 2}
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(LmforgeError, match="cannot read tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(LmforgeError, match="not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(LmforgeError, match="neither"):
+        load_tokenizer(tmp_path)
+
+
+def test_importing_lmforge_does_not_import_spacy():
+    import subprocess
+    import sys
+
+    code = "import sys, lmforge.tokenizers, lmforge.data; assert 'spacy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
