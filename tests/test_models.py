@@ -27,6 +27,15 @@ CASES = [(arch, {}) for arch in MODELS] + [("transformer", extra) for extra in V
 IDS = list(MODELS) + [f"transformer-{name}" for name in VARIANTS]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy shared CPU their barriers stall.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make(arch, seed=0, **extra):
     torch.manual_seed(seed)
     model = build_model(arch, vocab_size=V, **{**TINY[arch], **extra})

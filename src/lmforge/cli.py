@@ -18,7 +18,7 @@ def _train_overrides(args) -> list[str]:
     out = list(args.overrides)
     flags = {"train.max_steps": args.max_steps, "train.max_time": args.max_time, "train.seed": args.seed,
              "model.arch": args.arch, "tokenizer.kind": args.tokenizer, "train.device": args.device,
-             "data.sources": args.data}
+             "data.sources": args.data, "data.encoding": args.encoding, "data.errors": args.errors}
     if args.max_steps is not None and args.max_time is None:
         flags["train.max_time"] = 0  # a step budget alone means no time limit
     out += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
@@ -74,6 +74,11 @@ def cmd_eval(args) -> None:
     from . import api
 
     lm = api.load(args.run, device=args.device)
+    if args.report:
+        from .evaluation.report import write_report
+
+        write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed)
+        return
     if args.text:
         path = Path(args.text)
         try:
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="transformer, lstm, gru or cnn")
     p.add_argument("--tokenizer", help="char, word or bpe")
     p.add_argument("--data", nargs="+", help="text sources (as for prepare)")
+    p.add_argument("--encoding", help="text encoding of the sources (default utf-8)")
+    p.add_argument("--errors", help="strict, replace or ignore undecodable bytes")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--prompt", help="seed phrase for the sample printed at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -164,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--text", help="a UTF-8 text file (default: the run's validation split)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="DIR", help="write a full report (report.md, report.json, plots) to DIR")
+    p.add_argument("--prompts", type=int, default=100, help="continuation prompts for the report (default 100)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -20,9 +20,10 @@ class Score:
     bytes: int = 0
     correct1: int = 0
     correct5: int = 0
+    unknown: int = 0  # tokens that are <unk>: their spelling costs nothing, so bits per byte is a lower bound
 
     def __iadd__(self, other: "Score") -> "Score":
-        for name in ("nats", "tokens", "bytes", "correct1", "correct5"):
+        for name in ("nats", "tokens", "bytes", "correct1", "correct5", "unknown"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -43,6 +44,9 @@ class Score:
             "nats_per_token": self.nats / max(self.tokens, 1),
             "tokens": self.tokens,
             "bytes": self.bytes,
+            "unknown_rate": self.unknown / max(self.tokens, 1),
+            # An <unk> prediction pays nothing for the word's spelling: the true cost is higher.
+            "bits_per_byte_is_lower_bound": self.unknown > 0,
         }
 
 
@@ -100,8 +104,11 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
 
 
 def evaluate_text(model, tokenizer, text: str, *, device="cpu") -> Score:
-    score = score_ids(model, tokenizer.encode(text), tokenizer.eos_id, device=device)
+    ids = tokenizer.encode(text)
+    score = score_ids(model, ids, tokenizer.eos_id, device=device)
     score.bytes = len(text.encode("utf-8"))
+    unk = getattr(tokenizer, "unk_id", None)
+    score.unknown = sum(1 for i in ids if i == unk) if unk is not None else 0
     return score
 
 

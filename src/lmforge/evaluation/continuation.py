@@ -1,0 +1,173 @@
+"""The continuation test: prompts at sentence starts in held-out text, continuations from the model
+and from byte-level n-gram baselines, and the metrics comparing each with what the author wrote.
+
+In: documents [(name, text)], a model + tokenizer, baselines over UTF-8 bytes. Out: plain dicts.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LmforgeError
+from ..generation import SamplingConfig, generate_ids
+from .copying import CopyIndex
+from .likelihood import score_ids
+from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_starts
+
+PROMPT_CHARS = 100  # the prompt: a sentence start and up to this many characters, cut at a word end
+CONTINUATION_CHARS = 200  # the original continuation: up to this many following characters, cut at a word end
+TEMPERATURE = 0.8
+TOP_K = 50  # model sampling only; the byte-level baselines sample from their full distribution
+COPY_THRESHOLD = 50  # characters: a generation "copies" if it holds a training span this long
+REPETITION_N = 4
+CHECK_EVERY = 4  # generation steps between checks whether a batch has produced enough text
+
+
+@dataclass
+class Prompt:
+    document: str
+    offset: int  # character offset of the sentence start in the document
+    prompt: str
+    original: str  # what the author wrote next; starts with the whitespace after the prompt
+
+
+def _cut_at_word_end(text: str, start: int, limit: int) -> int:
+    """End offset of text[start:start+limit], moved back so it ends at a word end (before whitespace)."""
+    end = min(start + limit, len(text))
+    if end == len(text) or text[end].isspace():
+        return end
+    cut = end
+    while cut > start and not text[cut - 1].isspace():
+        cut -= 1  # back to the start of the word that straddles the limit
+    while cut > start and text[cut - 1].isspace():
+        cut -= 1
+    return cut if cut > start else end  # one word longer than the limit: cut inside it
+
+
+def make_prompts(documents: list[tuple[str, str]], count: int, seed: int) -> list[Prompt]:
+    """`count` prompts spread over the documents in proportion to their length (largest remainder)."""
+    if count < 1:
+        raise LmforgeError(f"the continuation test needs at least one prompt, got --prompts {count}")
+    sizes = np.array([len(text) for _, text in documents], dtype=np.float64)
+    shares = sizes / sizes.sum() * count
+    per_doc = np.floor(shares).astype(int)
+    for i in np.argsort(-(shares - per_doc), kind="stable")[:count - per_doc.sum()]:
+        per_doc[i] += 1
+    prompts = []
+    for (name, text), n in zip(documents, per_doc):
+        if n == 0:
+            continue
+        for start in sentence_starts(text, int(n), PROMPT_CHARS + CONTINUATION_CHARS, seed):
+            end = _cut_at_word_end(text, start, PROMPT_CHARS)
+            stop = _cut_at_word_end(text, end, CONTINUATION_CHARS)
+            prompts.append(Prompt(name, start, text[start:end], text[end:stop]))
+    return prompts
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]  # the model ended the document
+    return tokenizer.decode(ids)
+
+
+def _finished(tokenizer, ids: list[int], original: str) -> bool:
+    return tokenizer.eos_id in ids or len(tokenizer.decode(ids)) >= len(original)
+
+
+def _token_budget(tokenizer, original: str) -> int:
+    # The original's own token count plus slack: a sample may use shorter tokens than the author's
+    # text; the decoded text is trimmed to the original's length in characters afterwards.
+    return int(len(tokenizer.encode(original)) * 1.5) + 8
+
+
+@torch.inference_mode()
+def model_continuations(model, tokenizer, prompts: list[Prompt], seed: int, device="cpu",
+                        progress: bool = True) -> tuple[list[str], list[float]]:
+    """Sampled continuations (trimmed to each original's length) and the nats the model spends on
+    each true continuation given its prompt.
+
+    Prompts with the same token count are generated as one batch (generate_ids needs equal lengths);
+    each batch draws from a generator seeded by (seed, its token count), so results don't depend on
+    the order of the batches.
+    """
+    encoded = [tokenizer.encode(p.prompt) or [tokenizer.eos_id] for p in prompts]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        groups[len(ids)].append(i)
+    texts = [""] * len(prompts)
+    bar = tqdm(total=2 * len(prompts), desc="model continuations", unit="prompt", disable=not progress,
+               dynamic_ncols=True)
+    for length, rows in sorted(groups.items()):
+        cfg = SamplingConfig(max(_token_budget(tokenizer, prompts[i].original) for i in rows),
+                             TEMPERATURE, TOP_K, seed=seed * 100_003 + length)
+        batch = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
+        new = [[] for _ in rows]
+        for step, tokens in enumerate(generate_ids(model, batch, cfg), start=1):
+            for row, token in zip(new, tokens.tolist()):
+                row.append(token)
+            if step % CHECK_EVERY == 0 and all(_finished(tokenizer, row, prompts[i].original)
+                                               for i, row in zip(rows, new)):
+                break  # every row has as many characters as its original (or ended): stop early
+        for i, row in zip(rows, new):
+            texts[i] = _decode(tokenizer, row)[:len(prompts[i].original)]
+        bar.update(len(rows))
+    nats = []
+    for ids, p in zip(encoded, prompts):
+        # Prompt tokens fit one window, where both calls score them identically, so the difference
+        # is the cost of the continuation's tokens given the whole prompt.
+        full = score_ids(model, ids + tokenizer.encode(p.original), tokenizer.eos_id, device=device)
+        nats.append(full.nats - score_ids(model, ids, tokenizer.eos_id, device=device).nats)
+        bar.update(1)
+    bar.close()
+    return texts, nats
+
+
+def baseline_continuations(baseline, prompts: list[Prompt], seed: int, name: str,
+                           progress: bool = True) -> tuple[list[str], list[float]]:
+    """The same as model_continuations for a byte-level baseline (vocab 256, UTF-8 bytes)."""
+    rng = np.random.default_rng(seed)
+    texts, nats = [], []
+    for p in tqdm(prompts, desc=f"{name} continuations", unit="prompt", disable=not progress, dynamic_ncols=True):
+        context, target = list(p.prompt.encode("utf-8")), list(p.original.encode("utf-8"))
+        sampled = baseline.sample(context, len(target), rng, temperature=TEMPERATURE)
+        texts.append(bytes(sampled).decode("utf-8", errors="replace")[:len(p.original)])
+        nats.append(float(-byte_logprobs(baseline, bytes(context + target))[len(context):].sum()))
+    return texts, nats
+
+
+def byte_logprobs(baseline, data: bytes) -> np.ndarray:
+    """(len(data),) log p of each byte; UnigramModel has no token_logprobs, so it is looked up."""
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    if hasattr(baseline, "token_logprobs"):
+        return baseline.token_logprobs(ids)
+    return baseline.logprobs()[ids]
+
+
+def continuation_metrics(texts: list[str], prompts: list[Prompt], copy_index: CopyIndex,
+                         nats: list[float] | None = None) -> dict:
+    """chrF/BLEU against the originals, bits per byte on the originals, distinct-n, repetition, copying.
+
+    With `nats` None the texts are the originals themselves: only the reference-free metrics apply.
+    """
+    originals = [p.original for p in prompts]
+    copies = [copy_index.longest_copy(t)[0] for t in texts]
+    return {
+        "chrf": chrf(texts, originals) if nats is not None else None,
+        "bleu": bleu(texts, originals) if nats is not None else None,
+        "bits_per_byte": (sum(nats) / sum(len(o.encode("utf-8")) for o in originals) / math.log(2)
+                          if nats is not None else None),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "distinct_3": distinct_n(texts, 3),
+        "repetition_rate": float(np.mean([repetition_rate(t, REPETITION_N) for t in texts])),
+        "copy_rate": float(np.mean([c >= COPY_THRESHOLD for c in copies])),
+        "mean_longest_copy": float(np.mean(copies)),
+        "max_longest_copy": int(max(copies)),
+        "mean_chars": float(np.mean([len(t) for t in texts])),
+    }
+

@@ -1,0 +1,109 @@
+"""The `lmforge` command end to end on a tiny corpus, and every bad input ending in one clear line."""
+import json
+import shutil
+
+import pytest
+
+from lmforge.cli import main
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
+        "train.batch_size=8", "train.warmup_steps=5", "train.eval_interval=10", "train.threads=1", "train.sample_tokens=20"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    from conftest import TINY_TEXT
+
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "tiny.txt").write_text(TINY_TEXT)
+    code = main(["train", "--out", str(folder / "run"), "--data", str(folder / "tiny.txt"), "--tokenizer", "char",
+                 "--max-steps", "40", "--no-progress", f"data.cache_dir={json.dumps(str(folder / 'cache'))}", *TINY])
+    assert code == 0
+    return folder
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ")
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def test_train_generate_eval_end_to_end(cli_run, capsys):
+    capsys.readouterr()
+    run = str(cli_run / "run")
+    assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Emma") and len(first) > 10
+    assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first  # a seed fixes the sample
+    assert main(["eval", run, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_byte"] > 0 and "documents" in result
+    assert main(["eval", run]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+
+
+def test_prepare_reports_and_reuses_its_cache(tmp_path, tiny_file, capsys):
+    args = ["prepare", str(tiny_file), "--tokenizer", "char", "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("written")
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("reused")
+
+
+def test_unknown_prompt_characters_are_reported(cli_run, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(cli_run / "run"), "--prompt", "Emma ☃", "-n", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "☃" in err and "<unk>" in err
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["generate", "{run}", "--temperature", "-1"], ["temperature"]),
+    (["generate", "{run}", "--top-p", "1.5"], ["top_p"]),
+    (["generate", "{tmp}", "--prompt", "x"], ["not an lmforge run"]),
+    (["generate", "{tmp}/nowhere"], ["does not exist"]),
+    (["eval", "{run}", "--text", "{tmp}/missing.txt"], ["missing.txt"]),
+    (["train", "--out", "{tmp}/r", "--tokenizer", "klingon", "--max-steps", "1"], ["klingon", "char"]),
+    (["train", "--out", "{tmp}/r", "--arch", "rnnx", "--max-steps", "1"], ["rnnx", "transformer"]),
+    (["train", "--out", "{tmp}/r", "--max-steps", "1", "model.d_modle=3"], ["d_modle"]),
+    (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.lr_typo=3"], ["lr_typo"]),
+    (["train", "--out", "{tmp}/r", "--max-time", "five minutes"], ["five minutes"]),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}/absent.txt", "--max-steps", "1"], ["absent.txt"]),
+    (["train", "--out", "{tmp}/r", "--config", "{tmp}/absent.toml"], ["absent.toml"]),
+    (["train", "--resume", "{run}", "--max-steps", "30", "model.d_model=64"], ["conflict", "d_model"]),
+])
+def test_bad_input_gets_one_clear_line(cli_run, tmp_path, capsys, args, needles):
+    args = [a.format(run=cli_run / "run", tmp=tmp_path) for a in args]
+    one_line_error(capsys, main(args), *needles)
+
+
+def test_bad_corpora_get_one_clear_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "short.txt").write_text("Too short.")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    base = ["train", "--out", str(tmp_path / "r"), "--tokenizer", "char", "--max-steps", "1",
+            f"data.cache_dir={json.dumps(str(tmp_path / 'c'))}", *TINY]
+    one_line_error(capsys, main(base + ["--data", str(tmp_path / "empty.txt")]), "empty")
+    one_line_error(capsys, main(base + ["--data", str(tmp_path / "short.txt")]), "context_len")
+    line = one_line_error(capsys, main(base + ["--data", str(tmp_path / "latin.txt")]), "latin.txt", "byte 3")
+    assert "encoding" in line
+    assert main(base + ["--data", str(tmp_path / "latin.txt"), "--encoding", "latin-1"]) == 2  # decodes; too short
+    assert "context_len" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_truncated_checkpoint_is_reported_and_left_alone(cli_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    one_line_error(capsys, main(["generate", str(run), "--prompt", "Emma"]), "corrupt")
+    assert len(weights.read_bytes()) == 100
+    (run / "config.json").write_text("{ not json")
+    one_line_error(capsys, main(["eval", str(run)]), "config")

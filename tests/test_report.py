@@ -1,0 +1,145 @@
+"""`lmforge eval RUN --report DIR` on tiny in-process runs: files, fields, sane numbers, word tokenizers."""
+import json
+
+import pytest
+
+import lmforge
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.evaluation.continuation import make_prompts
+from lmforge.evaluation.report import PLOTS, write_report
+
+N_PROMPTS = 6
+
+
+def quiet(*_):
+    pass
+
+
+def _train(tmp_path, source, tokenizer):
+    config = {
+        "data": {"sources": [str(source)], "cache_dir": str(tmp_path / "cache")},
+        "tokenizer": {"kind": tokenizer},
+        "model": {"arch": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2, "context_len": 32},
+        "train": {"max_steps": 20, "max_time": 0, "batch_size": 8, "warmup_steps": 5, "eval_interval": 10,
+                  "progress": False, "sample_tokens": 10},
+    }
+    lm, _ = lmforge.train(config, out=tmp_path / f"run-{tokenizer}", log=quiet, final_eval=False)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def austen_file(tmp_path_factory):
+    """60 kB of Emma: enough sentence starts and varied text for every metric to mean something."""
+    from conftest import GUTENBERG
+
+    if not GUTENBERG.is_dir():
+        pytest.skip("the shared Gutenberg corpus is not beside the project")
+    text = (GUTENBERG / "austen-emma.txt").read_text(encoding="latin-1")[10_000:70_000]
+    path = tmp_path_factory.mktemp("data") / "emma-slice.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def char_report(tmp_path_factory, austen_file):
+    tmp = tmp_path_factory.mktemp("char")
+    lm = _train(tmp, austen_file, "char")
+    report = write_report(lm, tmp / "report", n_prompts=N_PROMPTS, seed=0, progress=False, log=quiet)
+    return lm, report, tmp / "report"
+
+
+def test_report_folder_holds_markdown_json_and_plots(char_report):
+    _, report, out = char_report
+    for name in ("report.md", "report.json", *PLOTS):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "per_document_bpb.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert not [p.name for p in out.iterdir() if "tmp" in p.name]  # no temp files left behind
+    md = (out / "report.md").read_text()
+    for heading in ("Likelihood", "Baselines", "Continuation test", "Samples", "Definitions", "PPMd"):
+        assert heading in md, heading
+    assert "per_document_bpb.png" in md and "baselines.png" in md
+
+
+def test_report_numbers_are_complete_and_sane(char_report):
+    lm, report, _ = char_report
+    lik, base, con = report["likelihood"], report["baselines"], report["continuation"]
+    assert lik["bits_per_byte"] == pytest.approx(lm.evaluate()["bits_per_byte"])  # same as `lmforge eval`
+    for field in ("perplexity", "accuracy", "top5_accuracy", "unknown_rate", "documents"):
+        assert field in lik
+    # Compressors that have read the train split need well under 8 bits per byte of English,
+    # and PPMd (a context model) beats gzip (32 kB window of LZ77 matches).
+    comp = base["compressors"]
+    assert set(comp) == {"gzip", "bzip2", "xz", "ppmd"}
+    assert all(0.5 < v < 6 for v in comp.values()), comp
+    assert comp["ppmd"] < comp["gzip"]
+    # A 5-gram with context beats a context-free unigram; a byte unigram of English costs ~4.5 bits.
+    assert base["kn5"]["bits_per_byte"] < base["unigram"]["bits_per_byte"]
+    assert 3.5 < base["unigram"]["bits_per_byte"] < 5.5
+    assert con["settings"]["prompts"] == N_PROMPTS and len(con["samples"]) == N_PROMPTS
+    for key in ("model", "kn5", "unigram", "original"):
+        s = con["systems"][key]
+        assert 0 <= s["copy_rate"] <= 1 and 0 <= s["repetition_rate"] <= 1 and 0 < s["distinct_1"] <= 1
+    for key in ("model", "kn5", "unigram"):
+        assert 0 <= con["systems"][key]["chrf"] <= 100 and con["systems"][key]["bits_per_byte"] > 0
+    assert con["systems"]["kn5"]["bits_per_byte"] < con["systems"]["unigram"]["bits_per_byte"]
+    for s in con["samples"]:  # every generation is trimmed to its original's length
+        assert s["original"][:1].isspace() and not s["prompt"][-1:].isspace()
+        assert all(len(s[key]) <= len(s["original"]) for key in ("model", "kn5", "unigram"))
+
+
+def test_rewriting_a_report_overwrites_only_report_files(char_report, tmp_path):
+    lm, _, _ = char_report
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "report.md").write_text("old")
+    report = write_report(lm, out, n_prompts=3, seed=1, progress=False, log=quiet)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "report.md").read_text() != "old"
+    assert report["continuation"]["settings"]["prompts"] == 3
+
+
+def test_report_on_a_text_file_and_its_errors(char_report, tmp_path):
+    lm, _, _ = char_report
+    text = tmp_path / "other.txt"
+    text.write_text(" ".join(["She smiled at him. He said nothing at all to anyone that day, and the "
+                              "weather was fine."] * 40), encoding="utf-8")
+    report = write_report(lm, tmp_path / "r", text_path=text, n_prompts=2, progress=False, log=quiet)
+    assert report["text"]["documents"] == ["other.txt"]
+    assert list(report["likelihood"]["documents"]) == ["other.txt"]
+    assert report["text"]["bytes"] == len(text.read_bytes())
+    text.write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(LmforgeError, match="not UTF-8"):
+        write_report(lm, tmp_path / "r", text_path=text, n_prompts=2, progress=False, log=quiet)
+    with pytest.raises(LmforgeError, match="prompts"):
+        write_report(lm, tmp_path / "r", text_path=None, n_prompts=100_000, progress=False, log=quiet)
+
+
+def test_cli_writes_the_report_and_prints_the_summary(char_report, tmp_path, capsys):
+    lm, _, _ = char_report
+    assert main(["eval", str(lm.run_dir), "--report", str(tmp_path / "cli"), "--prompts", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "PPMd" in printed and str(tmp_path / "cli" / "report.md") in printed
+    assert (tmp_path / "cli" / "report.json").exists()
+
+
+def test_word_tokenizer_report_flags_bits_per_byte_as_a_lower_bound(tmp_path, austen_file):
+    lm = _train(tmp_path, austen_file, "word")
+    report = write_report(lm, tmp_path / "report", n_prompts=3, progress=False, log=quiet)
+    lik = report["likelihood"]
+    assert lik["bits_per_byte_is_lower_bound"] is True and lik["unknown_rate"] > 0
+    assert lik["top_unknown"]
+    assert "lower bound" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_prompts_are_spread_over_documents_by_length():
+    docs = [("long", "Abc def. " * 300), ("short", "Xyz uvw. " * 100)]
+    prompts = make_prompts(docs, 8, seed=0)
+    assert [p.document for p in prompts].count("long") == 6
+    assert [p.document for p in prompts].count("short") == 2
+    for p in prompts:
+        text = dict(docs)[p.document]
+        assert text[p.offset:].startswith(p.prompt + p.original)
+        assert len(p.prompt) <= 100 and len(p.original) <= 200
