@@ -39,14 +39,12 @@ class Prompt:
 def _cut_at_word_end(text: str, start: int, limit: int) -> int:
     """End offset of text[start:start+limit], moved back so it ends at a word end (before whitespace)."""
     end = min(start + limit, len(text))
-    if end == len(text) or text[end].isspace():
-        return end
-    cut = end
-    while cut > start and not text[cut - 1].isspace():
-        cut -= 1  # back to the start of the word that straddles the limit
-    while cut > start and text[cut - 1].isspace():
-        cut -= 1
-    return cut if cut > start else end  # one word longer than the limit: cut inside it
+    if end < len(text) and not text[end].isspace():
+        while end > start and not text[end - 1].isspace():
+            end -= 1  # back to the start of the word that straddles the limit
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return end if end > start else min(start + limit, len(text))  # one word longer than the limit
 
 
 def make_prompts(documents: list[tuple[str, str]], count: int, seed: int) -> list[Prompt]:
@@ -118,8 +116,9 @@ def model_continuations(model, tokenizer, prompts: list[Prompt], seed: int, devi
         bar.update(len(rows))
     nats = []
     for ids, p in zip(encoded, prompts):
-        # Prompt tokens fit one window, where both calls score them identically, so the difference
-        # is the cost of the continuation's tokens given the whole prompt.
+        # Both calls score the prompt's tokens in the same first window, so the difference is the
+        # cost of the continuation given the whole prompt (exact while the prompt fits max_context;
+        # a longer prompt's later tokens are windowed slightly differently in the two calls).
         full = score_ids(model, ids + tokenizer.encode(p.original), tokenizer.eos_id, device=device)
         nats.append(full.nats - score_ids(model, ids, tokenizer.eos_id, device=device).nats)
         bar.update(1)

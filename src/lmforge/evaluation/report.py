@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 KN_ORDER = 5
 SAMPLES_SHOWN = 5
 PLOTS = ("per_document_bpb.png", "baselines.png")
+COLORS = ("C3", "C0", "0.6")  # model, Kneser-Ney, unigram: the model stands out in every plot
 SYSTEMS = {"model": "model", "kn5": f"Kneser-Ney {KN_ORDER}-gram (bytes)", "unigram": "unigram (bytes)"}
 COMPRESSOR_LABELS = {"gzip": "gzip -9", "bzip2": "bzip2 -9", "xz": "xz -9e", "ppmd": "PPMd (order 8)"}
 DEFINITIONS = [
@@ -319,28 +320,28 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names) + 3), 4.2))
     width = 0.8 / len(keys)
     x = np.arange(len(names))
-    for j, key in enumerate(keys):
-        bars = ax.bar(x + (j - 1) * width, values[key], width, label=SYSTEMS[key], color=f"C{j}")
+    for j, (key, color) in enumerate(zip(keys, COLORS)):
+        bars = ax.bar(x + (j - 1) * width, values[key], width, label=SYSTEMS[key], color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(base["compressors"]["ppmd"], color="k", ls="--", lw=1,
                label=f"PPMd order 8, all text ({base['compressors']['ppmd']:.3f})")
     ax.set_xticks(x, names)
     ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title("Bits per byte per document")
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_ylim(0, max(max(v) for v in values.values()) * 1.25)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    ax.set_ylim(0, max(max(v) for v in values.values()) * 1.12)
     paths = [_save(fig, out_dir / PLOTS[0], plt)]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     rows = _bpb_rows(report)
-    colors = ["C3" if label == "model" else "0.6" for label, _ in rows]
+    by_label = dict(zip(["model"] + [SYSTEMS[k] for k in keys[1:]], COLORS))
+    colors = [by_label.get(label, "0.82") for label, _ in rows]  # compressors in light grey
     bars = left.barh([label for label, _ in rows][::-1], [v for _, v in rows][::-1], color=colors[::-1])
     left.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
     left.set_xlabel("bits per byte on the evaluated text (lower is better)")
     left.set_xlim(0, max(v for _, v in rows) * 1.15)
     left.set_title("Likelihood against baselines")
-    bars = right.bar([SYSTEMS[k].split(" (")[0] for k in keys], [systems[k]["chrf"] for k in keys],
-                     color=["C3", "0.6", "0.6"])
+    bars = right.bar([SYSTEMS[k].split(" (")[0] for k in keys], [systems[k]["chrf"] for k in keys], color=COLORS)
     right.bar_label(bars, fmt="%.1f", fontsize=8)
     right.set_ylabel("chrF against the original (higher is better)")
     right.set_title("Continuation test")

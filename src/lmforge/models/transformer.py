@@ -131,8 +131,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Write this chunk into the preallocated cache in place; positions past pos + T stay unread.
-        k_cache[:, :, pos:pos + T] = k
-        v_cache[:, :, pos:pos + T] = v
+        if k_cache is not None:
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
         mask, causal = None, T > 1
         if pos > 0:  # attend over the cache; query i (absolute position pos + i) sees keys <= pos + i
             k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, K, pos + T, hd)
@@ -233,12 +234,13 @@ class Transformer(nn.Module):
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]
         return KVCache(keys, [torch.zeros_like(k) for k in keys])
 
-    def hidden(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def hidden(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         """(B, T) ids -> final normed hidden states (B, T, D), continuing from `state` (None = fresh)."""
         B, T = tokens.shape
-        if state is None:
+        # Training never continues from a state: skip the cache there (returned state is None).
+        if state is None and not self.training:
             state = self.init_state(B, tokens.device, self.tok_emb.weight.dtype)
-        pos = state.pos
+        pos = 0 if state is None else state.pos
         if pos + T > self.config.context_len:
             raise LmforgeError(f"{pos + T} tokens exceed the Transformer's max_context={self.config.context_len}; "
                                f"crop the input or start a fresh state")
@@ -250,9 +252,11 @@ class Transformer(nn.Module):
         rope = None
         if self.config.pos == "rope":
             rope = (self.rope_cos[pos:pos + T].to(x.dtype), self.rope_sin[pos:pos + T].to(x.dtype))  # (T, hd)
-        for block, k_cache, v_cache in zip(self.blocks, state.keys, state.values):
+        caches = zip(state.keys, state.values) if state is not None else [(None, None)] * len(self.blocks)
+        for block, (k_cache, v_cache) in zip(self.blocks, caches):
             x = block(x, rope, k_cache, v_cache, pos)
-        state.pos = pos + T
+        if state is not None:
+            state.pos = pos + T
         return self.norm(x), state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,15 @@ from ..config import TrainConfig
 
 
 def _is_embedding_or_head(name: str) -> bool:
-    return any(part in name for part in ("embed", "head", "pos_"))
+    return any(part in name for part in ("tok_emb", "pos_emb", "embed", "lm_head"))
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Each param group remembers its `base_lr`; `set_lr` scales it by the schedule."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named if p.dim() >= 2 and not _is_embedding_or_head(n)]
-    others_2d = [p for n, p in named if p.dim() >= 2 and _is_embedding_or_head(n)]
+    matrices = [p for n, p in named if p.dim() == 2 and not _is_embedding_or_head(n)]
+    # embeddings, the head and convolution kernels (3-D): AdamW with weight decay
+    others_2d = [p for n, p in named if p.dim() >= 2 and (_is_embedding_or_head(n) or p.dim() > 2)]
     vectors = [p for n, p in named if p.dim() < 2]  # norms and biases: never decayed
     adam_kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if cfg.optimizer == "muon" and matrices:
