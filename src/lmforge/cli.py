@@ -43,9 +43,16 @@ def cmd_train(args) -> None:
     prompt = args.prompt if args.prompt is not None else lm.config["train"]["sample_prompt"]
     print(f"\nsample ({prompt!r}, temperature 0.8):\n")
     sys.stdout.write(prompt)
-    lm.generate(prompt, max_new_tokens=lm.config["train"]["sample_tokens"], temperature=0.8, seed=0,
-                on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    text = lm.generate(prompt, max_new_tokens=lm.config["train"]["sample_tokens"], temperature=0.8, seed=0,
+                       on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     print("\n")
+    from .compare import original_passage
+
+    # Beside the sample, what the author wrote after the same seed in text the model never trained on.
+    original = original_passage(api.validation_documents(lm.config["data"]), prompt, len(text))
+    if original is not None:
+        print(f"original (validation text of {original[0]}, after its first {prompt!r}):\n")
+        print(prompt + original[1] + "\n")
 
 
 def cmd_generate(args) -> None:
@@ -118,6 +125,41 @@ def cmd_prepare(args) -> None:
           f"{len(prepared.train):,} train tokens, {len(prepared.val):,} validation tokens")
 
 
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def cmd_compare(args) -> None:
+    from . import api
+    from .compare import compare
+    from .config import parse_duration
+
+    overrides = list(args.overrides) + ([f"data.sources={json.dumps(args.data)}"] if args.data else [])
+    base = api.build_config(args.config, None, overrides)
+    budget = None if args.budget in ("0", "none") else parse_duration(args.budget)
+    out = Path(args.out)
+    report = compare(_names(args.arch), _names(args.tokenizer), budget, args.match, out, base,
+                     max_steps=args.max_steps, prompt=args.prompt)
+    table = [line for line in (out / "report.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    print("\n" + "\n".join(table))
+    print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}, {out / 'bpb_vs_time.png'}")
+    if any(r["status"] != "ok" for r in report["candidates"]):
+        raise LmforgeError(f"some candidates failed; their logs are in {out / 'logs'}")
+
+
+def cmd_bench(args) -> None:
+    from . import bench
+    from .config import apply_overrides
+
+    benchmark, overrides = args.what[0], args.what[1:]
+    model_fields = apply_overrides({}, overrides).get("model", {})
+    options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
+               "warmup": args.warmup, "device": args.device, "threads": args.threads,
+               "new_tokens": args.new_tokens, "model_fields": model_fields or None,
+               "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None}
+    print(json.dumps(bench.run(benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and fine-tune small language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train several families under one budget and write a side-by-side report")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every candidate (model.* where the "
+                                                "family has that field)")
+    p.add_argument("--arch", default="lstm,gru,transformer,cnn", help="comma-separated families")
+    p.add_argument("--tokenizer", help="comma-separated tokenizer kinds (default: the config's, bpe)")
+    p.add_argument("--budget", default="5m", help="training time per candidate, e.g. 300, 90s, 5m (0 = none)")
+    p.add_argument("--max-steps", type=int, help="also stop each candidate after this many steps")
+    p.add_argument("--match", default="time", choices=["time", "params"],
+                   help="time: default sizes, same budget; params: widths solved to the Transformer's parameter count")
+    p.add_argument("--out", required=True, help="report folder (must be new or empty)")
+    p.add_argument("--config", help="a TOML file with the shared [data], [tokenizer] and [train] settings")
+    p.add_argument("--data", nargs="+", help="text sources (as for prepare)")
+    p.add_argument("--prompt", help="seed phrase for every candidate's sample (default: train.sample_prompt)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="speed benchmarks as JSON (train: training tokens/s per family)")
+    p.add_argument("what", nargs="+", metavar="BENCHMARK [model.key=value ...]",
+                   help="train or generate, then model overrides for the families that have that field")
+    p.add_argument("--arch", help="comma-separated families, or all (default)")
+    p.add_argument("--batch-size", type=int, help="train: sequences per step (default 16)")
+    p.add_argument("--batch-sizes", help="generate: comma-separated batch sizes (default 1,8)")
+    p.add_argument("--steps", type=int, help="train: timed steps (default 10)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps (train) or tokens (generate)")
+    p.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
+    p.add_argument("--device", help="cpu (default), cuda, mps, auto")
+    p.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

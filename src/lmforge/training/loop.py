@@ -81,15 +81,27 @@ def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: i
     return out
 
 
+def lm_loss(model, x, y) -> torch.Tensor:
+    """Mean next-token cross-entropy; targets equal to -100 (e.g. prompt tokens) are ignored."""
+    logits, _ = model(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+
+
 @torch.no_grad()
-def estimate_val_loss(model, windows, device, dtype) -> float:
+def estimate_val_loss(model, windows, device, dtype, loss_fn=None) -> float:
+    """Mean loss per target token (lm_loss) or per example (a given `loss_fn(model, x, y)`)."""
     model.eval()
     total, count = 0.0, 0
     for x, y in windows:
         with autocast(device, dtype):
+            if loss_fn is not None:
+                total += loss_fn(model, x, y).float().item() * len(x)
+                count += len(x)
+                continue
             logits, _ = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-        count += y.numel()
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((y != -100).sum())
     model.train()
     return total / max(count, 1)
 
@@ -150,13 +162,16 @@ class Plan:
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
           on_step: Callable[[int], None] | None = None, init_weights: dict | None = None,
-          prepared=None, trainable: Callable[[torch.nn.Module], None] | None = None) -> TrainResult:
+          prepared=None, trainable: Callable[[torch.nn.Module], None] | None = None,
+          loss_fn: Callable | None = None, make_batches: Callable | None = None) -> TrainResult:
     """Train `config` into the run folder `out` (or continue it with resume=True).
 
     `on_step(step)` runs after every optimizer step (a KeyboardInterrupt from it stops the run the
     way Ctrl-C does: state is saved and the run can be resumed). `init_weights` starts from given
     weights (fine-tuning); `trainable(model)` may freeze parameters or add adapters before the
-    optimizer is built.
+    optimizer is built. `loss_fn(model, x, y) -> scalar` replaces next-token cross-entropy (classification);
+    `make_batches(prepared, context_len, train_cfg, device) -> Batches` replaces random windows
+    (prompt -> completion pairs, labelled examples).
     """
     cfg = config.train
     threads = set_threads(cfg.threads)
@@ -182,7 +197,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         trainable(model)
     model.to(device)
     context_len = model.config.context_len
-    batches = prepared_batches(prepared, context_len, cfg, device)
+    batches = (make_batches or prepared_batches)(prepared, context_len, cfg, device)
     optimizers = build_optimizers(model, cfg)
 
     from dataclasses import asdict
@@ -222,7 +237,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         ckpt.save_resume(run_dir, model, optimizers, {**state, "total": plan.total, "locked": plan.locked})
 
     def evaluate() -> None:
-        val_loss = estimate_val_loss(forward, batches.val, device, dtype)
+        val_loss = estimate_val_loss(forward, batches.val, device, dtype, loss_fn)
         val_bpb = val_loss * batches.val_tokens_per_byte / math.log(2)
         row = {"step": state["step"], "val_loss": val_loss, "val_bpb": val_bpb, "train_time": state["train_time"]}
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
@@ -245,8 +260,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
             for micro in range(cfg.grad_accum):
                 x, y = batches.sample(step * cfg.grad_accum + micro)
                 with autocast(device, dtype):
-                    logits, _ = forward(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                    loss = (loss_fn or lm_loss)(forward, x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             if cfg.grad_clip:
