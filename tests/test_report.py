@@ -111,7 +111,7 @@ def test_report_on_a_text_file_and_its_errors(char_report, tmp_path):
     assert list(report["likelihood"]["documents"]) == ["other.txt"]
     assert report["text"]["bytes"] == len(text.read_bytes())
     text.write_bytes(b"caf\xe9 au lait")
-    with pytest.raises(LmforgeError, match="not UTF-8"):
+    with pytest.raises(LmforgeError, match="not valid utf-8"):
         write_report(lm, tmp_path / "r", text_path=text, n_prompts=2, progress=False, log=quiet)
     with pytest.raises(LmforgeError, match="prompts"):
         write_report(lm, tmp_path / "r", text_path=None, n_prompts=100_000, progress=False, log=quiet)

@@ -87,14 +87,9 @@ def cmd_eval(args) -> None:
         write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed)
         return
     if args.text:
-        path = Path(args.text)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise LmforgeError(f"--text {path} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise LmforgeError(f"--text {path} is not UTF-8 (bad byte at offset {e.start}); convert it to UTF-8") from None
-        result = lm.evaluate(text)
+        from .data.sources import read_text
+
+        result = lm.evaluate(read_text(args.text))
     else:
         result = lm.evaluate()
     if args.json:
@@ -151,13 +146,12 @@ def cmd_bench(args) -> None:
     from . import bench
     from .config import apply_overrides
 
-    benchmark, overrides = args.what[0], args.what[1:]
-    model_fields = apply_overrides({}, overrides).get("model", {})
+    model_fields = apply_overrides({}, args.overrides).get("model", {})
     options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
                "new_tokens": args.new_tokens, "model_fields": model_fields or None,
                "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None}
-    print(json.dumps(bench.run(benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
+    print(json.dumps(bench.run(args.benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,17 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="speed benchmarks as JSON (train: training tokens/s per family)")
-    p.add_argument("what", nargs="+", metavar="BENCHMARK [model.key=value ...]",
-                   help="train or generate, then model overrides for the families that have that field")
-    p.add_argument("--arch", help="comma-separated families, or all (default)")
-    p.add_argument("--batch-size", type=int, help="train: sequences per step (default 16)")
-    p.add_argument("--batch-sizes", help="generate: comma-separated batch sizes (default 1,8)")
-    p.add_argument("--steps", type=int, help="train: timed steps (default 10)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up steps (train) or tokens (generate)")
-    p.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
-    p.add_argument("--device", help="cpu (default), cuda, mps, auto")
-    p.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
-    p.set_defaults(func=cmd_bench)
+    benchmarks = p.add_subparsers(dest="benchmark", required=True)
+    for name, text in (("train", "training tokens/s per family: forward, backward, AdamW step"),
+                       ("generate", "new tokens/s per family at batch 1 and 8 after a 1-token prompt")):
+        b = benchmarks.add_parser(name, help=text)
+        b.add_argument("overrides", nargs="*", help="model.key=value for the families that have that field")
+        b.add_argument("--arch", help="comma-separated families, or all (default)")
+        b.add_argument("--batch-size", type=int, help="train: sequences per step (default 16)")
+        b.add_argument("--batch-sizes", help="generate: comma-separated batch sizes (default 1,8)")
+        b.add_argument("--steps", type=int, help="train: timed steps (default 10)")
+        b.add_argument("--warmup", type=int, help="untimed warm-up steps (train) or tokens (generate)")
+        b.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
+        b.add_argument("--device", help="cpu (default), cuda, mps, auto")
+        b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
+        b.set_defaults(func=cmd_bench)
+    __import__("lmforge.finetune.commands", fromlist=["register"]).register(sub)
     return parser
 
 

@@ -144,15 +144,23 @@ def matched_sizes(archs: list[str], tokenizer: str, base: RunConfig) -> dict[str
     return sizes
 
 
-def solve_width(params, target: int, limit: int = 1 << 14) -> int:
-    """The multiple of WIDTH_STEP whose parameter count is closest to `target` (params grows with width)."""
-    lo, hi = WIDTH_STEP, WIDTH_STEP
-    while params(hi) < target and hi < limit:
-        lo, hi = hi, hi * 2
-    while hi - lo > WIDTH_STEP:  # invariant: params(lo) <= target <= params(hi), or lo is the floor
-        mid = (lo + hi) // 2 // WIDTH_STEP * WIDTH_STEP
-        lo, hi = (mid, hi) if params(mid) < target else (lo, mid)
-    return min((lo, hi), key=lambda w: abs(params(w) - target))
+def solve_width(params, target: int) -> int:
+    """The multiple of WIDTH_STEP whose parameter count is closest to `target`.
+
+    Every family's count is a quadratic in its width (w×w, w×V and w×fixed matrices, w-long vectors),
+    so three small widths determine it and no large model has to be built (orthogonal init is slow)."""
+    w0, w1, w2 = WIDTH_STEP, 2 * WIDTH_STEP, 3 * WIDTH_STEP
+    p0, p1, p2 = params(w0), params(w1), params(w2)
+    a = (p2 - 2 * p1 + p0) / (2 * WIDTH_STEP**2)
+    b = (p1 - p0) / WIDTH_STEP - a * (w0 + w1)
+    c = p0 - a * w0**2 - b * w0
+    if a > 0:
+        root = (-b + math.sqrt(max(0.0, b * b - 4 * a * (c - target)))) / (2 * a)
+    else:
+        root = (target - c) / max(b, 1e-9)
+    near = max(1, round(root / WIDTH_STEP))
+    widths = [WIDTH_STEP * k for k in (near - 1, near, near + 1) if k >= 1]
+    return min(widths, key=lambda w: abs(a * w * w + b * w + c - target))
 
 
 def run_candidate(name: str, arch: str, tokenizer: str, args: list[str], out_dir: Path, prompt: str) -> dict:
@@ -252,7 +260,8 @@ def render_markdown(report: dict) -> str:
         "nothing, so the true cost is higher (the OOV column says how often). Samples continue "
         f"{report['prompt']!r} at temperature {SAMPLE_TEMPERATURE}, seed {SAMPLE_SEED}. Peak memory is the "
         "training process's maximum resident set size. Time to best is training time (evaluation "
-        "excluded) at the evaluation with the lowest validation loss.", "",
+        "excluded) at the evaluation with the lowest validation loss. The rerun command repeats a row "
+        "exactly; give it another `--out` (or delete the row's folder) first.", "",
         "| candidate | params | train tokens/s | val bits/byte | OOV rate | time to best | peak memory | sample | rerun |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
@@ -262,7 +271,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['name']} | | | {_cell(r['status'])} | | | {_mib(r['peak_rss_bytes'])} | | {rerun} |")
             continue
         mark = "≥ " if r["bpb_is_lower_bound"] else ""
-        best = f"{r['time_to_best_s']:.0f} s" if "time_to_best_s" in r else "n/a"
+        best = f"{r['time_to_best_s']:.3g} s" if "time_to_best_s" in r else "n/a"
         sample = r["sample"][:SAMPLE_CHARS] + ("…" if len(r["sample"]) > SAMPLE_CHARS else "")
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {mark}{r['val_bpb']:.3f} "
                      f"| {r['unknown_rate']:.2%} | {best} | {_mib(r['peak_rss_bytes'])} | {_cell(sample)} | {rerun} |")
@@ -283,7 +292,7 @@ def plot_bpb_vs_time(rows: list[dict], out: Path) -> Path:
             continue
         times, bpb = zip(*r["curve"])
         label = r["name"] + (" (lower bound)" if r["bpb_is_lower_bound"] else "")
-        ax.plot(times, bpb, "o-", ms=3, lw=1.2, label=label, ls="--" if r["bpb_is_lower_bound"] else "-")
+        ax.plot(times, bpb, marker="o", ms=3, lw=1.2, label=label, ls="--" if r["bpb_is_lower_bound"] else "-")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation bits per byte (periodic estimate)")
     ax.set_title("Validation bits per byte against training time")

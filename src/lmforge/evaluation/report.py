@@ -109,6 +109,7 @@ def _read_split(lm, text_path) -> tuple[list[tuple[str, str]], str]:
     `prepare` splits them, or the file `text_path`; the train parts joined are what the baselines
     fit and what copying is checked against."""
     from ..data import read_sources
+    from ..data.sources import read_text
     from ..data.prepare import split_text
 
     data = lm.config["data"]
@@ -119,15 +120,7 @@ def _read_split(lm, text_path) -> tuple[list[tuple[str, str]], str]:
     if text_path is None:
         return [(name, val) for name, _, val in parts], train_text
     path = Path(text_path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise LmforgeError(f"--text {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"--text {path} is not UTF-8 (bad byte at offset {e.start}); convert it to UTF-8") from None
-    if not text.strip():
-        raise LmforgeError(f"--text {path} is empty; point it at a file with text to evaluate")
-    return [(path.name, text)], train_text
+    return [(path.name, read_text(path))], train_text
 
 
 def _write_text(path: Path, text: str) -> None:

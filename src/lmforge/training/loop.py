@@ -9,7 +9,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -200,11 +200,8 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
     batches = (make_batches or prepared_batches)(prepared, context_len, cfg, device)
     optimizers = build_optimizers(model, cfg)
 
-    from dataclasses import asdict
-
-    model_fields = {k: v for k, v in asdict(model.config).items()}
     if not resume:
-        ckpt.save_config(run_dir, config, model_fields)
+        ckpt.save_config(run_dir, config, asdict(model.config))
         tokenizer.save(run_dir)
     n_params = count_params(model)
     log(f"model: {config.model.arch}, {n_params / 1e6:.2f}M parameters "

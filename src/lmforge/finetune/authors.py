@@ -1,0 +1,79 @@
+"""The author-attribution dataset: passages cut from Gutenberg novels, labelled by author, split by region
+of each book (first 80% train, next 10% val, last 10% test) so no passage or region is shared between splits.
+
+In: the NLTK Gutenberg corpus and the gutenberg-more folder. Out: JSONL rows
+{"text", "label", "split", "book", "start", "end"} for `lmforge finetune --task classify`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import read_sources
+from ..errors import LmforgeError
+
+# author -> books: NLTK ids, or file names inside the gutenberg-more folder
+AUTHORS = {
+    "austen": ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt", "gutenberg:austen-sense.txt"],
+    "chesterton": ["gutenberg:chesterton-ball.txt", "gutenberg:chesterton-brown.txt", "gutenberg:chesterton-thursday.txt"],
+    "dickens": ["dickens-christmas-carol.txt", "dickens-expectations.txt", "dickens-hard-times.txt",
+                "dickens-tale-of-two-cities.txt", "dickens-twist.txt"],
+    "melville": ["gutenberg:melville-moby_dick.txt"],
+    "doyle": ["doyle-holmes.txt"],
+    "stoker": ["dracula-stoker.txt"],
+}
+REGIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
+CAPS = {"train": 300, "val": 40, "test": 100}  # passages per author and split (evenly spread over its books)
+SKIP_CHARS = 2000  # the opening holds the title line, which names the author
+
+
+def passages(text: str, start: int, end: int, length: int) -> list[tuple[int, int]]:
+    """Non-overlapping [a, b) spans of about `length` characters inside [start, end), cut at spaces."""
+    spans, a = [], start
+    while True:
+        a = text.find(" ", a, end) + 1  # start just after a space: never mid-word
+        if a <= 0 or a + length > end:
+            return spans
+        b = text.rfind(" ", a, a + length)
+        if b <= a:
+            return spans
+        spans.append((a, b))
+        a = b
+
+
+def even(items: list, n: int) -> list:
+    """At most n items spread evenly over the list (first and last kept)."""
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else items[:1]
+
+
+def author_rows(more, passage_chars: int = 600, caps: dict | None = None) -> list[dict]:
+    caps = caps or CAPS
+    more = Path(more)
+    if not more.is_dir():
+        raise LmforgeError(f"--more {more} is not a folder; point it at shared/corpora/gutenberg-more")
+    rows = []
+    for author, books in AUTHORS.items():
+        for split, (lo, hi) in REGIONS.items():
+            found = []
+            for book in books:
+                doc = read_sources(book if book.startswith("gutenberg:") else str(more / book))[0]
+                text = " ".join(doc.text.split())  # one space between words: line breaks say nothing of style
+                body = len(text) - SKIP_CHARS
+                start, end = SKIP_CHARS + int(body * lo), SKIP_CHARS + int(body * hi)
+                found += [{"text": text[a:b], "label": author, "split": split, "book": Path(book).name,
+                           "start": a, "end": b} for a, b in passages(text, start, end, passage_chars)]
+            rows += even(found, caps[split])
+    return rows
+
+
+def write_authors(out, more, passage_chars: int = 600) -> dict:
+    """Write the dataset to `out` (.jsonl); returns counts per split."""
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise LmforgeError(f"--out {out} must end in .jsonl")
+    rows = author_rows(more, passage_chars)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return {s: sum(r["split"] == s for r in rows) for s in REGIONS}

@@ -1,0 +1,183 @@
+"""The transfer report: does pretraining on broad Gutenberg text help a model of Austen, and how much
+less Austen text does it need? Pretrain once, then fine-tune vs train from scratch on 10/30/100%.
+
+In: the NLTK Gutenberg texts minus Emma and Persuasion (their validation parts, and their training parts
+too, so every fraction's Austen text is new to the base), plus the gutenberg-more folder. Out: transfer.md
+(table) and transfer.png (data-efficiency curve) in `out`, then authors.md (author attribution:
+pretrained vs scratch vs bag-of-words); run folders in `work`.
+Regenerate: python -m lmforge.finetune.transfer --out docs/transfer --work runs/transfer
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import AUSTEN
+from ..errors import LmforgeError
+
+FRACTIONS = (0.1, 0.3, 1.0)
+MODEL = {"arch": "transformer", "d_model": 128, "n_layers": 4, "n_heads": 4, "context_len": 128}
+
+
+def pretrain_sources(more: Path) -> list[str]:
+    """Every NLTK Gutenberg text except the two Austen novels we validate on, plus `more`."""
+    from ..data.sources import gutenberg_corpus
+
+    held = {s.split(":", 1)[1] for s in AUSTEN}
+    if not Path(more).is_dir():
+        raise LmforgeError(f"--more {more} is not a folder; point it at shared/corpora/gutenberg-more")
+    return [f"gutenberg:{f}" for f in gutenberg_corpus().fileids() if f not in held] + [str(more)]
+
+
+def fraction_of(prepared, fraction: float):
+    """`prepared` with only the first `fraction` of each document's training tokens (validation unchanged)."""
+    spans = [d["train_tokens"] for d in prepared.meta["documents"]]
+    eos = np.array([prepared.tokenizer.eos_id], dtype=prepared.train.dtype)
+    parts = []
+    for i, (a, b) in enumerate(spans):
+        parts += ([eos] if i else []) + [np.asarray(prepared.train[a:a + int((b - a) * fraction)])]
+    return dataclasses.replace(prepared, train=np.concatenate(parts))
+
+
+def run_transfer(out: Path, work: Path, more: Path, pretrain_time: float = 240.0, finetune_time: float = 60.0,
+                 fractions=FRACTIONS, cache_dir=None, threads: int = 1, log=print) -> list[dict]:
+    import lmforge
+    from ..data import prepare
+    from .run import finetune
+
+    work, out = Path(work), Path(out)
+    base = work / "base"
+    train = {"max_time": pretrain_time, "batch_size": 16, "lr": 3e-3, "eval_interval": 250, "threads": threads,
+             "progress": False, "sample_tokens": 0}
+    if not (work / "base.json").exists():
+        cfg = {"data": {"sources": pretrain_sources(more), "cache_dir": cache_dir}, "train": train,
+               "tokenizer": {"kind": "bpe", "vocab_size": 2048}, "model": MODEL}
+        _, result = lmforge.train(cfg, out=base, log=log, final_eval=False)
+        (work / "base.json").write_text(json.dumps({"steps": result.steps, "train_time_s": result.train_time,
+                                                    "tokens": result.tokens, "val_bpb": result.best_val_bpb}))
+    summary = json.loads((work / "base.json").read_text())
+    # the same number of optimizer steps for every fine-tune, from the pretraining's measured speed
+    steps = max(20, int(finetune_time * summary["steps"] / summary["train_time_s"]))
+    (work / "base.json").write_text(json.dumps({**summary, "finetune_steps": steps}))
+    tokenizer = lmforge.load(base).tokenizer
+    austen = prepare(AUSTEN, tokenizer_obj=tokenizer, cache_dir=cache_dir)
+    rows = []
+    for fraction in fractions:
+        subset = fraction_of(austen, fraction)
+        row = {"fraction": fraction, "train_tokens": len(subset.train), "steps": steps}
+        for name, scratch, lr in (("pretrained", False, 1e-3), ("scratch", True, 3e-3)):
+            run = work / f"{name}-{int(fraction * 100)}"
+            if not (run / "summary.json").exists():
+                finetune(base, AUSTEN, run, mode="full", max_steps=steps, lr=lr, prepared=subset, scratch=scratch,
+                         overrides={"train.threads": threads, "train.progress": False, "train.eval_interval": max(1, steps // 4)},
+                         log=log)
+            row[name] = json.loads((run / "summary.json").read_text())["val_bits_per_byte"]
+        rows.append(row)
+        log(json.dumps(row))
+    write_outputs(out, rows, summary, steps)
+    return rows
+
+
+def write_outputs(out: Path, rows: list[dict], base_summary: dict, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Transfer: pretrained on broad Gutenberg, fine-tuned on Austen vs trained from scratch", "",
+             f"Base: Transformer {MODEL['d_model']}d × {MODEL['n_layers']} layers, bpe 2048, pretrained "
+             f"{base_summary['train_time_s']:.0f} s ({base_summary['steps']} steps, {base_summary['tokens']:,} tokens) "
+             f"on NLTK Gutenberg minus Emma and Persuasion, plus gutenberg-more. Each Austen run: {steps} steps "
+             "(batch 16 × 128 tokens), the base's tokenizer; fine-tune lr 1e-3, scratch lr 3e-3.", "",
+             "Validation bits per byte on the last 10% of Emma and Persuasion (lower is better):", "",
+             "| Austen training text | tokens | from scratch | pretrained + fine-tuned | gain |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['fraction']:.0%} | {r['train_tokens']:,} | {r['scratch']:.3f} | {r['pretrained']:.3f} | "
+                     f"{r['scratch'] - r['pretrained']:.3f} |")
+    lines += ["", f"Regenerate: `python -m lmforge.finetune.transfer --out docs/transfer --work runs/transfer` "
+              f"(generated {time.strftime('%Y-%m-%d')})."]
+    (out / "transfer.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["train_tokens"] for r in rows]
+    ax.plot(x, [r["scratch"] for r in rows], "o-", label="from scratch")
+    ax.plot(x, [r["pretrained"] for r in rows], "s-", label="pretrained + fine-tuned")
+    ax.set_xscale("log")
+    ax.set_xlabel("Austen training tokens (10%, 30%, 100%)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(f"Data efficiency, {steps} steps per run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "transfer.png", dpi=110)
+    plt.close(fig)
+
+
+def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, threads: int = 1, log=print) -> dict:
+    """Author attribution on the transfer base: pretrained body vs the same architecture from scratch vs
+    bag-of-words, accuracy and macro-F1 on the test regions. Writes authors.md into `out`."""
+    from .authors import write_authors
+    from .classify import bag_of_words
+    from .examples import read_jsonl
+    from .run import finetune
+
+    work, out = Path(work), Path(out)
+    data = work / "authors.jsonl"
+    if not data.exists():
+        write_authors(data, more)
+    rows = read_jsonl(data, ("text", "label"))
+    labels = sorted({r["label"] for r in rows})
+    base = json.loads((work / "base.json").read_text())
+    steps = steps or base.get("finetune_steps") or max(20, int(60.0 * base["steps"] / base["train_time_s"]))
+    results = {}
+    for name, scratch, lr in (("pretrained", False, 1e-3), ("scratch", True, 3e-3)):
+        run = work / f"authors-{name}"
+        if not (run / "summary.json").exists():
+            finetune(work / "base", [str(data)], run, task="classify", mode="full", max_steps=steps, lr=lr,
+                     scratch=scratch, log=log, overrides={"train.threads": threads, "train.progress": False,
+                                                          "train.eval_interval": max(1, steps // 4)})
+        results[name] = json.loads((run / "summary.json").read_text())
+    pick = [(r["text"], labels.index(r["label"])) for r in rows]
+    results["bag of words"] = bag_of_words([p for p, r in zip(pick, rows) if r["split"] == "train"],
+                                           [p for p, r in zip(pick, rows) if r["split"] == "test"], len(labels))
+    lines = ["# Author attribution", "",
+             f"{len(labels)} authors ({', '.join(labels)}); passages of ~600 characters cut from each book's first 80% "
+             f"(train, {sum(r['split'] == 'train' for r in rows)}), next 10% (val) and last 10% (test, "
+             f"{sum(r['split'] == 'test' for r in rows)}). Transformer runs: {steps} steps, mean pooling, first 128 "
+             "tokens of each passage. Data: `lmforge data authors --out runs/transfer/authors.jsonl`.", "",
+             "| model | test accuracy | macro-F1 |", "|---|---:|---:|"]
+    names = {"pretrained": "pretrained base + classification head (full fine-tune)",
+             "scratch": "same architecture from scratch", "bag of words": "bag-of-words linear (log counts, 5k words)"}
+    for key, label in names.items():
+        lines.append(f"| {label} | {results[key]['accuracy']:.1%} | {results[key]['macro_f1']:.3f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "authors.md").write_text("\n".join(lines) + "\n")
+    log(json.dumps({k: {m: v[m] for m in ("accuracy", "macro_f1")} for k, v in results.items()}))
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="docs/transfer")
+    p.add_argument("--work", default="runs/transfer")
+    p.add_argument("--more", default="../shared/corpora/gutenberg-more")
+    p.add_argument("--pretrain-time", type=float, default=240.0)
+    p.add_argument("--finetune-time", type=float, default=60.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip", choices=["transfer", "authors"], help="leave out one of the two reports")
+    args = p.parse_args(argv)
+    if args.skip != "transfer":
+        run_transfer(Path(args.out), Path(args.work), Path(args.more), args.pretrain_time, args.finetune_time,
+                     threads=args.threads)
+    if args.skip != "authors":
+        run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

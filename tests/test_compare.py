@@ -1,0 +1,96 @@
+"""`lmforge compare` writes a report folder with a rerun command per row, marks word rows' bits per
+byte as a lower bound, and `lmforge bench train` prints JSON; all on tiny models and a few KB of text."""
+import json
+import shlex
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.compare import matched_sizes, original_passage
+from lmforge.config import RunConfig, apply_overrides
+from lmforge.models import build_model, count_params
+
+TINY = ["model.d_model=32", "model.d_hidden=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
+        "train.batch_size=8", "train.warmup_steps=2", "train.eval_interval=5", "train.threads=1"]
+# Words only in the validation part (the last 10%), so the word tokenizer meets <unk> there.
+UNSEEN = "Quixotic zebras juggled marmalade beneath Zanzibar lighthouses.\n"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    from conftest import TINY_TEXT
+
+    folder = tmp_path_factory.mktemp("compare")
+    (folder / "tiny.txt").write_text(TINY_TEXT + UNSEEN)
+    out = folder / "report"
+    code = main(["compare", "--arch", "lstm,transformer", "--tokenizer", "char,word", "--budget", "0",
+                 "--max-steps", "10", "--out", str(out), "--data", str(folder / "tiny.txt"), "--prompt", "Emma",
+                 f"data.cache_dir={json.dumps(str(folder / 'cache'))}", *TINY])
+    assert code == 0
+    return out
+
+
+def test_report_folder_has_table_json_and_plot(report_dir):
+    assert (report_dir / "bpb_vs_time.png").stat().st_size > 1000
+    report = json.loads((report_dir / "report.json").read_text())
+    names = [r["name"] for r in report["candidates"]]
+    assert names == ["lstm-char", "transformer-char", "lstm-word", "transformer-word"]
+    table = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[0].split("|")[1:-1] == [f" {c} " for c in ("candidate", "params", "train tokens/s", "val bits/byte",
+                                                             "OOV rate", "time to best", "peak memory", "sample",
+                                                             "rerun")]
+    for row in report["candidates"]:
+        assert row["status"] == "ok" and row["params"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0
+        assert row["sample"].startswith("Emma") and row["curve"]
+        line = next(line for line in table if line.startswith(f"| {row['name']} |"))
+        assert f"`{row['command']}`" in line  # the rerun command sits beside its row
+
+
+def test_rerun_command_names_the_same_run(report_dir):
+    row = json.loads((report_dir / "report.json").read_text())["candidates"][0]
+    args = shlex.split(row["command"])
+    assert args[:2] == ["lmforge", "train"]
+    assert args[args.index("--out") + 1] == row["run_dir"]
+    assert args[args.index("--arch") + 1] == "lstm" and args[args.index("--tokenizer") + 1] == "char"
+    assert "model.n_heads=2" not in args  # a field the LSTM doesn't have is left out of its command
+    stored = json.loads((report_dir / "lstm-char" / "config.json").read_text())
+    assert stored["model"]["options"]["d_hidden"] == 32
+
+
+def test_word_rows_mark_bits_per_byte_as_a_lower_bound(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    table = (report_dir / "report.md").read_text()
+    for row in report["candidates"]:
+        if row["tokenizer"] == "word":
+            assert row["bpb_is_lower_bound"] and row["unknown_rate"] > 0
+            assert f"| ≥ {row['val_bpb']:.3f} | {row['unknown_rate']:.2%} |" in table
+
+
+def test_match_params_solves_widths_within_ten_percent(tiny_file, tmp_path):
+    raw = apply_overrides({}, [f"data.sources={json.dumps([str(tiny_file)])}", "tokenizer.kind=\"char\"",
+                               f"data.cache_dir={json.dumps(str(tmp_path))}", "model.n_layers=2"])
+    base = RunConfig.from_dict(raw)
+    sizes = matched_sizes(["lstm", "gru", "cnn", "transformer"], "char", base)
+    assert set(sizes) == {"lstm", "gru", "cnn"}
+    vocab = json.loads(next(tmp_path.glob("*/meta.json")).read_text())["vocab_size"]
+    target = count_params(build_model("transformer", vocab_size=vocab, n_layers=2))
+    for arch, fields in sizes.items():
+        n = count_params(build_model(arch, vocab_size=vocab, n_layers=2, **fields))
+        assert abs(n - target) <= 0.1 * target, (arch, fields, n, target)
+
+
+def test_original_passage_follows_the_first_whole_word():
+    docs = [("a", "Theatre aside, the day was fine and the evening finer.")]
+    name, text = original_passage(docs, "the", 12)
+    assert name == "a" and text == " day was" and original_passage(docs, "nowhere", 10) is None
+
+
+def test_bench_train_prints_json(capsys):
+    code = main(["bench", "train", "--arch", "lstm,cnn", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                 "--threads", "1", "model.d_model=16", "model.d_hidden=16", "model.n_layers=1", "model.context_len=8"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["families"]) == {"lstm", "cnn"} and result["peak_flops"] > 0
+    for family in result["families"].values():
+        assert family["tokens_per_s"] > 0 and family["params"] > 0 and family["flops_per_token"] > 0
+        assert family["context_len"] == 8

@@ -1,0 +1,230 @@
+"""Fine-tuning: freezing, LoRA, completion-only loss, classification, the author split, and the CLI verbs."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmforge
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.finetune import apply_lora, finetune, merge_lora
+from lmforge.finetune.lora import LoRALinear
+from lmforge.models import build_model
+from lmforge.training.loop import lm_loss
+
+TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_len": 32}
+QUIET = {"train.threads": 1, "train.progress": False}
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from conftest import TINY_TEXT
+
+    folder = tmp_path_factory.mktemp("ft")
+    (folder / "base.txt").write_text(TINY_TEXT)
+    (folder / "new.txt").write_text("Anne Elliot, with an elegant mind and a sweet character.\n" * 40)
+    config = {"data": {"sources": [str(folder / "base.txt")], "cache_dir": str(folder / "cache")},
+              "tokenizer": {"kind": "char"}, "model": {"arch": "transformer", **TINY_MODEL},
+              "train": {"max_steps": 20, "max_time": 0, "batch_size": 8, "warmup_steps": 5, "eval_interval": 10,
+                        "progress": False, "threads": 1}}
+    lmforge.train(config, out=folder / "base", log=quiet)
+    return folder
+
+
+def tune(base, name, **kwargs):
+    kwargs.setdefault("max_steps", 6)
+    overrides = {**QUIET, "data.cache_dir": str(base / "cache")}
+    return finetune(base / "base", kwargs.pop("data", [str(base / "new.txt")]), base / name, overrides=overrides,
+                    log=quiet, **kwargs)
+
+
+def test_frozen_parameters_do_not_change(base):
+    run, summary = tune(base, "freeze", mode="freeze", freeze_layers=1)
+    before, after = load_file(base / "base" / "model.safetensors"), load_file(run / "model.safetensors")
+    frozen = [k for k in before if k.startswith(("tok_emb.", "blocks.0."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
+    assert json.loads((run / "config.json").read_text())["finetune"]["freeze_layers"] == 1
+    assert summary["trainable_params"] < sum(v.numel() for v in before.values())
+
+
+def test_new_data_uses_the_base_tokenizer_and_reports_what_it_cannot_represent(base):
+    lines = []
+    run, _ = finetune(base / "base", [str(base / "new.txt")], base / "unknown", max_steps=2, log=lines.append,
+                      overrides={**QUIET, "data.cache_dir": str(base / "cache")})
+    assert any("cannot represent" in line and "'A'" in line for line in lines)
+    config = json.loads((run / "config.json").read_text())
+    assert config["finetune"]["unknown"]["A"] == 40
+    assert (run / "tokenizer.json").read_text() == (base / "base" / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("arch,fields", [("transformer", TINY_MODEL),
+                                         ("lstm", {"d_model": 16, "d_hidden": 16, "n_layers": 1, "dropout": 0.0})])
+def test_lora_starts_as_the_base_and_merging_preserves_outputs(arch, fields):
+    torch.manual_seed(0)
+    model = build_model(arch, vocab_size=40, **fields).eval()
+    x = torch.randint(0, 40, (2, 12))
+    reference = model(x)[0]
+    names = {n for n, _ in model.named_parameters()}
+    wrapped = apply_lora(model, rank=4, alpha=8.0)
+    assert wrapped and all(isinstance(model.get_submodule(w), LoRALinear) for w in wrapped)
+    assert names <= {n for n, _ in model.named_parameters()}  # base names kept
+    torch.testing.assert_close(model(x)[0], reference, rtol=0, atol=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(std=0.1)
+    adapted = model(x)[0]
+    assert not torch.allclose(adapted, reference)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert {n for n, _ in model.named_parameters()} == names
+    torch.testing.assert_close(model(x)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_only_adapter_parameters_get_gradients():
+    model = build_model("transformer", vocab_size=40, **TINY_MODEL)
+    apply_lora(model, ["qkv", "lm_head"], rank=2)
+    x = torch.randint(0, 40, (2, 12))
+    lm_loss(model, x[:, :-1], x[:, 1:]).backward()
+    for name, p in model.named_parameters():
+        is_adapter = name.endswith(("lora_a", "lora_b"))
+        assert p.requires_grad == is_adapter, name
+        assert (p.grad is not None) == is_adapter, name
+    with pytest.raises(LmforgeError, match="not LoRA targets"):
+        apply_lora(build_model("transformer", vocab_size=40, **TINY_MODEL), ["tok_emb"])
+
+
+def test_lora_run_saves_merged_weights_and_a_separate_adapter(base):
+    run, _ = tune(base, "lora", mode="lora", lora={"rank": 4, "alpha": 8.0})
+    adapter = load_file(run / "adapter.safetensors")
+    assert adapter and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
+    lm = lmforge.load(run)  # merged: loads as a plain model
+    assert lm.generate("Emma", max_new_tokens=5, seed=0) is not None
+    base_lm = lmforge.load(base / "base")
+    apply_lora(base_lm.model, rank=4, alpha=8.0)
+    base_lm.model.load_state_dict(adapter, strict=False)  # base weights + the adapter alone
+    x = torch.randint(0, lm.tokenizer.vocab_size, (2, 16))
+    torch.testing.assert_close(base_lm.model.eval()(x)[0], lm.model(x)[0], rtol=1e-4, atol=1e-5)
+    config = json.loads((run / "config.json").read_text())
+    assert config["finetune"]["mode"] == "lora" and config["finetune"]["base"].endswith("base")
+
+
+def test_completion_loss_ignores_prompt_tokens():
+    from lmforge.finetune.completion import IGNORE, inputs_targets
+
+    torch.manual_seed(0)
+    model = build_model("transformer", vocab_size=30, **TINY_MODEL)
+    ids, n_prompt = list(range(1, 13)), 7
+    x, y = (torch.tensor([v]) for v in inputs_targets(ids, n_prompt))
+    assert (y[0, :n_prompt - 1] == IGNORE).all() and (y[0, n_prompt - 1:] != IGNORE).all()
+    loss = lm_loss(model, x, y)
+    logits = model(x)[0][0]
+    manual = torch.nn.functional.cross_entropy(logits[n_prompt - 1:], torch.tensor(ids[n_prompt:]))
+    torch.testing.assert_close(loss, manual)
+    # other prompt tokens as targets (same inputs): the same loss, since prompt targets are masked
+    alt = ids[:1] + [0] * (n_prompt - 1) + ids[n_prompt:]
+    assert lm_loss(model, x, torch.tensor([inputs_targets(alt, n_prompt)[1]])).item() == loss.item()
+    changed = y.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 30  # a completion target does
+    assert lm_loss(model, x, changed).item() != loss.item()
+    logits_leaf = model(x)[0].detach().requires_grad_(True)
+    torch.nn.functional.cross_entropy(logits_leaf.flatten(0, 1), y.flatten(), ignore_index=IGNORE).backward()
+    assert logits_leaf.grad[0, :n_prompt - 1].abs().max() == 0 and logits_leaf.grad[0, n_prompt - 1:].abs().max() > 0
+
+
+def test_completion_finetune_records_its_template(base):
+    rows = [{"prompt": f"say {i % 3}", "completion": "Emma " * (i % 3 + 1), "split": "val" if i < 4 else "train"}
+            for i in range(30)]
+    (base / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run, summary = tune(base, "completion", task="completion", data=[str(base / "pairs.jsonl")], template="Q: {prompt}\nA: ")
+    lm = lmforge.load(run)
+    assert lm.config["finetune"]["template"] == "Q: {prompt}\nA: "
+    from lmforge.finetune.completion import generate_completion
+
+    assert isinstance(generate_completion(lm, "say 1", max_new_tokens=5, temperature=0.0), str)
+
+
+def test_classification_head_learns_a_separable_task(base):
+    rows = [{"text": ("Emma handsome " if i % 2 else "rich world ") * (1 + i % 3), "label": "ab"[i % 2],
+             "split": "test" if i < 12 else "val" if i < 20 else "train"} for i in range(80)]
+    (base / "labels.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run, summary = tune(base, "classify", task="classify", data=[str(base / "labels.jsonl")], max_steps=40, lr=3e-3)
+    assert summary["accuracy"] == 1.0 and summary["macro_f1"] == 1.0 and summary["n"] == 12
+    assert (run / "classifier.safetensors").exists()
+    lmforge.load(run)  # the body loads as a plain model
+
+
+def test_author_split_has_no_overlap(gutenberg_dir):
+    from conftest import MORE
+
+    from lmforge.finetune.authors import author_rows
+
+    if not MORE.is_dir():
+        pytest.skip("gutenberg-more is not beside the project")
+    rows = author_rows(MORE, passage_chars=400, caps={"train": 50, "val": 10, "test": 10})
+    assert {r["label"] for r in rows} >= {"austen", "dickens", "chesterton"}
+    by_book = {}
+    for r in rows:
+        by_book.setdefault(r["book"], []).append(r)
+    for book, items in by_book.items():
+        spans = sorted((r["start"], r["end"], r["split"]) for r in items)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), book  # no passage overlaps another
+        order = [s for _, _, s in spans]  # regions: every train passage before every val before every test
+        assert order == sorted(order, key=["train", "val", "test"].index), book
+    texts = {s: {r["text"] for r in rows if r["split"] == s} for s in ("train", "val", "test")}
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["val"])
+    assert not any(r["label"] in r["text"].lower() for r in rows if r["label"] in ("austen", "dickens"))
+
+
+def one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("mode", ["full", "freeze", "lora"])
+def test_finetune_cli_end_to_end(base, mode, capsys):
+    out = base / f"cli-{mode}"
+    code = main(["finetune", str(base / "base"), "--data", str(base / "new.txt"), "--mode", mode, "--max-steps", "4",
+                 "--out", str(out), "--set", "train.threads=1", "--set", "train.progress=false",
+                 "--set", f"data.cache_dir={json.dumps(str(base / 'cache'))}"])
+    assert code == 0, capsys.readouterr().err
+    assert "val_bits_per_byte" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "Anne", "-n", "10", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Anne")
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--mode", "partial"], ["mode 'partial'", "full, freeze, lora"]),
+    (["--task", "summarise"], ["task 'summarise'"]),
+    (["--mode", "freeze", "--freeze-layers", "9"], ["--freeze-layers"]),
+    (["--mode", "lora", "--lora-targets", "tok_emb"], ["tok_emb", "lm_head"]),
+    (["--task", "classify"], [".jsonl"]),
+    (["--set", "model.d_model=8"], ["--set"]),
+])
+def test_finetune_cli_bad_inputs(base, argv, needles, capsys):
+    code = main(["finetune", str(base / "base"), "--data", str(base / "new.txt"), "--max-steps", "2",
+                 "--out", str(base / "bad"), "--set", "train.threads=1", *argv])
+    one_line_error(capsys, code, *needles)
+
+
+def test_cli_missing_base_and_bad_verbs(base, tmp_path, capsys):
+    one_line_error(capsys, main(["finetune", str(tmp_path / "nope"), "--data", str(base / "new.txt")]), "does not exist")
+    one_line_error(capsys, main(["import", "onnx", str(tmp_path), "--out", str(tmp_path / "r")]), "hf")
+    one_line_error(capsys, main(["import", "hf", str(tmp_path), "--out", str(tmp_path / "r")]), "config.json")
+    one_line_error(capsys, main(["export", "hf", str(base / "base"), str(tmp_path / "x")]), "neither GPT-2 nor Llama")
+    one_line_error(capsys, main(["data", "poems", "--out", str(tmp_path / "p.jsonl")]), "authors")

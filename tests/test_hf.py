@@ -1,0 +1,84 @@
+"""Hugging Face import / export against the real `transformers` library: tiny random GPT-2 and Llama (GQA)
+models built locally (no downloads) must give the same logits in lmforge, and exported runs in transformers."""
+import json
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.cli import main
+from lmforge.finetune import export_hf, finetune, import_hf
+from lmforge.tokenizers import train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 300
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from conftest import TINY_TEXT
+
+    return train_tokenizer("bpe", [TINY_TEXT], vocab_size=VOCAB)
+
+
+def hf_model(kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=500.0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_import_then_export_matches_transformers(kind, tokenizer, tmp_path, capsys):
+    model = hf_model(kind)
+    with torch.no_grad():  # random weights for the norms and biases too, so their mapping is tested
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    lm = lmforge.load(tmp_path / "run")
+    x = torch.randint(0, VOCAB, (2, 48))
+    with torch.no_grad():
+        reference, ours = model(x).logits, lm.model(x)[0]
+    assert max_diff(reference, ours) < 1e-4
+    assert lm.generate("Emma", max_new_tokens=5, seed=0) is not None
+    assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert max_diff(again(x).logits, ours) < 1e-4
+    text = "Emma Woodhouse, handsome, clever"
+    assert hf_tok(text)["input_ids"] == lm.tokenizer.encode(text)
+    assert hf_tok.decode(lm.tokenizer.encode(text)) == text
+
+
+def test_imported_model_fine_tunes_and_trained_llama_exports(tokenizer, tmp_path, tiny_file):
+    hf_model("llama").save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run", context_len=32, log=lambda *_: None)
+    run, summary = finetune(tmp_path / "run", [str(tiny_file)], tmp_path / "tuned", mode="lora", max_steps=4,
+                            overrides={"train.threads": 1, "train.progress": False, "train.batch_size": 4,
+                                       "data.cache_dir": str(tmp_path / "cache")}, log=lambda *_: None)
+    assert summary["val_bits_per_byte"] > 0
+    export_hf(run, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
+    x = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+        assert max_diff(hf(x).logits, lmforge.load(run).model(x)[0]) < 1e-4
