@@ -147,7 +147,8 @@ def test_completion_finetune_records_its_template(base):
     rows = [{"prompt": f"say {i % 3}", "completion": "Emma " * (i % 3 + 1), "split": "val" if i < 4 else "train"}
             for i in range(30)]
     (base / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run, summary = tune(base, "completion", task="completion", data=[str(base / "pairs.jsonl")], template="Q: {prompt}\nA: ")
+    run, summary = tune(base, "completion", task="completion", data=[str(base / "pairs.jsonl")],
+                        template="Q: {prompt}\nA: ")
     lm = lmforge.load(run)
     assert lm.config["finetune"]["template"] == "Q: {prompt}\nA: "
     from lmforge.finetune.completion import generate_completion
@@ -223,7 +224,8 @@ def test_finetune_cli_bad_inputs(base, argv, needles, capsys):
 
 
 def test_cli_missing_base_and_bad_verbs(base, tmp_path, capsys):
-    one_line_error(capsys, main(["finetune", str(tmp_path / "nope"), "--data", str(base / "new.txt")]), "does not exist")
+    missing = main(["finetune", str(tmp_path / "nope"), "--data", str(base / "new.txt")])
+    one_line_error(capsys, missing, "does not exist")
     one_line_error(capsys, main(["import", "onnx", str(tmp_path), "--out", str(tmp_path / "r")]), "hf")
     one_line_error(capsys, main(["import", "hf", str(tmp_path), "--out", str(tmp_path / "r")]), "config.json")
     one_line_error(capsys, main(["export", "hf", str(base / "base"), str(tmp_path / "x")]), "neither GPT-2 nor Llama")

@@ -62,6 +62,12 @@ def cmd_generate(args) -> None:
     sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
                               args.top_p, args.seed, args.stop or [])
     lm = api.load(args.run, device=args.device)
+    prompt = args.prompt
+    finetuned = lm.config.get("finetune", {})
+    if finetuned.get("task") == "completion":  # a prompt->completion run answers in its own template
+        from .finetune.completion import render
+
+        prompt = render(finetuned["template"], args.prompt)
     for _ in range(args.num_samples):
         if args.prompt and lm.tokenizer.unknown(args.prompt):
             pieces = ", ".join(f"{k!r}×{v}" for k, v in lm.tokenizer.unknown(args.prompt).items())
@@ -69,7 +75,7 @@ def cmd_generate(args) -> None:
                   file=sys.stderr)
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        lm.complete(args.prompt, sampling, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        lm.complete(prompt, sampling, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         sys.stdout.write("\n")
         if args.num_samples > 1:
             print("-" * 40)
@@ -243,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--device", help="cpu (default), cuda, mps, auto")
         b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
         b.set_defaults(func=cmd_bench)
-    __import__("lmforge.finetune.commands", fromlist=["register"]).register(sub)
+    from .finetune.commands import register
+
+    register(sub)  # finetune, import, export, data
     return parser
 
 

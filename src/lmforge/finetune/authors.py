@@ -15,7 +15,8 @@ from ..errors import LmforgeError
 # author -> books: NLTK ids, or file names inside the gutenberg-more folder
 AUTHORS = {
     "austen": ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt", "gutenberg:austen-sense.txt"],
-    "chesterton": ["gutenberg:chesterton-ball.txt", "gutenberg:chesterton-brown.txt", "gutenberg:chesterton-thursday.txt"],
+    "chesterton": ["gutenberg:chesterton-ball.txt", "gutenberg:chesterton-brown.txt",
+                   "gutenberg:chesterton-thursday.txt"],
     "dickens": ["dickens-christmas-carol.txt", "dickens-expectations.txt", "dickens-hard-times.txt",
                 "dickens-tale-of-two-cities.txt", "dickens-twist.txt"],
     "melville": ["gutenberg:melville-moby_dick.txt"],

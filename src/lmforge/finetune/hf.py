@@ -131,9 +131,11 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
     try:
         weights = (gpt2_to_lmforge if kind == "gpt2" else llama_to_lmforge)(state, fields)
     except KeyError as exc:
-        raise LmforgeError(f"{directory}: tensor {exc.args[0]} is missing; is it a complete {kind} checkpoint?") from None
+        raise LmforgeError(f"{directory}: tensor {exc.args[0]} is missing; is it a complete {kind} "
+                           "checkpoint?") from None
     tokenizer = load_tokenizer(directory)
-    run = RunConfig(tokenizer=TokenizerConfig(tokenizer.kind, tokenizer.options), model=ModelConfig("transformer", fields))
+    run = RunConfig(tokenizer=TokenizerConfig(tokenizer.kind, tokenizer.options),
+                    model=ModelConfig("transformer", fields))
     run.train.sample_prompt = ""
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -157,7 +159,8 @@ def hf_family(fields: dict) -> str:
     """"gpt2" or "llama": the Hugging Face architecture that computes exactly what this model does."""
     for name, required, extra in (("gpt2", GPT2, {"bias": True}), ("llama", LLAMA, {})):
         need = {**required, **extra}
-        if all(fields.get(k) == v for k, v in need.items()) and (name == "llama" or fields["n_kv_heads"] == fields["n_heads"]):
+        heads_ok = name == "llama" or fields["n_kv_heads"] == fields["n_heads"]  # GPT-2 has no GQA
+        if heads_ok and all(fields.get(k) == v for k, v in need.items()):
             return name
     wrong = {k: fields.get(k) for k, v in LLAMA.items() if fields.get(k) != v}
     raise LmforgeError(f"this model ({', '.join(f'{k}={v!r}' for k, v in wrong.items())}) matches neither GPT-2 nor "

@@ -1,10 +1,6 @@
-"""`finetune(base_run, data, ...)`: continue training a run on new data (language modelling, prompt ->
-completion, or classification) in full, freeze or LoRA mode, through the one training loop.
-
-In: a run folder and data. Out: a run folder that `lmforge.load` reads like any other (LoRA merged into
-model.safetensors, the adapter alone in adapter.safetensors; a classifier head in classifier.safetensors),
-with the base run, mode and task recorded under "finetune" in config.json.
-"""
+"""`finetune(base_run, data, ...)`: continue training a run on new text, prompt -> completion pairs or labelled
+examples, in full, freeze or LoRA mode, through the one training loop. Out: a run folder that `lmforge.load`
+reads (LoRA merged; adapter.safetensors, classifier.safetensors beside it; "finetune" in config.json)."""
 from __future__ import annotations
 
 import json
@@ -60,7 +56,8 @@ def trainable_fn(mode: str, freeze_layers: int | None, lora: dict, after=None, r
             n = model.config.n_layers // 2 if freeze_layers is None else freeze_layers
             freeze(model, n)
         elif mode == "lora":
-            apply_lora(model, lora.get("targets"), lora.get("rank", 8), lora.get("alpha", 16.0), lora.get("dropout", 0.0))
+            apply_lora(model, lora.get("targets"), lora.get("rank", 8), lora.get("alpha", 16.0),
+                       lora.get("dropout", 0.0))
         if after is not None:
             after(model)
         if record is not None:
