@@ -43,7 +43,7 @@ def _archs(archs: list[str] | None) -> list[str]:
     return archs
 
 
-def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repeats: int = 3) -> float:
+def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
     """FLOP/s of the fastest of `repeats` (size × size) @ (size × size) fp32 matmuls, after one warm-up."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)

@@ -38,6 +38,9 @@ def cmd_train(args) -> None:
     if val:
         print(f"validation: {val['bits_per_byte']:.3f} bits per byte, perplexity {val['perplexity']:.2f}, "
               f"accuracy {val['accuracy']:.1%}")
+        if val["bits_per_byte_is_lower_bound"]:
+            print(f"  (a lower bound: {val['unknown_rate']:.2%} of validation tokens are <unk>, whose spelling "
+                  f"costs nothing here)")
     if result.interrupted:
         return
     prompt = args.prompt if args.prompt is not None else lm.config["train"]["sample_prompt"]

@@ -212,7 +212,8 @@ def candidate_sample(run_dir: Path, prompt: str) -> dict:
 
     lm = load(run_dir)
     text = lm.generate(prompt, max_new_tokens=SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE, seed=SAMPLE_SEED)
-    fields = {k: v for k, v in lm.config["model"].items() if k in ("d_model", "d_hidden", "n_layers")}
+    fields = {k: v for k, v in lm.config["model"]["options"].items()
+              if k in ("d_model", "d_hidden", "n_layers", "context_len")}
     return {"sample": prompt + text, "flops_per_token": lm.model.flops_per_token(), "model": fields}
 
 
