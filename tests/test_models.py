@@ -193,3 +193,15 @@ def test_tied_head_shares_the_embedding_and_saves_once():
     assert "lm_head.weight" not in model.state_dict()
     assert count_params(model) == count_params(model, exclude_embeddings=True) + (V + 32) * 32
     assert "lm_head" not in model.lora_targets
+
+
+def test_hand_written_backwards_match_autograd():
+    from lmforge.models.transformer import ReLUSquared, RMSNorm, _RMSNormFunction
+
+    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    w = torch.randn(8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(ReLUSquared.apply, (x,))
+    norm = RMSNorm(8, 1e-5).double()
+    norm.weight.data.copy_(w.detach())
+    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), w, 1e-5))

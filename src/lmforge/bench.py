@@ -1,5 +1,6 @@
-"""Benchmarks that print JSON, so speed regressions show: `lmforge bench train` (training tokens/s per
-family) and `lmforge bench generate` (new tokens/s per family at batch 1 and 8).
+"""Benchmarks that print JSON, so speed regressions show: `lmforge bench train` (training tokens/s and
+MFU per family), `generate` (new tokens/s at batch 1 and 8), `austen` (validation bits per byte after a
+fixed training time) and `prepare` (tokenizer speed).
 
 In: families at their default sizes (or model.X=V overrides), random token ids. Out: plain dicts.
 Numbers compare runs on one machine; each result records its threads, device and shapes.
@@ -103,38 +104,137 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
             "peak_flops": peak, "peak_matmul_size": peak_size, "families": results}
 
 
+# The standard generation shape: a 4-layer, 4-head, d_model 256 Transformer with a 512-token context.
+GENERATE_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 512}
+SAMPLING = {"temperature": 0.8, "top_k": 200}
+
+
+def _time_generation(model, prompt: torch.Tensor, new_tokens: int, dev) -> float:
+    from .generation import SamplingConfig, generate_ids
+
+    _sync(dev)
+    tic = time.perf_counter()
+    for _ in generate_ids(model, prompt, SamplingConfig(max_new_tokens=new_tokens, seed=0, **SAMPLING)):
+        pass
+    _sync(dev)
+    return time.perf_counter() - tic
+
+
 @torch.inference_mode()
 def bench_generate(archs: list[str] | None = None, model_fields: dict | None = None, batch_sizes: tuple = (1, 8),
                    new_tokens: int = 500, warmup: int = 16, vocab_size: int = AUSTEN_CHAR_VOCAB,
                    device: str = "cpu", threads: int | None = None) -> dict:
-    """New tokens/s per family and batch size: `new_tokens` sampled after a 1-token prompt through the
-    same decoding loop as `lmforge generate` (a bounded context refills its cache when full)."""
-    from .generation import SamplingConfig, generate_ids
-
+    """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
+    1-token prompt through the same decoding loop as `lmforge generate`, after a warm-up; and the time
+    to the first token after a 500-token prompt. With `transformers` installed, the same Transformer
+    shape as a Hugging Face GPT-2 through its `generate` (KV cache) is timed in the same run."""
     dev = resolve_device(device)
     threads = set_threads(threads)
     results = {}
     for arch in _archs(archs):
         torch.manual_seed(0)
-        model = build_model(arch, **_family_fields(arch, model_fields or {}, vocab_size)).to(dev).eval()
+        fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
+        model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
         rows = {}
         for batch_size in batch_sizes:
             prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
-            for _ in generate_ids(model, prompt, SamplingConfig(max_new_tokens=warmup, temperature=1.0, seed=0)):
-                pass
-            _sync(dev)
-            tic = time.perf_counter()
-            for _ in generate_ids(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, seed=0)):
-                pass
-            _sync(dev)
-            elapsed = time.perf_counter() - tic
+            _time_generation(model, prompt, warmup, dev)
+            elapsed = _time_generation(model, prompt, new_tokens, dev)
             rows[str(batch_size)] = {"new_tokens_per_s": batch_size * new_tokens / elapsed, "seconds": elapsed}
-        results[arch] = {"params": count_params(model), "batch": rows}
-    return {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
-            "new_tokens": new_tokens, "prompt_tokens": 1, "families": results}
+        long_prompt = torch.randint(vocab_size, (1, 500), device=dev)
+        ttft = min(_time_generation(model, long_prompt, 1, dev) for _ in range(3))
+        results[arch] = {"params": count_params(model), "batch": rows, "time_to_first_token_500_s": ttft}
+    out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
+           "new_tokens": new_tokens, "prompt_tokens": 1, "sampling": SAMPLING, "families": results}
+    reference = _hf_generate(new_tokens, vocab_size, dev)
+    if reference is not None:
+        out["reference_hf_gpt2"] = reference
+        if "transformer" in results and "1" in results["transformer"]["batch"]:
+            ours = results["transformer"]["batch"]["1"]["new_tokens_per_s"]
+            out["transformer_vs_hf_batch1"] = ours / reference["new_tokens_per_s"]
+    return out
 
 
-BENCHMARKS = {"train": bench_train, "generate": bench_generate}
+def _hf_generate(new_tokens: int, vocab_size: int, dev) -> dict | None:
+    """Hugging Face `generate` (KV cache) on a GPT-2 of the standard shape, or None without transformers."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    s = GENERATE_SHAPE
+    config = GPT2Config(vocab_size=vocab_size, n_positions=s["context_len"], n_embd=s["d_model"],
+                        n_layer=s["n_layers"], n_head=s["n_heads"], bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = GPT2LMHeadModel(config).to(dev).eval()
+    prompt = torch.ones(1, 1, dtype=torch.long, device=dev)
+    kwargs = dict(do_sample=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **SAMPLING)
+    model.generate(prompt, **{**kwargs, "min_new_tokens": 16, "max_new_tokens": 16})
+    _sync(dev)
+    tic = time.perf_counter()
+    model.generate(prompt, **kwargs)
+    _sync(dev)
+    elapsed = time.perf_counter() - tic
+    return {"new_tokens_per_s": new_tokens / elapsed, "seconds": elapsed}
+
+
+def bench_austen(max_time: float = 300.0, overrides: list[str] | None = None, device: str = "cpu",
+                 threads: int | None = None) -> dict:
+    """Train the default model on the Austen split for `max_time` seconds of training (preparation and
+    evaluation excluded), then score the whole validation split. Peak RSS is this process's."""
+    import resource
+    import tempfile
+
+    from . import api
+    from .training.plots import read_metrics
+
+    overrides = [f"train.max_time={max_time}", "train.progress=false", f"train.device={device!r}",
+                 *([f"train.threads={threads}"] if threads else []), *(overrides or [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        lm, result = api.train(None, out=f"{tmp}/run", overrides=overrides, log=lambda *_: None)
+        metrics = read_metrics(result.run_dir / "metrics.jsonl")
+    val = result.extra["val"]
+    reached = {f"{target}": next((r["train_time"] for r in metrics if r.get("val_bpb", 9) <= target), None)
+               for target in (1.956, 1.80, 1.708)}
+    return {"benchmark": "austen", "max_time_s": max_time, "bits_per_byte": val["bits_per_byte"],
+            "perplexity": val["perplexity"], "steps": result.steps, "tokens": result.tokens,
+            "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds_to_val_bpb (periodic estimate)": reached, "params": result.extra["params"],
+            "config": {k: lm.config[k] for k in ("tokenizer", "model", "train")}}
+
+
+def bench_prepare(sources: list[str] | None = None, kinds: tuple = ("char", "word", "bpe")) -> dict:
+    """Tokenizer training and encoding speed (MB/s of UTF-8) per kind on the Gutenberg texts, and the
+    time to prepare the Austen split cold and cached."""
+    import tempfile
+
+    from .config import AUSTEN
+    from .data import prepare, read_sources
+    from .tokenizers import train_tokenizer
+
+    texts = [doc.text for doc in read_sources(sources or ["gutenberg:*"])]
+    megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    results = {}
+    for kind in kinds:
+        tic = time.perf_counter()
+        tokenizer = train_tokenizer(kind, texts)
+        trained = time.perf_counter() - tic
+        tic = time.perf_counter()
+        for text in texts:
+            tokenizer.encode(text)
+        encoded = time.perf_counter() - tic
+        with tempfile.TemporaryDirectory() as tmp:
+            tic = time.perf_counter()
+            prepare(AUSTEN, tokenizer=kind, cache_dir=tmp)
+            cold = time.perf_counter() - tic
+            tic = time.perf_counter()
+            prepare(AUSTEN, tokenizer=kind, cache_dir=tmp)
+            cached = time.perf_counter() - tic
+        results[kind] = {"train_mb_per_s": megabytes / trained, "encode_mb_per_s": megabytes / encoded,
+                         "austen_prepare_s": cold, "austen_cached_s": cached}
+    return {"benchmark": "prepare", "megabytes": megabytes, "documents": len(texts), "tokenizers": results}
+
+
+BENCHMARKS = {"train": bench_train, "generate": bench_generate, "austen": bench_austen, "prepare": bench_prepare}
 
 
 def run(name: str, **options) -> dict:

@@ -153,13 +153,19 @@ def cmd_compare(args) -> None:
 
 def cmd_bench(args) -> None:
     from . import bench
-    from .config import apply_overrides
+    from .config import apply_overrides, parse_duration
 
     model_fields = apply_overrides({}, args.overrides).get("model", {})
     options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
                "new_tokens": args.new_tokens, "model_fields": model_fields or None,
-               "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None}
+               "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None,
+               "max_time": parse_duration(args.max_time) if args.max_time else None}
+    if args.benchmark == "austen":  # trains through the normal config: pass overrides as they are
+        options = {"max_time": options["max_time"], "overrides": args.overrides or None,
+                   "device": args.device, "threads": args.threads}
+    elif args.benchmark == "prepare":
+        options = {}
     print(json.dumps(bench.run(args.benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
 
 
@@ -240,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed benchmarks as JSON (train: training tokens/s per family)")
     benchmarks = p.add_subparsers(dest="benchmark", required=True)
     for name, text in (("train", "training tokens/s per family: forward, backward, AdamW step"),
-                       ("generate", "new tokens/s per family at batch 1 and 8 after a 1-token prompt")):
+                       ("generate", "new tokens/s per family at batch 1 and 8 after a 1-token prompt"),
+                       ("austen", "validation bits per byte of the default model after --max-time (300 s)"),
+                       ("prepare", "tokenizer training and encoding speed, Austen preparation time")):
         b = benchmarks.add_parser(name, help=text)
         b.add_argument("overrides", nargs="*", help="model.key=value for the families that have that field")
         b.add_argument("--arch", help="comma-separated families, or all (default)")
@@ -251,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
         b.add_argument("--device", help="cpu (default), cuda, mps, auto")
         b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
+        b.add_argument("--max-time", help="austen: training time budget (default 300 s)")
         b.set_defaults(func=cmd_bench)
     from .finetune.commands import register
 

@@ -71,7 +71,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int | None = None
     max_time: float | None = 270.0  # seconds of training (evaluation and preparation excluded)
-    eval_interval: int = 200
+    eval_interval: int = 200  # steps between evaluations under a step budget (a time budget evaluates 20 times)
     eval_batches: int = 16  # periodic evaluation uses this many batches of the validation split
     keep_best: bool = True  # model.safetensors holds the weights with the best validation loss
     checkpoint_interval: int = 500

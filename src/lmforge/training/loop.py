@@ -23,11 +23,11 @@ from ..data import get_batch, prepare
 from ..device import autocast, resolve_device, resolve_dtype, seed_everything, set_threads
 from ..errors import LmforgeError
 from ..models import build_model, count_params
-from .optim import build_optimizers, lr_factor, set_lr
+from .optim import build_optimizers, lr_factor, progress, set_lr
 from .plots import plot_losses
 
-PROBE_STEPS = 8  # steps timed before a time budget is turned into a step count
 LOG_INTERVAL = 10
+EVALS_PER_TIME_BUDGET = 20  # under a time budget, evaluate every max_time / 20 seconds of training
 
 
 @dataclass
@@ -137,29 +137,6 @@ def make_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
-class Plan:
-    """Turns a time budget into a step count, so the schedule is a function of the step alone.
-
-    After a few probe steps the remaining time is divided by the measured time per step. A cosine
-    schedule is planned once; a warm-up-stable-decay schedule is re-planned while it is still flat
-    (its flat part doesn't depend on the total), so speed changes early in a run cost nothing.
-    """
-
-    def __init__(self, cfg, total: int | None = None, locked: bool = False):
-        self.cfg = cfg
-        self.total = total or cfg.max_steps or 10**9
-        self.locked = locked or cfg.max_time is None
-
-    def update(self, step: int, train_time: float) -> None:
-        cfg = self.cfg
-        if self.locked or step < PROBE_STEPS:
-            return
-        planned = int(step + max(0.0, cfg.max_time * 0.98 - train_time) / (train_time / step))
-        self.total = max(step + 1, min(planned, cfg.max_steps or planned))
-        decay_start = self.total - int(cfg.decay_fraction * self.total)
-        self.locked = cfg.schedule == "cosine" or step >= decay_start - 1
-
-
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
           on_step: Callable[[int], None] | None = None, init_weights: dict | None = None,
           prepared=None, trainable: Callable[[torch.nn.Module], None] | None = None,
@@ -210,19 +187,16 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         f"(vocab {tokenizer.vocab_size}); data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens; "
         f"{device.type}, {threads} threads")
 
-    state = {"step": 0, "tokens": 0, "train_time": 0.0, "best_val_loss": None}
-    plan = Plan(cfg)
+    state = {"step": 0, "tokens": 0, "train_time": 0.0, "best_val_loss": None, "evals": 0}
     if resume:
         state.update(ckpt.load_resume(run_dir, model, optimizers))
-        if cfg.max_time is not None:  # keep the step plan the run was following
-            plan = Plan(cfg, state.get("total"), state.get("locked", False))
         model.to(device)
         log(f"resuming {run_dir} at step {state['step']}")
     forward = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     metrics_path = run_dir / "metrics.jsonl"
     metrics = open(metrics_path, "a")
-    progress = _progress(cfg, plan.total, state["step"])
+    bar = _progress_bar(cfg, state)
     interrupted = False
     window_loss, window_steps = 0.0, 0
 
@@ -231,7 +205,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         metrics.flush()
 
     def save_resume() -> None:
-        ckpt.save_resume(run_dir, model, optimizers, {**state, "total": plan.total, "locked": plan.locked})
+        ckpt.save_resume(run_dir, model, optimizers, state)
 
     def evaluate() -> None:
         val_loss = estimate_val_loss(forward, batches.val, device, dtype, loss_fn)
@@ -241,18 +215,23 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
             state["best_val_loss"] = val_loss
             if cfg.keep_best:
                 ckpt.save_tensors(run_dir / ckpt.WEIGHTS, ckpt.model_state(model))
+        state["evals"] += 1
+        state["last_eval_step"] = state["step"]
         write(row)
-        progress.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {tokens_per_s:,.0f} tok/s")
+        bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {tokens_per_s:,.0f} tok/s")
+
+    def evaluation_due() -> bool:
+        if cfg.max_time:  # a time budget: evenly spaced in training time
+            return state["train_time"] >= (state["evals"] + 1) * cfg.max_time / EVALS_PER_TIME_BUDGET
+        return state["step"] % cfg.eval_interval == 0
 
     model.train()
     last_loss, tokens_per_s = float("nan"), 0.0
     try:
-        while state["step"] < plan.total:
-            if cfg.max_time is not None and state["train_time"] >= cfg.max_time:
-                break
+        while (done := progress(state["step"], state["train_time"], cfg)) < 1.0:
             tic = time.perf_counter()
             step = state["step"]
-            set_lr(optimizers, lr_factor(step, plan.total, cfg))
+            set_lr(optimizers, lr_factor(step, done, cfg))
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x, y = batches.sample(step * cfg.grad_accum + micro)
@@ -267,7 +246,8 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
                 opt.zero_grad(set_to_none=True)
             state["step"] += 1
             state["tokens"] += batches.tokens_per_step
-            state["train_time"] += time.perf_counter() - tic
+            elapsed = time.perf_counter() - tic
+            state["train_time"] += elapsed
             last_loss = loss_sum / cfg.grad_accum
             if not math.isfinite(last_loss):
                 raise LmforgeError(f"the loss became {last_loss} at step {state['step']}; lower train.lr "
@@ -275,15 +255,13 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
             window_loss += last_loss
             window_steps += 1
             tokens_per_s = state["tokens"] / max(state["train_time"], 1e-9)
-            plan.update(state["step"], state["train_time"])
-            progress.total = plan.total
-            progress.update(1)
-            if state["step"] % LOG_INTERVAL == 0 or state["step"] == plan.total:
-                write({"step": state["step"], "loss": window_loss / window_steps, "lr": lr_factor(step, plan.total, cfg),
+            bar.update(elapsed if cfg.max_time else 1)
+            if state["step"] % LOG_INTERVAL == 0:
+                write({"step": state["step"], "loss": window_loss / window_steps, "lr": lr_factor(step, done, cfg),
                        "tokens": state["tokens"], "train_time": state["train_time"], "tokens_per_s": tokens_per_s})
                 window_loss, window_steps = 0.0, 0
-                progress.set_postfix_str(f"loss {last_loss:.3f} {tokens_per_s:,.0f} tok/s")
-            if state["step"] % cfg.eval_interval == 0:
+                bar.set_postfix_str(f"loss {last_loss:.3f} {tokens_per_s:,.0f} tok/s")
+            if evaluation_due():
                 evaluate()
             if state["step"] % cfg.checkpoint_interval == 0:
                 save_resume()
@@ -293,9 +271,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         interrupted = True
         log(f"\ninterrupted at step {state['step']}; continue with: lmforge train --resume {run_dir}")
     finally:
-        progress.close()
-    if state["step"] % cfg.eval_interval != 0 and not interrupted:
-        evaluate()
+        bar.close()
+    if not interrupted and state.get("last_eval_step") != state["step"]:
+        evaluate()  # the final weights always get a score (keep_best compares them too)
     save_resume()
     if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
         ckpt.save_tensors(run_dir / ckpt.WEIGHTS, ckpt.model_state(model))
@@ -308,8 +286,12 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
                        interrupted=interrupted, extra={"params": n_params, "device": device.type, "threads": threads})
 
 
-def _progress(cfg, total, initial):
+def _progress_bar(cfg, state):
+    """Counts seconds of training under a time budget, steps under a step budget."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not cfg.progress, unit="step", dynamic_ncols=True,
-                file=sys.stderr, leave=True)
+    if cfg.max_time:
+        return tqdm(total=round(cfg.max_time), initial=state["train_time"], disable=not cfg.progress, unit="s",
+                    dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total}s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=cfg.max_steps, initial=state["step"], disable=not cfg.progress, unit="step",
+                dynamic_ncols=True, file=sys.stderr)

@@ -37,20 +37,31 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     return [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, **adam_kwargs)]
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Multiplier on the base learning rate at `step` (0-based) of `total` steps."""
+def progress(step: int, train_time: float, cfg: TrainConfig) -> float:
+    """How far through its budget a run is, in [0, 1]: steps done / max_steps or training time /
+    max_time, whichever is further. A step budget alone makes the schedule (and so the run)
+    a pure function of the step; a time budget follows the clock, so a machine that speeds up or
+    slows down mid-run still decays the learning rate exactly as the time runs out."""
+    done = [0.0]
+    if cfg.max_steps:
+        done.append(step / cfg.max_steps)
+    if cfg.max_time:
+        done.append(train_time / cfg.max_time)
+    return min(1.0, max(done))
+
+
+def lr_factor(step: int, done: float, cfg: TrainConfig) -> float:
+    """Multiplier on the base learning rate at `step` (0-based), `done` of the way through the budget."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     floor = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    # warm-up, stable, decay: flat at the peak, then linear to the floor over the last steps.
-    # Because the flat part doesn't depend on `total`, a time budget can re-plan `total` freely.
-    decay_start = total - int(cfg.decay_fraction * total)
-    if step < decay_start:
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+    # warm-up, stable, decay: flat at the peak, then linear to the floor over the last fraction.
+    stable = 1.0 - cfg.decay_fraction
+    if done < stable or cfg.decay_fraction == 0:
         return 1.0
-    return 1.0 - (1 - floor) * (step - decay_start + 1) / max(1, total - decay_start)
+    return 1.0 - (1 - floor) * (done - stable) / cfg.decay_fraction
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
