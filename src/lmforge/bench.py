@@ -23,7 +23,10 @@ from .models import MODELS, build_model, config_class, count_params
 # (80 characters + <|endoftext|> + <unk>). Token values don't change the speed, so the benchmarks draw
 # random ids over that vocabulary instead of reading the corpus.
 AUSTEN_CHAR_VOCAB = 82
-PEAK_MATMUL_SIZE = 2048  # square fp32 matmul used to measure the machine's attainable FLOP/s
+PEAK_MATMUL_SIZE = 2048
+# The standard training shape (the reference systems were measured at it): 4 layers, 4 heads, d_model 256,
+# a 256-token context, batch 16.
+TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256}  # square fp32 matmul used to measure the machine's attainable FLOP/s
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +77,8 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
     results = {}
     for arch in _archs(archs):
         torch.manual_seed(0)
-        model = build_model(arch, **_family_fields(arch, model_fields or {}, vocab_size)).to(dev).train()
+        fields = {**TRAIN_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
+        model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).train()
         optimizers = build_optimizers(model, cfg)
         T = model.config.context_len
         gen = torch.Generator().manual_seed(0)

@@ -56,13 +56,13 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1337
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
     optimizer: str = "adamw"  # adamw | muon (Muon for 2-D hidden weights, AdamW for the rest)
     lr: float = 3e-3
     muon_lr: float = 0.02
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     schedule: str = "wsd"  # wsd (warm-up, stable, decay) | cosine
     decay_fraction: float = 0.3  # wsd: the last fraction of steps decays linearly
     weight_decay: float = 0.1

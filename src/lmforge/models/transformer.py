@@ -47,7 +47,7 @@ class TransformerConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (resolved on creation)
-    context_len: int = 256  # training sequence length, also the KV cache size and max_context
+    context_len: int = 128  # training sequence length, also the KV cache size and max_context
     dropout: float = 0.0
     d_ff: int | None = None  # MLP width; None = 4 * d_model (resolved on creation)
     norm: str = "rmsnorm"
