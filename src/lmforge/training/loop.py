@@ -27,7 +27,7 @@ from .optim import build_optimizers, lr_factor, progress, set_lr
 from .plots import plot_losses
 
 LOG_INTERVAL = 10
-EVALS_PER_TIME_BUDGET = 20  # under a time budget, evaluate every max_time / 20 seconds of training
+EVALS_PER_TIME_BUDGET = 10  # under a time budget, evaluate every max_time / 10 seconds of training
 
 
 @dataclass
@@ -255,7 +255,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
             window_loss += last_loss
             window_steps += 1
             tokens_per_s = state["tokens"] / max(state["train_time"], 1e-9)
-            bar.update(elapsed if cfg.max_time else 1)
+            bar.update(min(elapsed, max(0.0, bar.total - bar.n)) if cfg.max_time else 1)
             if state["step"] % LOG_INTERVAL == 0:
                 write({"step": state["step"], "loss": window_loss / window_steps, "lr": lr_factor(step, done, cfg),
                        "tokens": state["tokens"], "train_time": state["train_time"], "tokens_per_s": tokens_per_s})
