@@ -74,15 +74,18 @@ def llama_fields(c: dict) -> dict:
             "norm_eps": c.get("rms_norm_eps", 1e-6)}
 
 
+# GPT-2 block module names -> ours (the same both ways)
+GPT2_BLOCK_NAMES = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                    "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+
+
 def gpt2_to_lmforge(state: dict, fields: dict) -> dict:
     """GPT-2 names -> ours; Conv1D weights are (in, out), so every block matrix is transposed."""
     s = {k.removeprefix("transformer."): v for k, v in state.items()}
     out = {"tok_emb.weight": s["wte.weight"], "pos_emb.weight": s["wpe.weight"][:fields["context_len"]],
            "norm.weight": s["ln_f.weight"], "norm.bias": s["ln_f.bias"]}
-    pairs = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-             "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
     for i in range(fields["n_layers"]):
-        for theirs, ours in pairs.items():
+        for theirs, ours in GPT2_BLOCK_NAMES.items():
             w = s[f"h.{i}.{theirs}.weight"]
             out[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t()
             out[f"blocks.{i}.{ours}.bias"] = s[f"h.{i}.{theirs}.bias"]
@@ -171,10 +174,8 @@ def hf_family(fields: dict) -> str:
 def lmforge_to_gpt2(w: dict, f: dict) -> dict:
     out = {"transformer.wte.weight": w["tok_emb.weight"], "transformer.wpe.weight": w["pos_emb.weight"],
            "transformer.ln_f.weight": w["norm.weight"], "transformer.ln_f.bias": w["norm.bias"]}
-    pairs = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-             "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
     for i in range(f["n_layers"]):
-        for theirs, ours in pairs.items():
+        for theirs, ours in GPT2_BLOCK_NAMES.items():
             weight = w[f"blocks.{i}.{ours}.weight"]
             out[f"transformer.h.{i}.{theirs}.weight"] = weight if theirs.startswith("ln") else weight.t()
             out[f"transformer.h.{i}.{theirs}.bias"] = w[f"blocks.{i}.{ours}.bias"]
