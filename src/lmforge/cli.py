@@ -71,11 +71,11 @@ def cmd_generate(args) -> None:
         from .finetune.completion import render
 
         prompt = render(finetuned["template"], args.prompt)
+    unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
+    if unknown:
+        pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
+        print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
     for _ in range(args.num_samples):
-        if args.prompt and lm.tokenizer.unknown(args.prompt):
-            pieces = ", ".join(f"{k!r}×{v}" for k, v in lm.tokenizer.unknown(args.prompt).items())
-            print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>",
-                  file=sys.stderr)
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
         lm.complete(prompt, sampling, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
