@@ -59,7 +59,9 @@ def physical_cores() -> int:
             return cores
     except ImportError:
         pass
-    return max(1, (os.cpu_count() or 2) // 2) if (os.cpu_count() or 1) > 2 else (os.cpu_count() or 1)
+    logical = os.cpu_count() or 1
+    # Without psutil, assume two hyper-threads per core on machines with more than two logical CPUs.
+    return logical // 2 if logical > 2 else logical
 
 
 def set_threads(threads: int | None) -> int:

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import LmforgeError
 
@@ -93,16 +94,21 @@ def decode(data: bytes, path: Path, encoding: str, errors: str) -> str:
                            "use e.g. utf-8 / latin-1 and strict / replace / ignore") from None
 
 
-def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
-    """One document per non-blank line, from the string under `field`."""
-    documents = []
+def json_lines(text: str, path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSONL text."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove that line") from None
+
+
+def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
+    """One document per non-blank line, from the string under `field`."""
+    documents = []
+    for number, record in json_lines(text, path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise LmforgeError(f"{path}:{number}: no string field {field!r}; "
                                "add it, or name the field holding the text with --jsonl-field")

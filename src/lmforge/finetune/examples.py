@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..data.batches import batch_generator
+from ..data.sources import json_lines
 from ..errors import LmforgeError
 
 SPLITS = ("train", "val", "test")
@@ -25,13 +26,7 @@ def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
         raise LmforgeError(f"--data {path} is not a .jsonl file; give one JSON object per line with "
                            f"{', '.join(repr(f) for f in fields)}")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove that line") from None
+    for number, row in json_lines(path.read_text(encoding="utf-8"), path):
         missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), str)]
         if missing:
             raise LmforgeError(f"{path}:{number}: no string field {missing[0]!r}; every row needs "
