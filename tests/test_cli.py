@@ -77,6 +77,9 @@ def test_unknown_prompt_characters_are_reported(cli_run, capsys):
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/absent.txt", "--max-steps", "1"], ["absent.txt"]),
     (["train", "--out", "{tmp}/r", "--config", "{tmp}/absent.toml"], ["absent.toml"]),
     (["train", "--resume", "{run}", "--max-steps", "30", "model.d_model=64"], ["conflict", "d_model"]),
+    (["train", "--out", "{tmp}/r", "--budget", "1m", "--max-time", "30"], ["--budget", "--max-time"]),
+    (["train", "--out", "{tmp}/r", "--budget", "1m", "--arch", "gru"], ["--budget", "gru", "--max-time"]),
+    (["train", "--out", "{tmp}/r", "--budget", "soon"], ["soon"]),
 ])
 def test_bad_input_gets_one_clear_line(cli_run, tmp_path, capsys, args, needles):
     args = [a.format(run=cli_run / "run", tmp=tmp_path) for a in args]
@@ -107,3 +110,18 @@ def test_truncated_checkpoint_is_reported_and_left_alone(cli_run, tmp_path, caps
     assert len(weights.read_bytes()) == 100
     (run / "config.json").write_text("{ not json")
     one_line_error(capsys, main(["eval", str(run)]), "config")
+
+
+def test_budget_sizes_the_model_and_sets_the_time(tmp_path, tiny_file, capsys):
+    # A tiny budget on a tiny machine share picks the smallest rung; the run stops on time.
+    args = ["train", "--out", str(tmp_path / "run"), "--data", str(tiny_file), "--tokenizer", "char", "--budget", "2s",
+            "--no-progress", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "model.context_len=32",
+            "train.batch_size=4", "train.threads=1", "train.sample_tokens=5", "train.eval_batches=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "budget 2 s" in out and "d_model 128, 2 layers, 2 heads" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["options"]["d_model"] == 128 and config["model"]["options"]["n_layers"] == 2
+    assert config["train"]["max_time"] == 2.0
+    sized = ["train", "--out", str(tmp_path / "other"), "--budget", "2s", "model.n_layers=3"]
+    one_line_error(capsys, main(sized), "model.n_layers", "--max-time")

@@ -90,7 +90,8 @@ def test_bench_train_prints_json(capsys):
                  "--threads", "1", "model.d_model=16", "model.d_hidden=16", "model.n_layers=1", "model.context_len=8"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["families"]) == {"lstm", "cnn"} and result["peak_flops"] > 0
+    assert set(result["families"]) == {"lstm", "cnn"} and result["peak_flops_best"] > 0
     for family in result["families"].values():
         assert family["tokens_per_s"] > 0 and family["params"] > 0 and family["flops_per_token"] > 0
+        assert 0 < family["peak_flops"] <= result["peak_flops_best"] and family["mfu"] > 0
         assert family["context_len"] == 8

@@ -177,3 +177,13 @@ def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
     assert result.extra["val"]["bits_per_byte"] > 0
     assert lm.model.arch == arch
     assert len(lm.generate("Emma", max_new_tokens=10, seed=0)) > 0
+
+
+def test_budget_rule_grows_the_model_with_compute():
+    from lmforge.sizing import ANCHOR_COMPUTE, LADDER, choose
+
+    options = {"vocab_size": 4096, "context_len": 128}
+    picks = [choose(options, ANCHOR_COMPUTE * f)[0]["d_model"] for f in (1 / 15, 1 / 3, 1, 6, 100, 10_000)]
+    assert picks == sorted(picks) and picks[0] == 128 and picks[-1] == LADDER[-1]
+    assert choose(options, ANCHOR_COMPUTE)[0] == {"d_model": 256, "n_layers": 4, "n_heads": 4}  # the anchor itself
+    assert choose(options, ANCHOR_COMPUTE / 3)[0]["d_model"] == 192  # measured best after 100 s

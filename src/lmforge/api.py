@@ -108,8 +108,10 @@ def load(run: str | Path, device: str = "cpu") -> LanguageModel:
 
 def train(config: str | Path | dict | RunConfig | None = None, out: str | Path | None = None, *,
           preset: str | None = None, overrides: list[str] | None = None, resume: bool = False,
-          log=print, final_eval: bool = True):
-    """Train a model and return (LanguageModel, TrainResult). `out` defaults to runs/<arch>-<time>."""
+          log=print, final_eval: bool = True, budget: float | None = None):
+    """Train a model and return (LanguageModel, TrainResult). `out` defaults to runs/<arch>-<time>.
+    `budget` (seconds) is the training time, and sizes the Transformer for it on this machine
+    (lmforge.sizing)."""
     from .training.loop import train as _train
 
     if resume:
@@ -122,11 +124,16 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         cfg = build_config(_merge(base, _as_raw(config)), None, overrides)
     else:
         cfg = build_config(config, preset, overrides)
+    prepared = None
+    if budget is not None:
+        if resume:
+            raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
+        cfg, prepared = _size_for_budget(cfg, budget, log)
     if out is None:
         import time
 
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = _train(cfg, out, resume=resume, log=log)
+    result = _train(cfg, out, resume=resume, log=log, prepared=prepared)
     lm = load(result.run_dir, device="cpu")
     if final_eval and not result.interrupted:
         lm.device = resolve_device(cfg.train.device)
@@ -137,6 +144,30 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
             "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
             "tokens_per_s": result.tokens_per_s, **result.extra})
     return lm, result
+
+
+def _size_for_budget(cfg: RunConfig, budget: float, log):
+    """cfg with train.max_time = budget and the Transformer's size chosen for it; the prepared data."""
+    from .data import prepare
+    from .device import set_threads
+    from .sizing import size_for_budget
+
+    if cfg.model.arch != "transformer":
+        raise LmforgeError(f"--budget sizes the Transformer; for model.arch={cfg.model.arch!r} use --max-time")
+    if not budget > 0:
+        raise LmforgeError(f"--budget must be a positive duration, e.g. 90s or 5m, got {budget!r}")
+    d = cfg.data
+    prepared = prepare(d.sources, tokenizer=cfg.tokenizer.kind, tokenizer_options=cfg.tokenizer.options,
+                       val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
+                       encoding=d.encoding, errors=d.errors)
+    set_threads(cfg.train.threads)
+    options = {**cfg.model.options, "vocab_size": prepared.tokenizer.vocab_size}
+    options = size_for_budget(options, cfg.train.batch_size, budget, resolve_device(cfg.train.device), log)
+    options.pop("vocab_size")
+    raw = cfg.to_dict()
+    raw["model"]["options"] = options
+    raw["train"]["max_time"] = budget
+    return RunConfig.from_dict(raw), prepared
 
 
 def _as_raw(config) -> dict:

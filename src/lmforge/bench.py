@@ -62,50 +62,66 @@ def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repea
     return 2 * size**3 / best
 
 
+def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch.device, cfg: TrainConfig,
+                     before_step=None) -> list[float]:
+    """Seconds per training step (forward + backward + clipping + optimizer step, as the training loop
+    does them) on random ids at the model's context_len: `warmup` untimed steps, then `steps` timed.
+    `before_step()` runs, untimed, before each timed step."""
+    from .training.optim import build_optimizers
+
+    optimizers = build_optimizers(model, cfg)
+    T, vocab_size = model.config.context_len, model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(warmup + steps):
+        batch = torch.randint(vocab_size, (batch_size, T + 1), generator=gen).to(dev)
+        if i >= warmup and before_step is not None:
+            before_step()
+        _sync(dev)
+        tic = time.perf_counter()
+        logits, _ = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return times
+
+
 def bench_train(archs: list[str] | None = None, model_fields: dict | None = None, batch_size: int = 16,
                 steps: int = 10, warmup: int = 3, vocab_size: int = AUSTEN_CHAR_VOCAB, device: str = "cpu",
                 threads: int | None = None, peak_size: int = PEAK_MATMUL_SIZE) -> dict:
     """Training tokens/s per family: forward + backward + clipping + AdamW step, as the training loop does
     it, at each family's default context_len; the median of `steps` timed steps after `warmup` untimed.
-    MFU = tokens/s × the model's FLOPs per token / the measured fp32 matmul peak."""
+    MFU = tokens/s × the model's FLOPs per token / the fp32 matmul peak, measured (best of 3 square
+    matmuls) just before every timed step and taken as the median: a shared machine's speed drifts
+    within seconds, so the peak is measured under the same conditions as the steps."""
     dev = resolve_device(device)
     threads = set_threads(threads)
-    peak = measure_peak_flops(dev, peak_size)
+    peaks = []
     cfg = TrainConfig(max_steps=1)  # the training defaults: AdamW, clip 1.0
-    from .training.optim import build_optimizers
-
     results = {}
     for arch in _archs(archs):
         torch.manual_seed(0)
         fields = {**TRAIN_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).train()
-        optimizers = build_optimizers(model, cfg)
         T = model.config.context_len
-        gen = torch.Generator().manual_seed(0)
-        times = []
-        for i in range(warmup + steps):
-            batch = torch.randint(vocab_size, (batch_size, T + 1), generator=gen).to(dev)
-            _sync(dev)
-            tic = time.perf_counter()
-            logits, _ = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            _sync(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - tic)
+        times = train_step_times(model, batch_size, steps, warmup, dev, cfg,
+                                 before_step=lambda: peaks.append(measure_peak_flops(dev, peak_size, repeats=3)))
         step_s = statistics.median(times)
         tokens_per_s = batch_size * T / step_s
         flops = model.flops_per_token()
+        peak = statistics.median(peaks[-steps:])
         results[arch] = {"tokens_per_s": tokens_per_s, "step_s": step_s, "batch_size": batch_size,
                          "context_len": T, "params": count_params(model), "flops_per_token": flops,
-                         "achieved_flops": tokens_per_s * flops, "mfu": tokens_per_s * flops / peak}
+                         "achieved_flops": tokens_per_s * flops, "peak_flops": peak, "mfu": tokens_per_s * flops / peak}
     return {"benchmark": "train", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
             "vocab": "random ids over the Austen char vocabulary size", "steps": steps, "warmup": warmup,
-            "peak_flops": peak, "peak_matmul_size": peak_size, "families": results}
+            "peak_flops_best": max(peaks), "peak_matmul_size": peak_size, "families": results}
 
 
 # The standard generation shape: a 4-layer, 4-head, d_model 256 Transformer with a 512-token context.

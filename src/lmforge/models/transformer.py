@@ -105,8 +105,18 @@ class _RMSNormFunction(torch.autograd.Function):
         x_hat, rstd, weight = ctx.saved_tensors
         g = grad * weight
         dx = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
-        dw = (grad * x_hat).reshape(-1, x_hat.size(-1)).sum(0)
+        dw = (grad * x_hat).reshape(-1, *weight.shape).sum(0)
         return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension; `weight` is (D,) or broadcasts over x's trailing dimensions
+    (the joint QK-norm passes one (heads, head_dim) weight for all query and key heads)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNormFunction.apply(x, weight, eps)
+    if weight.dim() == 1:
+        return F.rms_norm(x, (x.size(-1),), weight, eps)  # inference: one call
+    return F.rms_norm(x, (x.size(-1),), None, eps) * weight
 
 
 class RMSNorm(nn.Module):
@@ -118,9 +128,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)  # inference: one fused kernel
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: TransformerConfig, dim: int) -> nn.Module:
@@ -130,17 +138,18 @@ def make_norm(cfg: TransformerConfig, dim: int) -> nn.Module:
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, head_dim), HF layout: the hd/2 frequencies repeated twice."""
+    """cos, sin of shape (length, head_dim), HF layout: the hd/2 frequencies repeated twice. The sin
+    table's first half is negated, so rotate_half(x) * sin is swap_halves(x) * sin_table."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (L, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
-    return angles.cos().float(), angles.sin().float()
+    return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-angles, angles], dim=-1).sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # (B, H, T, hd): rotate each pair (x[j], x[j + hd/2]) by its position's angle ("rotate_half").
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # (..., hd): rotate each pair (x[j], x[j + hd/2]) by its position's angle (HF's "rotate_half"
+    # convention): x * cos + (-x[hd/2:], x[:hd/2]) * sin, the halves swapped by one flip.
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):
@@ -157,14 +166,16 @@ class Attention(nn.Module):
     def forward(self, x, rope, k_cache, v_cache, pos):
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * hd, K * hd, K * hd], dim=-1)  # (B, T, H·hd), (B, T, K·hd) x2
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
-        v = v.view(B, T, K, hd).transpose(1, 2)  # (B, K, T, hd)
+        # Query and key heads are normalised and rotated together, as one (B, T, H + K, hd) block:
+        # half the elementwise calls, which is what bounds single-token decoding.
+        qk, v = self.qkv(x).view(B, T, H + 2 * K, hd).split([H + K, K], dim=2)
         if self.q_norm is not None:  # QK-norm (per head, over head_dim) comes before RoPE, as in Qwen3
-            q, k = self.q_norm(q), self.k_norm(k)
+            weight = torch.cat([self.q_norm.weight.expand(H, hd), self.k_norm.weight.expand(K, hd)])
+            qk = rms_norm(qk, weight, self.q_norm.eps)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, hd), (B, K, T, hd)
+        v = v.transpose(1, 2)  # (B, K, T, hd)
         # Write this chunk into the preallocated cache in place; positions past pos + T stay unread.
         if k_cache is not None:
             k_cache[:, :, pos:pos + T] = k
@@ -210,7 +221,10 @@ class MLP(nn.Module):
             return self.proj(F.silu(self.gate(x)) * self.fc(x))
         if self.kind == "gelu":  # GPT-2's "gelu_new" is the tanh approximation
             return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-        return self.proj(ReLUSquared.apply(self.fc(x)))
+        h = self.fc(x)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return self.proj(ReLUSquared.apply(h))
+        return self.proj(h.relu_().square_())  # inference: in place, no autograd bookkeeping
 
 
 class Block(nn.Module):
@@ -302,7 +316,7 @@ class Transformer(nn.Module):
             x = F.dropout(x, self.config.dropout, True)
         rope = None
         if self.config.pos == "rope":
-            rope = (self.rope_cos[pos:pos + T].to(x.dtype), self.rope_sin[pos:pos + T].to(x.dtype))  # (T, hd)
+            rope = (self.rope_cos[pos:pos + T, None].to(x.dtype), self.rope_sin[pos:pos + T, None].to(x.dtype))  # (T, 1, hd)
         caches = zip(state.keys, state.values) if state is not None else [(None, None)] * len(self.blocks)
         for block, (k_cache, v_cache) in zip(self.blocks, caches):
             x = block(x, rope, k_cache, v_cache, pos)
