@@ -205,3 +205,27 @@ def test_hand_written_backwards_match_autograd():
     norm = RMSNorm(8, 1e-5).double()
     norm.weight.data.copy_(w.detach())
     torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), w, 1e-5))
+
+
+def test_half_weight_decoding_is_close_and_follows_weight_updates():
+    from lmforge.models.decoding import DecodeLinear, half_weights_for_decoding
+
+    def last_step(model):  # the logits of position 11 after a cached prefill of 11 positions
+        state = model.init_state(2, x.device, torch.float32)
+        _, state = model(x[:, :11], state)
+        return model(x[:, 11:], state)[0]
+
+    model = make("transformer")
+    x = tokens(length=12)
+    full, _ = model(x)
+    exact_step = last_step(model)
+    half_weights_for_decoding(model)
+    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 2 * 4 + 1  # qkv, proj, fc, proj per block; head
+    torch.testing.assert_close(model(x)[0], full, rtol=0, atol=0)  # several positions: the fp32 weights
+    torch.testing.assert_close(last_step(model), exact_step, rtol=0, atol=0)  # autograd on: fp32 as well
+    with torch.no_grad():  # as generation runs: one position per row uses the fp16 copies
+        half_step = last_step(model)
+        assert not torch.equal(half_step, exact_step)
+        torch.testing.assert_close(half_step, exact_step, rtol=0, atol=5e-3)
+        model.lm_head.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the copies
+        torch.testing.assert_close(last_step(model), -half_step, rtol=0, atol=5e-3)

@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .device import resolve_device, set_threads
 from .errors import LmforgeError
 from .models import MODELS, build_model, config_class, count_params
+from .models.decoding import half_weights_for_decoding
 
 # The char tokenizer trained on the Austen split (Emma + Persuasion, first 90% of each) has 82 entries
 # (80 characters + <|endoftext|> + <unk>). Token values don't change the speed, so the benchmarks draw
@@ -146,7 +147,8 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
                    device: str = "cpu", threads: int | None = None) -> dict:
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the same decoding loop as `lmforge generate`, after a warm-up; and the time
-    to the first token after a 500-token prompt. With `transformers` installed, the same Transformer
+    to the first token after a 500-token prompt. On a CPU the model decodes as `lmforge.load` sets it up
+    (fp16 weight copies for single-token steps); batch 1 with the fp32 weights is timed too. With `transformers` installed, the same Transformer
     shape as a Hugging Face GPT-2 through its `generate` (KV cache) is timed in the same run."""
     dev = resolve_device(device)
     threads = set_threads(threads)
@@ -155,6 +157,12 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
         torch.manual_seed(0)
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
+        one = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        extra = {}
+        if dev.type == "cpu":  # what `lmforge.load` does on a CPU; time the plain fp32 weights first
+            _time_generation(model, one, warmup, dev)
+            extra["batch1_fp32_weights_new_tokens_per_s"] = new_tokens / _time_generation(model, one, new_tokens, dev)
+            half_weights_for_decoding(model)
         rows = {}
         for batch_size in batch_sizes:
             prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
@@ -163,7 +171,7 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
             rows[str(batch_size)] = {"new_tokens_per_s": batch_size * new_tokens / elapsed, "seconds": elapsed}
         long_prompt = torch.randint(vocab_size, (1, 500), device=dev)
         ttft = min(_time_generation(model, long_prompt, 1, dev) for _ in range(3))
-        results[arch] = {"params": count_params(model), "batch": rows, "time_to_first_token_500_s": ttft}
+        results[arch] = {"params": count_params(model), "batch": rows, "time_to_first_token_500_s": ttft, **extra}
     out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
            "new_tokens": new_tokens, "prompt_tokens": 1, "sampling": SAMPLING, "families": results}
     reference = _hf_generate(new_tokens, vocab_size, dev)

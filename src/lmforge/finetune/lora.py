@@ -73,7 +73,7 @@ def apply_lora(model: nn.Module, targets=None, rank: int = 8, alpha: float = 16.
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and _matches(full, targets):
+            if isinstance(child, nn.Linear) and _matches(full, targets):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(full)
     if not wrapped:

@@ -167,7 +167,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # Query and key heads are normalised and rotated together, as one (B, T, H + K, hd) block:
-        # half the elementwise calls, which is what bounds single-token decoding.
+        # half the elementwise calls, and each call has a fixed cost that shows in small steps.
         qk, v = self.qkv(x).view(B, T, H + 2 * K, hd).split([H + K, K], dim=2)
         if self.q_norm is not None:  # QK-norm (per head, over head_dim) comes before RoPE, as in Qwen3
             weight = torch.cat([self.q_norm.weight.expand(H, hd), self.k_norm.weight.expand(K, hd)])
@@ -316,7 +316,8 @@ class Transformer(nn.Module):
             x = F.dropout(x, self.config.dropout, True)
         rope = None
         if self.config.pos == "rope":
-            rope = (self.rope_cos[pos:pos + T, None].to(x.dtype), self.rope_sin[pos:pos + T, None].to(x.dtype))  # (T, 1, hd)
+            # (T, 1, hd): broadcast over the heads of a (B, T, heads, hd) block
+            rope = (self.rope_cos[pos:pos + T, None].to(x.dtype), self.rope_sin[pos:pos + T, None].to(x.dtype))
         caches = zip(state.keys, state.values) if state is not None else [(None, None)] * len(self.blocks)
         for block, (k_cache, v_cache) in zip(self.blocks, caches):
             x = block(x, rope, k_cache, v_cache, pos)
