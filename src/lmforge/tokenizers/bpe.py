@@ -5,21 +5,18 @@ also how imported models tokenize.
 """
 from __future__ import annotations
 
-import itertools
-import re
 from collections import Counter
 from typing import Sequence
 
+import numpy as np
+
+from ..device import physical_cores
 from ..errors import LmforgeError
 from . import EOS, sha256_text, write_tokenizer_json
 
-CHUNK_CHARS = 8192  # encode_batch works on chunks this long, in parallel
-WINDOW_CHARS = 1 << 20  # the segment path splits at most this much text at once, to bound memory
-MEMO_SEGMENTS = 200_000  # segment -> ids pairs remembered across encode calls (~40 MB at most)
-# A segment is a whitespace run plus the non-space run after it (" Woodhouse,", "\n\nEmma").
-# The GPT-2 pre-tokenizer regex never matches across the start of a segment, so segments
-# encode independently: encoding each distinct segment once gives the ids of the whole text.
-SEGMENT = re.compile(r"\s*\S+|\s+")
+CHUNK_CHARS = 1 << 16  # long texts are encoded as chunks this long, in parallel
+# GPT-2's pre-tokenizer pattern, which Hugging Face's ByteLevel(use_regex=True) applies.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # End-of-text names in other Hugging Face tokenizers, tried when <|endoftext|> is absent.
 EOS_NAMES = [EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]"]
 
@@ -40,14 +37,49 @@ def chunks(text: str, size: int = CHUNK_CHARS):
     yield text[start:]
 
 
-def segmentable(hf) -> bool:
-    """True when `hf` pre-tokenizes like GPT-2 (our bpe, GPT-2's own), so SEGMENT cuts are safe."""
-    from tokenizers import pre_tokenizers
+def gpt2_style(hf) -> bool:
+    """True when `hf` is byte-level BPE that pre-tokenizes exactly like GPT-2 (our bpe, GPT-2's own)."""
+    from tokenizers import models, pre_tokenizers
 
-    pre = hf.pre_tokenizer
+    pre, model = hf.pre_tokenizer, hf.model
     plain_added = [t for t in hf.get_added_tokens_decoder().values() if not t.special]
     return (isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space
-            and hf.normalizer is None and not plain_added)
+            and hf.normalizer is None and not plain_added and isinstance(model, models.BPE)
+            and model.dropout is None and not model.continuing_subword_prefix and not model.end_of_word_suffix)
+
+
+def byte_level_ranks(hf) -> tuple[dict[bytes, int], list[int]] | None:
+    """The tokenizer as tiktoken's merge table: byte string -> rank (the 256 bytes, then one rank per
+    merge, in merge order), and rank -> the Hugging Face id. None if a byte has no token."""
+    import json
+
+    from tokenizers import pre_tokenizers
+
+    model = json.loads(hf.to_str())["model"]
+    vocab = model["vocab"]
+    # ByteLevel writes byte b as a printable character; alphabet() lists them in an arbitrary order.
+    to_byte = {char: byte for byte, char in enumerate(_byte_chars())}
+    assert set(to_byte) == set(pre_tokenizers.ByteLevel.alphabet())
+    if any(char not in vocab for char in to_byte):
+        return None
+    ranks, ids = {}, []
+    for char, byte in sorted(to_byte.items(), key=lambda item: item[1]):
+        ranks[bytes([byte])] = len(ids)
+        ids.append(vocab[char])
+    for merge in model["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        token = bytes(to_byte[c] for c in left + right)
+        if token not in ranks and left + right in vocab:
+            ranks[token] = len(ids)
+            ids.append(vocab[left + right])
+    return ranks, ids
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (byte b at index b)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
 def find_eos(hf) -> int:
@@ -76,8 +108,24 @@ class BPETokenizer:
         self._unk_id = hf.token_to_id(unk_token) if unk_token else None
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets we don't need
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
-        self._segmentable = segmentable(hf)
-        self._memo: dict[str, list[int]] = {}
+        self._fast = None  # (tiktoken Encoding, rank -> id array), built on first use
+
+    def _fast_encoder(self):
+        """GPT-2-style BPE runs through tiktoken: the same pattern and merges, about 3x faster than
+        Hugging Face's encoder on one thread, and in parallel over chunks. tiktoken merges the adjacent
+        pair whose joined bytes rank lowest, Hugging Face the pair whose merge comes first; the ids
+        were identical on every Gutenberg text we have, for vocabularies of 512 to 16,384 (tested), and
+        any rare difference would still be a valid encoding of the same text."""
+        if self._fast is None:
+            self._fast = False
+            table = byte_level_ranks(self._hf) if gpt2_style(self._hf) else None
+            if table is not None:
+                import tiktoken
+
+                ranks, ids = table
+                self._fast = (tiktoken.Encoding("lmforge-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                                special_tokens={}), np.asarray(ids, dtype=np.int64))
+        return self._fast
 
     @property
     def vocab_size(self) -> int:
@@ -100,24 +148,14 @@ class BPETokenizer:
         return cls(hf, {"vocab_size": vocab_size})
 
     def encode(self, text: str) -> list[int]:
-        if not self._segmentable:
+        fast = self._fast_encoder()
+        if not fast:
             return [i for e in self._encode_batch(list(chunks(text)), add_special_tokens=False) for i in e.ids]
-        ids: list[int] = []
-        for window in chunks(text, WINDOW_CHARS):
-            ids.extend(self._encode_segments(SEGMENT.findall(window)))
-        return ids
-
-    def _encode_segments(self, segments: list[str]) -> list[int]:
-        """Hugging Face encodes each distinct segment once (a 4-5x speedup on a novel:
-        ~25k distinct segments among 240k); the rest is dictionary lookups."""
-        memo = self._memo
-        distinct = dict.fromkeys(segments)
-        if len(memo) + len(distinct) > MEMO_SEGMENTS:
-            memo.clear()
-        new = [s for s in distinct if s not in memo]
-        if new:
-            memo.update(zip(new, (e.ids for e in self._encode_batch(new, add_special_tokens=False))))
-        return list(itertools.chain.from_iterable(map(memo.__getitem__, segments)))
+        encoding, ids = fast
+        pieces = list(chunks(text))
+        ranks = (encoding.encode_ordinary(text) if len(pieces) == 1 else
+                 [r for rs in encoding.encode_ordinary_batch(pieces, num_threads=physical_cores()) for r in rs])
+        return ids[np.asarray(ranks, dtype=np.int64)].tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=True)
