@@ -37,7 +37,7 @@ def run(out: Path, max_time: float = 300.0) -> list[dict]:
                       log=lambda *_: None)
         summary = json.loads((run_dir / "summary.json").read_text())
         curve = [(r["train_time"], r["val_bpb"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val_bpb" in r]
-        rows.append({"name": name, "change": change, "overrides": overrides, "curve": curve,
+        rows.append({"name": change, "run": name, "overrides": overrides, "curve": curve,
                      "bits_per_byte": summary["val"]["bits_per_byte"], "tokens_per_s": summary["tokens_per_s"],
                      "steps": summary["steps"], "params": summary.get("params"),
                      "bpb_is_lower_bound": summary["val"]["bits_per_byte_is_lower_bound"]})
