@@ -202,6 +202,9 @@ def test_hand_written_backwards_match_autograd():
     w = torch.randn(8, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (x, w))
     assert torch.autograd.gradcheck(ReLUSquared.apply, (x,))
+    heads = torch.randn(2, 4, 3, 8, dtype=torch.double).transpose(1, 2).requires_grad_()  # strided, as QK-norm sees it
+    per_head = torch.randn(4, 8, dtype=torch.double, requires_grad=True)  # one weight row per head
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction.apply(a, b, 1e-5), (heads, per_head))
     norm = RMSNorm(8, 1e-5).double()
     norm.weight.data.copy_(w.detach())
     torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), w, 1e-5))

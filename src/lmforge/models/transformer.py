@@ -95,7 +95,8 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)  # (..., 1)
+        # vecdot reads x twice without writing x² out: large activations cost memory passes here.
+        rstd = torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze(-1) / x.size(-1) + eps)  # (..., 1)
         x_hat = x * rstd
         ctx.save_for_backward(x_hat, rstd, weight)
         return x_hat * weight
@@ -104,7 +105,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x_hat, rstd, weight = ctx.saved_tensors
         g = grad * weight
-        dx = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
+        mean = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) / x_hat.size(-1)  # mean(g · x̂) per row
+        dx = torch.addcmul(g, x_hat, mean, value=-1).mul_(rstd)  # (g - x̂ · mean) · rstd
         dw = (grad * x_hat).reshape(-1, *weight.shape).sum(0)
         return dx, dw, None
 
@@ -205,7 +207,8 @@ class ReLUSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (r,) = ctx.saved_tensors
-        return grad * r * 2.0
+        # 2 · grad · r in one pass (addcmul onto a broadcast zero), not two over a (B, T, 4D) tensor
+        return torch.addcmul(grad.new_zeros(()), grad, r, value=2.0)
 
 
 class MLP(nn.Module):
