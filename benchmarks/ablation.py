@@ -3,8 +3,9 @@
     python benchmarks/ablation.py --out ablation          # about 25 minutes on a 2-core CPU
 
 Each step trains with `lmforge train --max-time 300` and the overrides below, cumulatively: a
-nanoGPT-like start (characters, LayerNorm, learned positions, GELU, tied head, cosine schedule),
-then BPE-4096, then the modern block, then the warm-up-stable-decay schedule (= the default).
+nanoGPT-like start (characters, LayerNorm, learned positions, GELU, tied head, cosine schedule,
+fp32), then BPE-4096, the modern block, the warm-up-stable-decay schedule, and bf16 autocast on
+CPUs with bf16 units (= the default; on other CPUs the last step is fp32 again).
 A step whose run folder already holds summary.json is read, not retrained. Prints the table as
 JSON and writes bpb_vs_time.png (each run's periodic validation estimate against training time).
 """
@@ -20,11 +21,13 @@ from lmforge.training.plots import read_metrics
 
 GPT2_BLOCK = ["model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.qk_norm=false",
               "model.tie_embeddings=true"]
+FP32 = ["train.dtype=float32"]
 STEPS = [
-    ("a_baseline", "characters, GPT-2 block, cosine", ["tokenizer.kind=char", *GPT2_BLOCK, "train.schedule=cosine"]),
-    ("b_bpe", "+ BPE-4096 tokenizer", [*GPT2_BLOCK, "train.schedule=cosine"]),
-    ("c_block", "+ RoPE, RMSNorm, QK-norm, ReLU², untied head", ["train.schedule=cosine"]),
-    ("d_default", "+ warm-up-stable-decay schedule (the default)", []),
+    ("a_baseline", "characters, GPT-2 block, cosine", ["tokenizer.kind=char", *GPT2_BLOCK, "train.schedule=cosine", *FP32]),
+    ("b_bpe", "+ BPE-4096 tokenizer", [*GPT2_BLOCK, "train.schedule=cosine", *FP32]),
+    ("c_block", "+ RoPE, RMSNorm, QK-norm, ReLU², untied head", ["train.schedule=cosine", *FP32]),
+    ("d_wsd", "+ warm-up-stable-decay schedule", FP32),
+    ("e_default", "+ bf16 autocast where the CPU has bf16 units (the default)", []),
 ]
 
 

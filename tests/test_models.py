@@ -232,3 +232,14 @@ def test_half_weight_decoding_is_close_and_follows_weight_updates():
         torch.testing.assert_close(half_step, exact_step, rtol=0, atol=5e-3)
         model.lm_head.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the copies
         torch.testing.assert_close(last_step(model), -half_step, rtol=0, atol=5e-3)
+
+
+def test_transformer_trains_under_bf16_autocast():
+    # GPUs train in bf16 autocast: the hand-written backwards then see bf16 activations and fp32 gradients
+    model = make("transformer").train()
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+    F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

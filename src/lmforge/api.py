@@ -13,7 +13,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RunConfig, apply_overrides, load_toml
-from .device import resolve_device
+from .device import resolve_device, resolve_dtype
 from .errors import LmforgeError
 from .evaluation.likelihood import evaluate_documents
 from .generation import Generation, SamplingConfig, generate as _generate, stream as _stream
@@ -167,7 +167,9 @@ def _size_for_budget(cfg: RunConfig, budget: float, log):
                        encoding=d.encoding, errors=d.errors)
     set_threads(cfg.train.threads)
     options = {**cfg.model.options, "vocab_size": prepared.tokenizer.vocab_size}
-    options = size_for_budget(options, cfg.train.batch_size, budget, resolve_device(cfg.train.device), log)
+    device = resolve_device(cfg.train.device)
+    options = size_for_budget(options, cfg.train.batch_size, budget, device, log,
+                              dtype=resolve_dtype(cfg.train.dtype, device))
     options.pop("vocab_size")
     raw = cfg.to_dict()
     raw["model"]["options"] = options

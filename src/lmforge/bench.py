@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .device import resolve_device, set_threads
+from .device import autocast, resolve_device, resolve_dtype, set_threads
 from .errors import LmforgeError
 from .models import MODELS, build_model, config_class, count_params
 from .models.decoding import half_weights_for_decoding
@@ -48,10 +48,11 @@ def _archs(archs: list[str] | None) -> list[str]:
     return archs
 
 
-def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
-    """FLOP/s of the fastest of `repeats` (size × size) @ (size × size) fp32 matmuls, after one warm-up."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repeats: int = 10,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest of `repeats` (size × size) @ (size × size) matmuls in `dtype`, after one warm-up."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     _sync(device)
     best = float("inf")
@@ -64,10 +65,10 @@ def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repea
 
 
 def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch.device, cfg: TrainConfig,
-                     before_step=None) -> list[float]:
+                     before_step=None, dtype: torch.dtype = torch.float32) -> list[float]:
     """Seconds per training step (forward + backward + clipping + optimizer step, as the training loop
-    does them) on random ids at the model's context_len: `warmup` untimed steps, then `steps` timed.
-    `before_step()` runs, untimed, before each timed step."""
+    does them, in autocast `dtype`) on random ids at the model's context_len: `warmup` untimed steps,
+    then `steps` timed. `before_step()` runs, untimed, before each timed step."""
     from .training.optim import build_optimizers
 
     optimizers = build_optimizers(model, cfg)
@@ -80,7 +81,8 @@ def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch
             before_step()
         _sync(dev)
         tic = time.perf_counter()
-        logits, _ = model(batch[:, :-1])
+        with autocast(dev, dtype):
+            logits, _ = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -95,14 +97,16 @@ def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch
 
 def bench_train(archs: list[str] | None = None, model_fields: dict | None = None, batch_size: int = 16,
                 steps: int = 10, warmup: int = 3, vocab_size: int = AUSTEN_CHAR_VOCAB, device: str = "cpu",
-                threads: int | None = None, peak_size: int = PEAK_MATMUL_SIZE) -> dict:
+                threads: int | None = None, peak_size: int = PEAK_MATMUL_SIZE, dtype: str = "auto") -> dict:
     """Training tokens/s per family: forward + backward + clipping + AdamW step, as the training loop does
     it, at each family's default context_len; the median of `steps` timed steps after `warmup` untimed.
-    MFU = tokens/s × the model's FLOPs per token / the fp32 matmul peak, measured (best of 3 square
-    matmuls) just before every timed step and taken as the median: a shared machine's speed drifts
-    within seconds, so the peak is measured under the same conditions as the steps."""
+    MFU = tokens/s × the model's FLOPs per token / the matmul peak in the training dtype (`auto`: what
+    `lmforge train` uses, bf16 autocast on CPUs with bf16 units), measured (best of 3 square matmuls)
+    just before every timed step and taken as the median: a shared machine's speed drifts within
+    seconds, so the peak is measured under the same conditions as the steps."""
     dev = resolve_device(device)
     threads = set_threads(threads)
+    compute_dtype = resolve_dtype(dtype, dev)
     peaks = []
     cfg = TrainConfig(max_steps=1)  # the training defaults: AdamW, clip 1.0
     results = {}
@@ -111,8 +115,8 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
         fields = {**TRAIN_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).train()
         T = model.config.context_len
-        times = train_step_times(model, batch_size, steps, warmup, dev, cfg,
-                                 before_step=lambda: peaks.append(measure_peak_flops(dev, peak_size, repeats=3)))
+        times = train_step_times(model, batch_size, steps, warmup, dev, cfg, dtype=compute_dtype, before_step=lambda:
+                                 peaks.append(measure_peak_flops(dev, peak_size, repeats=3, dtype=compute_dtype)))
         step_s = statistics.median(times)
         tokens_per_s = batch_size * T / step_s
         flops = model.flops_per_token()
@@ -120,7 +124,8 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
         results[arch] = {"tokens_per_s": tokens_per_s, "step_s": step_s, "batch_size": batch_size,
                          "context_len": T, "params": count_params(model), "flops_per_token": flops,
                          "achieved_flops": tokens_per_s * flops, "peak_flops": peak, "mfu": tokens_per_s * flops / peak}
-    return {"benchmark": "train", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
+    return {"benchmark": "train", "device": dev.type, "dtype": str(compute_dtype).removeprefix("torch."),
+            "threads": threads, "vocab_size": vocab_size,
             "vocab": "random ids over the Austen char vocabulary size", "steps": steps, "warmup": warmup,
             "peak_flops_best": max(peaks), "peak_matmul_size": peak_size, "families": results}
 

@@ -167,7 +167,7 @@ def cmd_bench(args) -> None:
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
                "new_tokens": args.new_tokens, "model_fields": model_fields or None,
                "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None,
-               "max_time": parse_duration(args.max_time) if args.max_time else None}
+               "max_time": parse_duration(args.max_time) if args.max_time else None, "dtype": args.dtype}
     if args.benchmark == "austen":  # trains through the normal config: pass overrides as they are
         options = {"max_time": options["max_time"], "overrides": args.overrides or None,
                    "device": args.device, "threads": args.threads}
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--device", help="cpu (default), cuda, mps, auto")
         b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
         b.add_argument("--max-time", help="austen: training time budget (default 300 s)")
+        b.add_argument("--dtype", help="train: auto (what training uses: bf16 autocast where the hardware has "
+                                       "bf16 units), float32 or bfloat16")
         b.set_defaults(func=cmd_bench)
     from .finetune.commands import register
 

@@ -50,8 +50,8 @@ def choose(options: dict, compute: float) -> tuple[dict, dict]:
 
 
 def size_for_budget(options: dict, batch_size: int, seconds: float, device: torch.device, log=print,
-                    probe_steps: int = 3) -> dict:
-    """Model options (the config's, plus the chosen size) for training `seconds` on `device`."""
+                    probe_steps: int = 3, dtype: torch.dtype = torch.float32) -> dict:
+    """Model options (the config's, plus the chosen size) for training `seconds` on `device` in autocast `dtype`."""
     from .bench import train_step_times
     from .config import TrainConfig
 
@@ -61,7 +61,7 @@ def size_for_budget(options: dict, batch_size: int, seconds: float, device: torc
                            f"drop it, or use --max-time to keep your size")
     torch.manual_seed(0)
     probe = build_model("transformer", **{**options, **rung(DEFAULT_D_MODEL)}).to(device).train()
-    times = train_step_times(probe, batch_size, probe_steps, 1, device, TrainConfig(max_steps=1))
+    times = train_step_times(probe, batch_size, probe_steps, 1, device, TrainConfig(max_steps=1), dtype=dtype)
     tokens_per_s = batch_size * probe.config.context_len / statistics.median(times)
     compute = probe.flops_per_token() * tokens_per_s * seconds
     size, table = choose(options, compute)

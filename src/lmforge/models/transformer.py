@@ -105,6 +105,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x_hat, rstd, weight = ctx.saved_tensors
         g = grad * weight
+        if x_hat.dtype != g.dtype:  # mixed precision: bf16 activations, fp32 gradients
+            x_hat = x_hat.to(g.dtype)
         mean = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) / x_hat.size(-1)  # mean(g · x̂) per row
         dx = torch.addcmul(g, x_hat, mean, value=-1).mul_(rstd)  # (g - x̂ · mean) · rstd
         dw = (grad * x_hat).reshape(-1, *weight.shape).sum(0)
@@ -208,7 +210,7 @@ class ReLUSquared(torch.autograd.Function):
     def backward(ctx, grad):
         (r,) = ctx.saved_tensors
         # 2 · grad · r in one pass (addcmul onto a broadcast zero), not two over a (B, T, 4D) tensor
-        return torch.addcmul(grad.new_zeros(()), grad, r, value=2.0)
+        return torch.addcmul(grad.new_zeros(()), grad, r.to(grad.dtype), value=2.0)
 
 
 class MLP(nn.Module):

@@ -185,7 +185,8 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         f"({count_params(model, exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
         f"{model.flops_per_token() / 1e6:.1f} MFLOPs per training token; tokenizer: {tokenizer.kind} "
         f"(vocab {tokenizer.vocab_size}); data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens; "
-        f"{device.type}, {threads} threads")
+        f"{device.type}, {threads} threads, {str(dtype).removeprefix('torch.')}"
+        f"{' autocast' if dtype != torch.float32 else ''}")
 
     state = {"step": 0, "tokens": 0, "train_time": 0.0, "best_val_loss": None, "evals": 0}
     if resume:
