@@ -211,7 +211,7 @@ def test_hand_written_backwards_match_autograd():
 
 
 def test_half_weight_decoding_is_close_and_follows_weight_updates():
-    from lmforge.models.decoding import DecodeLinear, half_weights_for_decoding
+    from lmforge.models.decoding import DecodeLinear, fp32_weights, half_weights_for_decoding
 
     def last_step(model):  # the logits of position 11 after a cached prefill of 11 positions
         state = model.init_state(2, x.device, torch.float32)
@@ -230,6 +230,8 @@ def test_half_weight_decoding_is_close_and_follows_weight_updates():
         half_step = last_step(model)
         assert not torch.equal(half_step, exact_step)
         torch.testing.assert_close(half_step, exact_step, rtol=0, atol=5e-3)
+        with fp32_weights():  # scoring: fp32 even for one position
+            torch.testing.assert_close(last_step(model), exact_step, rtol=0, atol=0)
         model.lm_head.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the copies
         torch.testing.assert_close(last_step(model), -half_step, rtol=0, atol=5e-3)
 

@@ -10,11 +10,25 @@ with more than one position or more than MAX_ROWS rows — still uses the fp32 w
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_ROWS = 8  # up to this many single-position rows count as a decoding step
+_exact = 0  # > 0 inside fp32_weights(): every product uses the fp32 weights
+
+
+@contextlib.contextmanager
+def fp32_weights():
+    """Scoring (bits per byte) runs inside this, so even a one-token chunk is scored with fp32 weights."""
+    global _exact
+    _exact += 1
+    try:
+        yield
+    finally:
+        _exact -= 1
 FP16_MAX = 60000.0  # fp16 overflows at 65504: weights beyond this keep fp32, inputs are clamped to it
 
 
@@ -46,7 +60,7 @@ class DecodeLinear(nn.Linear):
         return self._copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decoding = (not self.training and x.dim() >= 2 and x.size(-2) == 1 and x.dtype == torch.float32
+        decoding = (not self.training and not _exact and x.dim() >= 2 and x.size(-2) == 1 and x.dtype == torch.float32
                     and x.numel() <= MAX_ROWS * x.size(-1) and not (torch.is_grad_enabled() and
                                                                    (x.requires_grad or self.weight.requires_grad)))
         copy = self._half() if decoding else None
