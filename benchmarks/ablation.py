@@ -23,7 +23,8 @@ GPT2_BLOCK = ["model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "mo
               "model.tie_embeddings=true"]
 FP32 = ["train.dtype=float32"]
 STEPS = [
-    ("a_baseline", "characters, GPT-2 block, cosine", ["tokenizer.kind=char", *GPT2_BLOCK, "train.schedule=cosine", *FP32]),
+    ("a_baseline", "characters, GPT-2 block, cosine",
+     ["tokenizer.kind=char", *GPT2_BLOCK, "train.schedule=cosine", *FP32]),
     ("b_bpe", "+ BPE-4096 tokenizer", [*GPT2_BLOCK, "train.schedule=cosine", *FP32]),
     ("c_block", "+ RoPE, RMSNorm, QK-norm, ReLU², untied head", ["train.schedule=cosine", *FP32]),
     ("d_wsd", "+ warm-up-stable-decay schedule", FP32),

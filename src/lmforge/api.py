@@ -153,18 +153,15 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
 
 def _size_for_budget(cfg: RunConfig, budget: float, log):
     """cfg with train.max_time = budget and the Transformer's size chosen for it; the prepared data."""
-    from .data import prepare
     from .device import set_threads
     from .sizing import size_for_budget
+    from .training.loop import prepare_data
 
     if cfg.model.arch != "transformer":
         raise LmforgeError(f"--budget sizes the Transformer; for model.arch={cfg.model.arch!r} use --max-time")
     if not budget > 0:
         raise LmforgeError(f"--budget must be a positive duration, e.g. 90s or 5m, got {budget!r}")
-    d = cfg.data
-    prepared = prepare(d.sources, tokenizer=cfg.tokenizer.kind, tokenizer_options=cfg.tokenizer.options,
-                       val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
-                       encoding=d.encoding, errors=d.errors)
+    prepared = prepare_data(cfg)
     set_threads(cfg.train.threads)
     options = {**cfg.model.options, "vocab_size": prepared.tokenizer.vocab_size}
     device = resolve_device(cfg.train.device)

@@ -24,10 +24,10 @@ from .models.decoding import half_weights_for_decoding
 # (80 characters + <|endoftext|> + <unk>). Token values don't change the speed, so the benchmarks draw
 # random ids over that vocabulary instead of reading the corpus.
 AUSTEN_CHAR_VOCAB = 82
-PEAK_MATMUL_SIZE = 2048
+PEAK_MATMUL_SIZE = 2048  # the square matmul that measures the machine's attainable FLOP/s
 # The standard training shape (the reference systems were measured at it): 4 layers, 4 heads, d_model 256,
 # a 256-token context, batch 16.
-TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256}  # square fp32 matmul used to measure the machine's attainable FLOP/s
+TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256}
 
 
 def _sync(device: torch.device) -> None:
@@ -153,8 +153,9 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the same decoding loop as `lmforge generate`, after a warm-up; and the time
     to the first token after a 500-token prompt. On a CPU the model decodes as `lmforge.load` sets it up
-    (fp16 weight copies for single-token steps); batch 1 with the fp32 weights is timed too. With `transformers` installed, the same Transformer
-    shape as a Hugging Face GPT-2 through its `generate` (KV cache) is timed in the same run."""
+    (fp16 weight copies for single-token steps); batch 1 with the fp32 weights is timed too. With
+    `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its `generate`
+    (KV cache) is timed in the same run."""
     dev = resolve_device(device)
     threads = set_threads(threads)
     results = {}

@@ -50,7 +50,7 @@ def gpt2_style(hf) -> bool:
 
 def byte_level_ranks(hf) -> tuple[dict[bytes, int], list[int]] | None:
     """The tokenizer as tiktoken's merge table: byte string -> rank (the 256 bytes, then one rank per
-    merge, in merge order), and rank -> the Hugging Face id. None if a byte has no token."""
+    merge, in merge order), and rank -> the Hugging Face id; None when it cannot be one."""
     import json
 
     from tokenizers import pre_tokenizers
@@ -59,9 +59,8 @@ def byte_level_ranks(hf) -> tuple[dict[bytes, int], list[int]] | None:
     vocab = model["vocab"]
     # ByteLevel writes byte b as a printable character; alphabet() lists them in an arbitrary order.
     to_byte = {char: byte for byte, char in enumerate(_byte_chars())}
-    assert set(to_byte) == set(pre_tokenizers.ByteLevel.alphabet())
-    if any(char not in vocab for char in to_byte):
-        return None
+    if set(to_byte) != set(pre_tokenizers.ByteLevel.alphabet()) or any(char not in vocab for char in to_byte):
+        return None  # not the byte table we know, or a byte without a token: Hugging Face encodes instead
     ranks, ids = {}, []
     for char, byte in sorted(to_byte.items(), key=lambda item: item[1]):
         ranks[bytes([byte])] = len(ids)

@@ -137,6 +137,14 @@ def make_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
+def prepare_data(config: RunConfig):
+    """The config's data, split and tokenized (from the cache when it was done before)."""
+    d = config.data
+    return prepare(d.sources, tokenizer=config.tokenizer.kind, tokenizer_options=config.tokenizer.options,
+                   val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
+                   encoding=d.encoding, errors=d.errors)
+
+
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
           on_step: Callable[[int], None] | None = None, init_weights: dict | None = None,
           prepared=None, trainable: Callable[[torch.nn.Module], None] | None = None,
@@ -161,10 +169,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Call
         check_resume_config(stored, config)
 
     if prepared is None:
-        d = config.data
-        prepared = prepare(d.sources, tokenizer=config.tokenizer.kind, tokenizer_options=config.tokenizer.options,
-                           val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
-                           encoding=d.encoding, errors=d.errors)
+        prepared = prepare_data(config)
     tokenizer = prepared.tokenizer
     options = {**config.model.options, "vocab_size": tokenizer.vocab_size}
     model = build_model(config.model.arch, **options)
