@@ -44,7 +44,8 @@ def best_params(compute: float) -> float:
 def choose(options: dict, compute: float) -> tuple[dict, dict]:
     """The ladder rung for `compute` FLOPs, and a table of every rung's parameter count."""
     target = best_params(compute)
-    counts = {d: count_params(build_model("transformer", **{**options, **rung(d)})) for d in LADDER}
+    with torch.device("meta"):  # shapes only: the largest rung would otherwise allocate 0.8 GB to be counted
+        counts = {d: count_params(build_model("transformer", **{**options, **rung(d)})) for d in LADDER}
     d_model = min(LADDER, key=lambda d: abs(math.log(counts[d] / target)))
     return rung(d_model), {"target_params": target, "params": counts}
 
