@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_ROWS = 8  # up to this many single-position rows count as a decoding step
+FP16_MAX = 60000.0  # fp16 overflows at 65504: weights beyond this keep fp32, inputs are clamped to it
 _exact = 0  # > 0 inside fp32_weights(): every product uses the fp32 weights
 
 
@@ -29,7 +30,6 @@ def fp32_weights():
         yield
     finally:
         _exact -= 1
-FP16_MAX = 60000.0  # fp16 overflows at 65504: weights beyond this keep fp32, inputs are clamped to it
 
 
 def _stamp(t: torch.Tensor) -> tuple:
@@ -60,9 +60,9 @@ class DecodeLinear(nn.Linear):
         return self._copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decoding = (not self.training and not _exact and x.dim() >= 2 and x.size(-2) == 1 and x.dtype == torch.float32
-                    and x.numel() <= MAX_ROWS * x.size(-1) and not (torch.is_grad_enabled() and
-                                                                   (x.requires_grad or self.weight.requires_grad)))
+        one_position = x.dim() >= 2 and x.size(-2) == 1 and x.numel() <= MAX_ROWS * x.size(-1)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        decoding = not self.training and not _exact and one_position and x.dtype == torch.float32 and not needs_grad
         copy = self._half() if decoding else None
         if copy is None:
             return F.linear(x, self.weight, self.bias)
