@@ -210,30 +210,100 @@ def test_hand_written_backwards_match_autograd():
     torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), w, 1e-5))
 
 
-def test_half_weight_decoding_is_close_and_follows_weight_updates():
-    from lmforge.models.decoding import DecodeLinear, fp32_weights, half_weights_for_decoding
+def _cached_steps(model, x, prefill):
+    """Logits of positions prefill.. of x, one position per call after a cached prefill, and the state."""
+    state = model.init_state(x.size(0), x.device, torch.float32)
+    _, state = model(x[:, :prefill], state)
+    return torch.cat([model(x[:, i:i + 1], state)[0] for i in range(prefill, x.size(1))], dim=1), state
 
-    def last_step(model):  # the logits of position 11 after a cached prefill of 11 positions
-        state = model.init_state(2, x.device, torch.float32)
-        _, state = model(x[:, :11], state)
-        return model(x[:, 11:], state)[0]
 
-    model = make("transformer")
+def test_fp16_decoding_of_linear_layers_is_close_and_follows_weight_updates():
+    # GPT-2's block (LayerNorm, learned positions) is not the TransformerDecoder's: its Linears decode
+    # through fp16 copies
+    from lmforge.models.decoding import DecodeLinear, fp32_weights, prepare_for_decoding
+
+    model = make("transformer", **VARIANTS["gpt2"])
     x = tokens(length=12)
     full, _ = model(x)
-    exact_step = last_step(model)
-    half_weights_for_decoding(model)
-    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 2 * 4 + 1  # qkv, proj, fc, proj per block; head
+    prepare_for_decoding(model)
+    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 4 * 2  # qkv, proj, fc, proj per block
     torch.testing.assert_close(model(x)[0], full, rtol=0, atol=0)  # several positions: the fp32 weights
-    torch.testing.assert_close(last_step(model), exact_step, rtol=0, atol=0)  # autograd on: fp32 as well
+    exact_step, _ = _cached_steps(model, x, 11)  # autograd on: fp32 as well
+    torch.testing.assert_close(exact_step, full[:, 11:], rtol=0, atol=1e-5)
     with torch.no_grad():  # as generation runs: one position per row uses the fp16 copies
-        half_step = last_step(model)
-        assert not torch.equal(half_step, exact_step)
+        half_step, state = _cached_steps(model, x, 11)
+        assert state.decoder is False and not torch.equal(half_step, exact_step)
         torch.testing.assert_close(half_step, exact_step, rtol=0, atol=5e-3)
         with fp32_weights():  # scoring: fp32 even for one position
-            torch.testing.assert_close(last_step(model), exact_step, rtol=0, atol=0)
-        model.lm_head.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the copies
-        torch.testing.assert_close(last_step(model), -half_step, rtol=0, atol=5e-3)
+            torch.testing.assert_close(_cached_steps(model, x, 11)[0], exact_step, rtol=0, atol=1e-5)
+        model.blocks[1].mlp.proj.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the copies
+        torch.testing.assert_close(_cached_steps(model, x, 11)[0], model(x)[0][:, 11:], rtol=0, atol=5e-3)
+
+
+DECODED = {"default": {}, "llama": VARIANTS["llama"], "softcap_mqa": VARIANTS["softcap_mqa"],
+           "gelu_tied": dict(mlp="gelu", tie_embeddings=True, qk_norm=False)}
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp16", "int8"])
+@pytest.mark.parametrize("variant", list(DECODED))
+def test_transformer_decoder_matches_the_modules(variant, int8):
+    from lmforge.models.decoding import TransformerDecoder, int8_matmul_available, prepare_for_decoding
+
+    if int8 and not int8_matmul_available():
+        pytest.skip("no fast int8 kernel on this CPU: the decoder uses fp16 there")
+    model = make("transformer", **DECODED[variant])
+    x = tokens(batch=3, length=20)
+    full, _ = model(x)
+    prepare_for_decoding(model)
+    model._decoder = TransformerDecoder(model, int8=int8)
+    with torch.no_grad():
+        steps, state = _cached_steps(model, x, 8)
+    assert state.decoder is model._decoder and state.pos == 20
+    # fp16 rounds each product to ~4e-4; int8 weights with a scale per row, and bf16 activations, to ~1%
+    tolerance = 2e-2 if int8 else 2e-3
+    torch.testing.assert_close(steps.log_softmax(-1), full[:, 8:].log_softmax(-1), rtol=0, atol=tolerance)
+
+
+def test_transformer_decoder_steps_aside_for_exact_scoring_adapters_and_weight_updates():
+    from lmforge.finetune.lora import apply_lora
+    from lmforge.models.decoding import TransformerDecoder, fp32_weights, prepare_for_decoding
+
+    model = prepare_for_decoding(make("transformer"))
+    x = tokens(length=12)
+    with torch.no_grad():
+        full, _ = model(x)
+        steps, state = _cached_steps(model, x, 6)
+        assert isinstance(state.decoder, TransformerDecoder)
+        with fp32_weights():  # scoring runs the fp32 modules: no decoder
+            exact, state = _cached_steps(model, x, 6)
+        assert state.decoder is None
+        torch.testing.assert_close(exact, full[:, 6:], rtol=0, atol=1e-5)
+        model.lm_head.weight.mul_(-1)  # an in-place update rebuilds the decoder from the new weights
+        flipped, _ = _cached_steps(model, x, 6)
+        torch.testing.assert_close(flipped, -steps, rtol=0, atol=1e-5)
+        apply_lora(model, rank=2)  # adapters wrap the Linears: the modules decode, adapters included
+        model.lm_head.lora_b.normal_()
+        adapted, state = _cached_steps(model, x, 6)
+        assert state.decoder is False
+        torch.testing.assert_close(adapted, model(x)[0][:, 6:], rtol=0, atol=5e-3)
+
+
+def test_fp16_decoder_keeps_fp32_where_fp16_could_overflow():
+    from lmforge.models.decoding import TransformerDecoder, prepare_for_decoding
+
+    model = make("transformer")
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight.mul_(300.0)  # relu² of its outputs could pass fp16's 65504
+    x = tokens(length=12)
+    full, _ = model(x)
+    prepare_for_decoding(model)
+    decoder = model._decoder = TransformerDecoder(model, int8=False)
+    qkv, out, fc, _, proj = decoder.layers[0]
+    assert (qkv.dtype, out.dtype, fc.dtype, proj.dtype) == (torch.float16, torch.float16, torch.float32, torch.float32)
+    with torch.no_grad():
+        steps, _ = _cached_steps(model, x, 6)
+    assert torch.isfinite(steps).all()
+    torch.testing.assert_close(steps, full[:, 6:], rtol=1e-3, atol=1e-2)
 
 
 def test_transformer_trains_under_bf16_autocast():

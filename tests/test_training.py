@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge import api
 from lmforge.errors import LmforgeError
-from lmforge.generation import SamplingConfig, generate_ids
+from lmforge.generation import SamplingConfig, generate_ids, sample_next
 from lmforge.training.plots import read_metrics
 
 
@@ -134,6 +134,16 @@ def test_sampling_options_and_stop_strings(run):
     assert " " not in stopped and len(stopped) < 60
     pieces = list(lm.stream("Emma", max_new_tokens=30, temperature=0))
     assert "".join(pieces) == greedy
+
+
+def test_sampling_draws_each_token_in_proportion_to_its_probability():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]]).expand(20000, 5)  # 20,000 independent draws
+    ids = sample_next(logits, SamplingConfig(temperature=0.8, top_k=4), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(ids, minlength=5) / ids.numel()
+    kept = torch.tensor([True, True, True, False, True])  # top-4 drops the -1.0
+    expected = torch.where(kept, logits[0] / 0.8, -math.inf).softmax(-1)
+    assert frequencies[3] == 0
+    assert (frequencies - expected).abs().max() < 0.015  # about 4 standard errors
 
 
 @pytest.mark.parametrize("bad, match", [

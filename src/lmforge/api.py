@@ -101,13 +101,13 @@ class LanguageModel:
 
 def load(run: str | Path, device: str = "cpu") -> LanguageModel:
     """Load a run folder made by `lmforge train` (weights, tokenizer and config). On a CPU, token-by-token
-    decoding uses half-precision copies of the weights (lmforge.models.decoding); all else is fp32."""
-    from .models.decoding import half_weights_for_decoding
+    decoding uses int8 or fp16 copies of the weights (lmforge.models.decoding); all else is fp32."""
+    from .models.decoding import prepare_for_decoding
 
     model, tokenizer, config = ckpt.load_model(Path(run))
     dev = resolve_device(device)
     if dev.type == "cpu":
-        half_weights_for_decoding(model)
+        prepare_for_decoding(model)
     return LanguageModel(model.to(dev), tokenizer, config, Path(run), dev)
 
 

@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .device import autocast, resolve_device, resolve_dtype, set_threads
 from .errors import LmforgeError
 from .models import MODELS, build_model, config_class, count_params
-from .models.decoding import half_weights_for_decoding
+from .models.decoding import prepare_for_decoding
 
 # The char tokenizer trained on the Austen split (Emma + Persuasion, first 90% of each) has 82 entries
 # (80 characters + <|endoftext|> + <unk>). Token values don't change the speed, so the benchmarks draw
@@ -148,49 +148,82 @@ def _time_generation(model, prompt: torch.Tensor, new_tokens: int, dev) -> float
 
 @torch.inference_mode()
 def bench_generate(archs: list[str] | None = None, model_fields: dict | None = None, batch_sizes: tuple = (1, 8),
-                   new_tokens: int = 500, warmup: int = 16, vocab_size: int = AUSTEN_CHAR_VOCAB,
+                   new_tokens: int = 500, warmup: int = 16, rounds: int = 5, vocab_size: int = AUSTEN_CHAR_VOCAB,
                    device: str = "cpu", threads: int | None = None) -> dict:
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the same decoding loop as `lmforge generate`, after a warm-up; and the time
-    to the first token after a 500-token prompt. On a CPU the model decodes as `lmforge.load` sets it up
-    (fp16 weight copies for single-token steps); batch 1 with the fp32 weights is timed too. With
+    to the first token after a 500-token prompt. On a CPU the models decode as `lmforge.load` sets them
+    up (lmforge.models.decoding); batch 1 through the plain fp32 modules is timed too. With
     `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its `generate`
-    (KV cache) is timed in the same run."""
+    (KV cache) is timed in the same run.
+
+    Every case is timed once per round, all cases in turn, for `rounds` rounds; each reports its median
+    (and its runs). A shared machine's speed drifts from second to second; taking turns lets the
+    reference and lmforge meet the same conditions, and the ratio is that of the medians."""
     dev = resolve_device(device)
     threads = set_threads(threads)
+    cases = {}  # name -> (model, prompt)
     results = {}
     for arch in _archs(archs):
-        torch.manual_seed(0)
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
+        torch.manual_seed(0)
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
-        one = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        extra = {}
-        if dev.type == "cpu":  # what `lmforge.load` does on a CPU; time the plain fp32 weights first
-            _time_generation(model, one, warmup, dev)
-            extra["batch1_fp32_weights_new_tokens_per_s"] = new_tokens / _time_generation(model, one, new_tokens, dev)
-            half_weights_for_decoding(model)
-        rows = {}
+        if dev.type == "cpu":  # the same weights through the plain fp32 modules, then as `lmforge.load` has them
+            torch.manual_seed(0)
+            plain = build_model(arch, **_family_fields(arch, fields, vocab_size)).eval()
+            cases[(arch, "fp32_modules")] = (plain, torch.zeros(1, 1, dtype=torch.long))
+            prepare_for_decoding(model)
         for batch_size in batch_sizes:
-            prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
-            _time_generation(model, prompt, warmup, dev)
-            elapsed = _time_generation(model, prompt, new_tokens, dev)
-            rows[str(batch_size)] = {"new_tokens_per_s": batch_size * new_tokens / elapsed, "seconds": elapsed}
+            cases[(arch, str(batch_size))] = (model, torch.zeros(batch_size, 1, dtype=torch.long, device=dev))
         long_prompt = torch.randint(vocab_size, (1, 500), device=dev)
         ttft = min(_time_generation(model, long_prompt, 1, dev) for _ in range(3))
-        results[arch] = {"params": count_params(model), "batch": rows, "time_to_first_token_500_s": ttft, **extra}
-    out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
-           "new_tokens": new_tokens, "prompt_tokens": 1, "sampling": SAMPLING, "families": results}
-    reference = _hf_generate(new_tokens, vocab_size, dev)
+        results[arch] = {"params": count_params(model), "batch": {}, "time_to_first_token_500_s": ttft}
+    reference = _hf_gpt2(vocab_size, dev)
     if reference is not None:
-        out["reference_hf_gpt2"] = reference
-        if "transformer" in results and "1" in results["transformer"]["batch"]:
+        cases[("hf", "1")] = (reference, torch.ones(1, 1, dtype=torch.long, device=dev))
+    times = {case: [] for case in cases}
+    for case, (model, prompt) in cases.items():  # warm-up
+        _time_case(case, model, prompt, warmup, dev)
+    for _ in range(rounds):
+        for case, (model, prompt) in cases.items():
+            times[case].append(_time_case(case, model, prompt, new_tokens, dev))
+
+    def speed(case) -> dict:
+        rows = cases[case][1].size(0) * new_tokens
+        return {"new_tokens_per_s": rows / statistics.median(times[case]),
+                "runs_new_tokens_per_s": [round(rows / t, 1) for t in times[case]]}
+
+    for (arch, which) in cases:
+        if arch == "hf":
+            continue
+        if which == "fp32_modules":
+            results[arch]["batch1_fp32_modules_new_tokens_per_s"] = speed((arch, which))["new_tokens_per_s"]
+        else:
+            results[arch]["batch"][which] = speed((arch, which))
+    out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
+           "new_tokens": new_tokens, "prompt_tokens": 1, "rounds": rounds, "sampling": SAMPLING,
+           "families": results}
+    if reference is not None:
+        out["reference_hf_gpt2"] = speed(("hf", "1"))
+        if ("transformer", "1") in cases:
             ours = results["transformer"]["batch"]["1"]["new_tokens_per_s"]
-            out["transformer_vs_hf_batch1"] = ours / reference["new_tokens_per_s"]
+            out["transformer_vs_hf_batch1"] = ours / out["reference_hf_gpt2"]["new_tokens_per_s"]
     return out
 
 
-def _hf_generate(new_tokens: int, vocab_size: int, dev) -> dict | None:
-    """Hugging Face `generate` (KV cache) on a GPT-2 of the standard shape, or None without transformers."""
+def _time_case(case: tuple, model, prompt: torch.Tensor, new_tokens: int, dev) -> float:
+    if case[0] != "hf":
+        return _time_generation(model, prompt, new_tokens, dev)
+    kwargs = dict(do_sample=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **SAMPLING)
+    _sync(dev)
+    tic = time.perf_counter()
+    model.generate(prompt, **kwargs)
+    _sync(dev)
+    return time.perf_counter() - tic
+
+
+def _hf_gpt2(vocab_size: int, dev):
+    """A Hugging Face GPT-2 of the standard generation shape, or None without transformers."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
@@ -198,16 +231,7 @@ def _hf_generate(new_tokens: int, vocab_size: int, dev) -> dict | None:
     s = GENERATE_SHAPE
     config = GPT2Config(vocab_size=vocab_size, n_positions=s["context_len"], n_embd=s["d_model"],
                         n_layer=s["n_layers"], n_head=s["n_heads"], bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = GPT2LMHeadModel(config).to(dev).eval()
-    prompt = torch.ones(1, 1, dtype=torch.long, device=dev)
-    kwargs = dict(do_sample=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **SAMPLING)
-    model.generate(prompt, **{**kwargs, "min_new_tokens": 16, "max_new_tokens": 16})
-    _sync(dev)
-    tic = time.perf_counter()
-    model.generate(prompt, **kwargs)
-    _sync(dev)
-    elapsed = time.perf_counter() - tic
-    return {"new_tokens_per_s": new_tokens / elapsed, "seconds": elapsed}
+    return GPT2LMHeadModel(config).to(dev).eval()
 
 
 def bench_austen(max_time: float = 300.0, overrides: list[str] | None = None, device: str = "cpu",

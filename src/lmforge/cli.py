@@ -165,7 +165,7 @@ def cmd_bench(args) -> None:
     model_fields = apply_overrides({}, args.overrides).get("model", {})
     options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
-               "new_tokens": args.new_tokens, "model_fields": model_fields or None,
+               "new_tokens": args.new_tokens, "rounds": args.rounds, "model_fields": model_fields or None,
                "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None,
                "max_time": parse_duration(args.max_time) if args.max_time else None, "dtype": args.dtype}
     if args.benchmark == "austen":  # trains through the normal config: pass overrides as they are
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--steps", type=int, help="train: timed steps (default 10)")
         b.add_argument("--warmup", type=int, help="untimed warm-up steps (train) or tokens (generate)")
         b.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
+        b.add_argument("--rounds", type=int, help="generate: timed runs per case, cases taking turns (default 5)")
         b.add_argument("--device", help="cpu (default), cuda, mps, auto")
         b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
         b.add_argument("--max-time", help="austen: training time budget (default 300 s)")

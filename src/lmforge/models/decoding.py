@@ -1,16 +1,24 @@
-"""Faster token-by-token decoding on a CPU: half-precision copies of the weights for single-token steps.
+"""Faster token-by-token decoding on a CPU: smaller weights and a flat single-token step.
 
 A decoding step multiplies each weight matrix by one new position per sequence, so it reads every
-weight to use it once (or a few times). On a CPU that read, not the arithmetic, bounds the step:
-with the standard 4-layer, d_model 256 Transformer its 17 matrices cost about 2 of the 3 ms of a
-batch-1 step in fp32. `half_weights_for_decoding(model)` gives every nn.Linear an fp16 copy of its
-weight that such steps use (fp32 accumulation, fp16 in and out: about 4e-4 relative error per
-product), which about halves the step. Everything else — training, prompts, evaluation, any input
-with more than one position or more than MAX_ROWS rows — still uses the fp32 weights, unchanged.
+weight to use it once (or a few times). On a CPU that read bounds the matrix products: with the
+standard 4-layer, d_model 256 Transformer its 17 matrices cost about 2 of the 3 ms of a batch-1
+step in fp32. The rest of a step is about a hundred small tensor operations, each costing a few
+microseconds of dispatch whatever its size.
+
+`prepare_for_decoding(model)` (done by `lmforge.load` on a CPU) attacks both:
+- A Transformer decodes through `TransformerDecoder`: one flat function over prepared weights, with
+  each norm's gain folded into the matrix that follows it and no nn.Module calls. Its matrices are
+  int8 with a scale per row on CPUs with bf16 units (a fast PyTorch kernel there), else fp16.
+- Every other family's nn.Linear layers become `DecodeLinear`s, which use fp16 copies of their
+  weights for single-position steps (fp32 accumulation: about 4e-4 relative error per product).
+Everything else — training, prompts, evaluation, any input with more than one position or more than
+MAX_ROWS rows — still runs the fp32 weights through the modules, unchanged.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -70,11 +78,202 @@ class DecodeLinear(nn.Linear):
         return F.linear(x.clamp(-FP16_MAX, FP16_MAX).half(), *copy).float()
 
 
-def half_weights_for_decoding(model: nn.Module) -> nn.Module:
-    """Replace every plain nn.Linear in `model` by a DecodeLinear sharing its parameters; returns `model`.
-    Only worth it on a CPU: GPUs decode small models far below their memory bandwidth anyway."""
+def prepare_for_decoding(model: nn.Module) -> nn.Module:
+    """Let a Transformer decode through a TransformerDecoder and replace every plain nn.Linear in
+    `model` by a DecodeLinear sharing its parameters; returns `model`. Only worth it on a CPU: GPUs
+    decode small models far below their memory bandwidth anyway."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, DecodeLinear.of(child))
+    if hasattr(model, "fast_decoding"):
+        model.fast_decoding = True
     return model
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(weight.double(), dim=1)
+
+
+_int8_ok: bool | None = None
+
+
+def int8_matmul_available() -> bool:
+    """Whether this CPU multiplies bf16 rows by int8 weights fast: PyTorch's weight-only int8 kernel
+    (a private op, so it is probed once) on a CPU with bf16 units."""
+    global _int8_ok
+    if _int8_ok is None:
+        from lmforge.device import cpu_has_bf16
+
+        try:
+            probe = torch._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16), torch.ones(8, 32, dtype=torch.int8),
+                                              torch.ones(8, dtype=torch.bfloat16))
+            _int8_ok = cpu_has_bf16() and bool((probe == 32).all())
+        except (AttributeError, RuntimeError):
+            _int8_ok = False
+    return _int8_ok
+
+
+class _Matrix:
+    """A weight matrix prepared for decoding steps: `m(x)` is x @ Wᵀ for rows x in `m.dtype`. Held as
+    int8 with one bf16 scale per row (bf16 rows in and out), fp16, or the fp32 weight itself."""
+    __slots__ = ("dtype", "weight", "scales")
+
+    def __init__(self, weight: torch.Tensor, int8: bool, input_bound: float, output_bound: float):
+        self.scales = None
+        if int8:  # symmetric per row; the scale is rounded up to a bf16 value, so |w / scale| <= 127
+            scales = (weight.abs().amax(dim=1).clamp_min(1e-30) / 127 * (1 + 2 ** -7)).bfloat16()
+            self.weight = torch.round(weight / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+            self.scales, self.dtype = scales, torch.bfloat16
+        elif max(input_bound, output_bound) < FP16_MAX:  # no input or output element can leave fp16's range
+            self.weight = weight.half()
+            self.dtype = torch.float16
+        else:
+            self.weight, self.dtype = weight, weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return F.linear(x, self.weight)
+        return torch._weight_int8pack_mm(x, self.weight, self.scales)
+
+
+def transformer_step(model: nn.Module, state, rows: int) -> TransformerDecoder | None:
+    """The decoder for one single-position step of `model` continuing `state`, or None where the
+    modules must run it: training, autograd on, exact scoring, more than MAX_ROWS rows, or a model
+    the decoder does not cover. The model's structure is checked once per state; its weights, by
+    their version stamps, every step (an in-place update rebuilds the decoder)."""
+    if model.training or _exact or torch.is_grad_enabled() or rows > MAX_ROWS:
+        return None
+    decoder = state.decoder
+    if decoder is None:  # the first single-position step of this state
+        decoder = model._decoder if TransformerDecoder.covers(model) else False
+        if decoder is None or (decoder and not decoder.fresh()):
+            decoder = model._decoder = TransformerDecoder(model)
+        state.decoder = decoder
+    elif decoder and not decoder.fresh():
+        decoder = state.decoder = model._decoder = TransformerDecoder(model)
+    return decoder or None
+
+
+class TransformerDecoder:
+    """One decoding step of a Transformer (RMSNorm, RoPE, no biases: lmforge's own block and Llama's)
+    as a flat sequence of tensor operations over prepared weights.
+
+    With x̂ = x · rsqrt(Σx² + D·eps), RMSNorm(x) · g = x̂ · (√D · g), so every norm's gain goes into
+    the columns of the matrix after it and a norm costs three small ops. QK-norm's gain (times √hd)
+    multiplies RoPE's cos and sin rows, and its per-head scale, being a scalar, is applied after the
+    rotation. The residual stream, attention and the KV cache stay fp32.
+
+    The matrices: on a CPU with bf16 units, int8 with a bf16 scale per row (bf16 activations),
+    which halves the bytes again and has a fast kernel there. Elsewhere fp16, for each matrix whose
+    inputs and outputs provably stay within fp16's range (bounds from row norms: an input after a
+    norm has length at most 1), else fp32."""
+
+    def __init__(self, model: nn.Module, int8: bool | None = None):
+        cfg = model.config
+        D, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+        hd = D // H
+        int8 = int8_matmul_available() if int8 is None else int8
+        self.heads, self.kv_heads, self.head_dim, self.mlp = H, K, hd, cfg.mlp
+        self.softcap, self.qk_norm = cfg.logit_softcap, cfg.qk_norm
+        self.sources = list(model.parameters())
+        self.stamps = [_stamp(p) for p in self.sources]
+        with torch.no_grad():
+            self.embedding = model.tok_emb.weight
+            self.layers, gains = [], []
+            for block in model.blocks:
+                attn, mlp = block.attn, block.mlp
+                wqkv = attn.qkv.weight * (block.attn_norm.weight * math.sqrt(D))
+                v_rows = _row_norms(wqkv[(H + K) * hd:]).view(K, hd)
+                y_bound = float(v_rows.max())  # each element of an attention output mixes cached values
+                y_norm = math.sqrt(H // K * float(v_rows.square().sum()))
+                gain = block.mlp_norm.weight * math.sqrt(D)
+                wfc = mlp.fc.weight * gain
+                wgate = None if mlp.gate is None else mlp.gate.weight * gain
+                fc_rows = _row_norms(wfc)
+                if cfg.mlp == "relu2":
+                    a_rows = fc_rows.square()
+                elif cfg.mlp == "gelu":
+                    a_rows = fc_rows + 1.0  # |gelu(z)| <= |z| + 0.17
+                else:
+                    gate_rows = _row_norms(wgate)
+                    a_rows, fc_rows = fc_rows * gate_rows, torch.maximum(fc_rows, gate_rows)  # |silu(z)| <= |z|
+                a_bound, a_norm = float(a_rows.max()), float(a_rows.square().sum().sqrt())
+                # fc (and gate) and the activation after them share a dtype, so the activation bounds both
+                fc_out = max(float(fc_rows.max()), a_bound)
+                self.layers.append((
+                    _Matrix(wqkv, int8, 1.0, float(_row_norms(wqkv).max())),
+                    _Matrix(attn.proj.weight, int8, y_bound, float(_row_norms(attn.proj.weight).max()) * y_norm),
+                    _Matrix(wfc, int8, 1.0, fc_out),
+                    None if wgate is None else _Matrix(wgate, int8, 1.0, fc_out),
+                    _Matrix(mlp.proj.weight, int8, a_bound, float(_row_norms(mlp.proj.weight).max()) * a_norm),
+                ))
+                if cfg.qk_norm:
+                    gains.append(torch.cat([attn.q_norm.weight.expand(H, hd), attn.k_norm.weight.expand(K, hd)])
+                                 * math.sqrt(hd))
+                else:
+                    gains.append(torch.ones(H + K, hd, device=wqkv.device))
+            self.cos_gains = torch.stack(gains)  # (layers, H + K, hd)
+            self.sin_gains = self.cos_gains.roll(hd // 2, -1)  # the halves swapped, as RoPE pairs them
+            self.cos, self.sin = model.rope_cos, model.rope_sin
+            head = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+            head = head * (model.norm.weight * math.sqrt(D))
+            self.head = _Matrix(head, int8, 1.0, float(_row_norms(head).max()))
+            self.eps_d = torch.full((1, 1, 1), D * cfg.norm_eps, device=head.device)
+            self.eps_hd = torch.full((1, 1, 1), hd * cfg.norm_eps, device=head.device)
+
+    @staticmethod
+    def covers(model: nn.Module) -> bool:
+        """Whether the decoder computes exactly what this model's modules do (no LoRA or other wrappers)."""
+        cfg = model.config
+        if cfg.norm != "rmsnorm" or cfg.pos != "rope" or cfg.bias or model.tok_emb.weight.dtype != torch.float32:
+            return False
+        linears = [model.lm_head] if model.lm_head is not None else []
+        for block in model.blocks:
+            linears += [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
+            linears += [block.mlp.gate] if block.mlp.gate is not None else []
+        return all(type(m) in (nn.Linear, DecodeLinear) for m in linears)
+
+    def fresh(self) -> bool:
+        return [_stamp(p) for p in self.sources] == self.stamps
+
+    def _normed(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # x̂ = x · rsqrt(Σx² + D·eps): RMSNorm without its gain and √D, which are in the next weight
+        return (x * torch.baddbmm(self.eps_d, x.unsqueeze(1), x.unsqueeze(2)).view(-1, 1).rsqrt_()).to(dtype)
+
+    def __call__(self, tokens: torch.Tensor, state) -> torch.Tensor:
+        """(B,) token ids, the KV cache -> (B, V) fp32 logits; writes this position's keys and values
+        into the cache and advances state.pos."""
+        B, pos = tokens.size(0), state.pos
+        H, K, hd = self.heads, self.kv_heads, self.head_dim
+        cos = torch.mul(self.cos_gains, self.cos[pos]).unbind(0)  # per layer: (H + K, hd)
+        sin = torch.mul(self.sin_gains, self.sin[pos]).unbind(0)
+        x = F.embedding(tokens, self.embedding)  # (B, D): a new tensor, updated in place below
+        for (qkv_w, out_w, fc_w, gate_w, proj_w), cos_l, sin_l, k_cache, v_cache in zip(
+                self.layers, cos, sin, state.keys, state.values):
+            qkv = qkv_w(self._normed(x, qkv_w.dtype)).view(B, H + 2 * K, hd)
+            qk = qkv[:, :H + K].float()
+            # QK-norm's per-head scale, from the raw heads; its gain is in the cos and sin rows
+            scale = torch.baddbmm(self.eps_hd, qk.view(-1, 1, hd), qk.view(-1, hd, 1)).view(B, H + K, 1).rsqrt_() \
+                if self.qk_norm else None
+            # RoPE (HF's rotate_half: rolling a head by half its size swaps its halves)
+            qk = torch.addcmul(qk * cos_l, qk.roll(hd // 2, -1), sin_l)
+            if scale is not None:
+                qk.mul_(scale)
+            k_cache.select(2, pos).copy_(qk[:, H:])
+            v_cache.select(2, pos).copy_(qkv[:, H + K:])
+            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), k_cache[:, :, :pos + 1],
+                                               v_cache[:, :, :pos + 1], enable_gqa=K != H)  # (B, H, 1, hd)
+            x += out_w(y.view(B, H * hd).to(out_w.dtype))
+            h = self._normed(x, fc_w.dtype)
+            a = fc_w(h)
+            if self.mlp == "relu2":
+                a = a.relu_().mul_(a)
+            elif self.mlp == "gelu":
+                a = F.gelu(a, approximate="tanh")
+            else:
+                a = F.silu(gate_w(h)).mul_(a)
+            x += proj_w(a.to(proj_w.dtype))
+        logits = self.head(self._normed(x, self.head.dtype)).float()
+        state.pos = pos + 1
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)

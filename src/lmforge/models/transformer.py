@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 
+from . import decoding
+
 CHOICES = {"norm": ("rmsnorm", "layernorm"), "pos": ("rope", "learned"), "mlp": ("relu2", "gelu", "swiglu")}
 
 
@@ -251,14 +253,18 @@ class Block(nn.Module):
 class KVCache:
     """Per-layer key and value buffers (B, n_kv_heads, context_len, head_dim), valid up to `pos`.
 
-    The model writes into the buffers in place and advances `pos`; forward returns the same object."""
+    The model writes into the buffers in place and advances `pos`; forward returns the same object.
+    `decoder` is the model's single-token step for this state (decoding.transformer_step), once known."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     pos: int = 0
+    decoder: object = None
 
 
 class Transformer(nn.Module):
     arch = "transformer"
+    fast_decoding = False  # decoding.prepare_for_decoding turns it on (CPU inference)
+    _decoder = None  # the latest decoding.TransformerDecoder built for this model
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -338,6 +344,10 @@ class Transformer(nn.Module):
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        if self.fast_decoding and state is not None and tokens.size(1) == 1:
+            step = decoding.transformer_step(self, state, tokens.size(0))
+            if step is not None and state.pos < self.config.context_len:
+                return step(tokens[:, 0], state).unsqueeze(1), state
         hidden, state = self.hidden(tokens, state)
         return self.head(hidden), state
 
