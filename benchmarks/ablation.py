@@ -1,11 +1,11 @@
 """What each choice of the default model buys: 300-s runs on the Austen split, each adding one change.
 
-    python benchmarks/ablation.py --out ablation          # about 25 minutes on a 2-core CPU
+    python benchmarks/ablation.py --out ablation          # about 35 minutes on a 2-core CPU
 
 Each step trains with `lmforge train --max-time 300` and the overrides below, cumulatively: a
 nanoGPT-like start (characters, LayerNorm, learned positions, GELU, tied head, cosine schedule,
-fp32), then BPE-4096, the modern block, the warm-up-stable-decay schedule, and bf16 autocast on
-CPUs with bf16 units (= the default; on other CPUs the last step is fp32 again).
+fp32, no dropout), then BPE-4096, the modern block, the warm-up-stable-decay schedule, bf16 autocast
+on CPUs with bf16 units (on other CPUs that step is fp32 again), and dropout 0.1 (= the default).
 A step whose run folder already holds summary.json is read, not retrained. Prints the table as
 JSON and writes bpb_vs_time.png (each run's periodic validation estimate against training time).
 """
@@ -22,13 +22,15 @@ from lmforge.training.plots import read_metrics
 GPT2_BLOCK = ["model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.qk_norm=false",
               "model.tie_embeddings=true"]
 FP32 = ["train.dtype=float32"]
+NO_DROPOUT = ["model.dropout=0.0"]
 STEPS = [
     ("a_baseline", "characters, GPT-2 block, cosine",
-     ["tokenizer.kind=char", *GPT2_BLOCK, "train.schedule=cosine", *FP32]),
-    ("b_bpe", "+ BPE-4096 tokenizer", [*GPT2_BLOCK, "train.schedule=cosine", *FP32]),
-    ("c_block", "+ RoPE, RMSNorm, QK-norm, ReLU², untied head", ["train.schedule=cosine", *FP32]),
-    ("d_wsd", "+ warm-up-stable-decay schedule", FP32),
-    ("e_default", "+ bf16 autocast where the CPU has bf16 units (the default)", []),
+     ["tokenizer.kind=char", *GPT2_BLOCK, "train.schedule=cosine", *FP32, *NO_DROPOUT]),
+    ("b_bpe", "+ BPE-4096 tokenizer", [*GPT2_BLOCK, "train.schedule=cosine", *FP32, *NO_DROPOUT]),
+    ("c_block", "+ RoPE, RMSNorm, QK-norm, ReLU², untied head", ["train.schedule=cosine", *FP32, *NO_DROPOUT]),
+    ("d_wsd", "+ warm-up-stable-decay schedule", [*FP32, *NO_DROPOUT]),
+    ("e_bf16", "+ bf16 autocast where the CPU has bf16 units", NO_DROPOUT),
+    ("f_default", "+ dropout 0.1 (the default)", []),
 ]
 
 

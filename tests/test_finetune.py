@@ -124,7 +124,7 @@ def test_completion_loss_ignores_prompt_tokens():
     from lmforge.finetune.completion import IGNORE, inputs_targets
 
     torch.manual_seed(0)
-    model = build_model("transformer", vocab_size=30, **TINY_MODEL)
+    model = build_model("transformer", vocab_size=30, **TINY_MODEL).eval()  # no dropout: compare losses exactly
     ids, n_prompt = list(range(1, 13)), 7
     x, y = (torch.tensor([v]) for v in inputs_targets(ids, n_prompt))
     assert (y[0, :n_prompt - 1] == IGNORE).all() and (y[0, n_prompt - 1:] != IGNORE).all()

@@ -306,12 +306,18 @@ def test_fp16_decoder_keeps_fp32_where_fp16_could_overflow():
     torch.testing.assert_close(steps, full[:, 6:], rtol=1e-3, atol=1e-2)
 
 
-def test_transformer_trains_under_bf16_autocast():
-    # GPUs train in bf16 autocast: the hand-written backwards then see bf16 activations and fp32 gradients
-    model = make("transformer").train()
+@pytest.mark.parametrize("variant", ["default", "llama"])
+def test_transformer_trains_under_bf16_autocast(variant):
+    # bf16 autocast: the hand-written backwards see bf16 activations and fp32 gradients (and on a CPU,
+    # attention runs in fp32)
+    model = make("transformer", dropout=0.0, **({} if variant == "default" else VARIANTS["llama"])).train()
     x = tokens()
+    reference, _ = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = model(x)
+        changed, _ = model(torch.cat([x[:, :9], (x[:, 9:] + 1) % V], dim=1))  # tokens 9.. differ
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.1)  # bf16 rounds to ~0.4%
+    assert torch.equal(changed[:, :9], logits[:, :9])  # causal: a position never sees later tokens
     F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -26,8 +26,8 @@ from .models.decoding import prepare_for_decoding
 AUSTEN_CHAR_VOCAB = 82
 PEAK_MATMUL_SIZE = 2048  # the square matmul that measures the machine's attainable FLOP/s
 # The standard training shape (the reference systems were measured at it): 4 layers, 4 heads, d_model 256,
-# a 256-token context, batch 16.
-TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256}
+# a 256-token context, batch 16, no dropout.
+TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256, "dropout": 0.0}
 
 
 def _sync(device: torch.device) -> None:
@@ -102,8 +102,9 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
     it, at each family's default context_len; the median of `steps` timed steps after `warmup` untimed.
     MFU = tokens/s × the model's FLOPs per token / the matmul peak in the training dtype (`auto`: what
     `lmforge train` uses, bf16 autocast on CPUs with bf16 units), measured (best of 3 square matmuls)
-    just before every timed step and taken as the median: a shared machine's speed drifts within
-    seconds, so the peak is measured under the same conditions as the steps."""
+    just before every timed step: a shared machine's speed drifts within seconds, so each step is
+    divided by the peak measured beside it and `mfu` is the median of those ratios (`mfu_of_medians`
+    divides the median speed by the median peak instead)."""
     dev = resolve_device(device)
     threads = set_threads(threads)
     compute_dtype = resolve_dtype(dtype, dev)
@@ -120,10 +121,14 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
         step_s = statistics.median(times)
         tokens_per_s = batch_size * T / step_s
         flops = model.flops_per_token()
-        peak = statistics.median(peaks[-steps:])
+        step_peaks = peaks[-steps:]
+        peak = statistics.median(step_peaks)
+        per_step = [batch_size * T * flops / (t * p) for t, p in zip(times, step_peaks)]
         results[arch] = {"tokens_per_s": tokens_per_s, "step_s": step_s, "batch_size": batch_size,
                          "context_len": T, "params": count_params(model), "flops_per_token": flops,
-                         "achieved_flops": tokens_per_s * flops, "peak_flops": peak, "mfu": tokens_per_s * flops / peak}
+                         "achieved_flops": tokens_per_s * flops, "peak_flops": peak,
+                         "mfu": statistics.median(per_step), "mfu_of_medians": tokens_per_s * flops / peak,
+                         "mfu_steps": [round(m, 3) for m in per_step]}
     return {"benchmark": "train", "device": dev.type, "dtype": str(compute_dtype).removeprefix("torch."),
             "threads": threads, "vocab_size": vocab_size,
             "vocab": "random ids over the Austen char vocabulary size", "steps": steps, "warmup": warmup,

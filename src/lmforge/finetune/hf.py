@@ -52,7 +52,8 @@ def gpt2_fields(c: dict) -> dict:
     return {**GPT2, "vocab_size": c["vocab_size"], "d_model": c["n_embd"], "n_layers": c["n_layer"],
             "n_heads": c["n_head"], "n_kv_heads": c["n_head"], "context_len": c["n_positions"],
             "d_ff": c.get("n_inner") or 4 * c["n_embd"], "bias": True,
-            "tie_embeddings": c.get("tie_word_embeddings", True), "norm_eps": c.get("layer_norm_epsilon", 1e-5)}
+            "tie_embeddings": c.get("tie_word_embeddings", True), "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+            "dropout": c.get("resid_pdrop", 0.1)}
 
 
 def llama_fields(c: dict) -> dict:
@@ -70,6 +71,7 @@ def llama_fields(c: dict) -> dict:
             "n_heads": heads, "n_kv_heads": c.get("num_key_value_heads") or heads,
             "context_len": c.get("max_position_embeddings", 2048), "d_ff": c["intermediate_size"],
             "bias": bool(c.get("attention_bias", False)), "tie_embeddings": c.get("tie_word_embeddings", False),
+            "dropout": c.get("attention_dropout", 0.0),
             "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
             "norm_eps": c.get("rms_norm_eps", 1e-6)}
 

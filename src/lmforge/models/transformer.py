@@ -30,6 +30,7 @@ Hugging Face Llama "rotate_half" convention: dimension j pairs with j + hd/2, in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,7 @@ class TransformerConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (resolved on creation)
     context_len: int = 128  # training sequence length, also the KV cache size and max_context
-    dropout: float = 0.0
+    dropout: float = 0.1  # on attention weights and both residual branches; it pays on a 1 MB corpus
     d_ff: int | None = None  # MLP width; None = 4 * d_model (resolved on creation)
     norm: str = "rmsnorm"
     pos: str = "rope"
@@ -193,8 +194,15 @@ class Attention(nn.Module):
                 keys = torch.arange(pos + T, device=x.device)
                 mask = keys[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None]  # (T, pos + T)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
+        attend = partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=causal,
+                         dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 (46 against 37 ms forward
+            # and backward per layer at the standard training shape: +8% tokens/s for the whole step)
+            with torch.autocast("cpu", enabled=False):
+                y = attend(q.float(), k.float(), v.float())
+        else:
+            y = attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, H, T, hd) -> (B, T, D)
 
 
