@@ -121,7 +121,9 @@ class _Matrix:
 
     def __init__(self, weight: torch.Tensor, int8: bool, input_bound: float, output_bound: float):
         self.scales = None
-        if int8:  # symmetric per row; the scale is rounded up to a bf16 value, so |w / scale| <= 127
+        # PyTorch's int8 kernel reads rows in blocks of 32 (other widths came out wrong or crashed it). The
+        # scales, one per row, are rounded up to bf16 values, so that |w / scale| <= 127.
+        if int8 and weight.size(1) % 32 == 0:
             scales = (weight.abs().amax(dim=1).clamp_min(1e-30) / 127 * (1 + 2 ** -7)).bfloat16()
             self.weight = torch.round(weight / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
             self.scales, self.dtype = scales, torch.bfloat16
