@@ -5,7 +5,7 @@
 Each step trains with `lmforge train --max-time 300` and the overrides below, cumulatively: a
 nanoGPT-like start (characters, LayerNorm, learned positions, GELU, tied head, cosine schedule,
 fp32, no dropout), then BPE-4096, the modern block, the warm-up-stable-decay schedule, bf16 autocast
-on CPUs with bf16 units (on other CPUs that step is fp32 again), and dropout 0.1 (= the default).
+on CPUs with bf16 units (on other CPUs that step is fp32 again), and dropout 0.05 (= the default).
 A step whose run folder already holds summary.json is read, not retrained. Prints the table as
 JSON and writes bpb_vs_time.png (each run's periodic validation estimate against training time).
 """
@@ -30,7 +30,7 @@ STEPS = [
     ("c_block", "+ RoPE, RMSNorm, QK-norm, ReLU², untied head", ["train.schedule=cosine", *FP32, *NO_DROPOUT]),
     ("d_wsd", "+ warm-up-stable-decay schedule", [*FP32, *NO_DROPOUT]),
     ("e_bf16", "+ bf16 autocast where the CPU has bf16 units", NO_DROPOUT),
-    ("f_default", "+ dropout 0.1 (the default)", []),
+    ("f_default", "+ dropout 0.05 (the default)", []),
 ]
 
 
