@@ -65,13 +65,15 @@ def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repea
 
 
 def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch.device, cfg: TrainConfig,
-                     before_step=None, dtype: torch.dtype = torch.float32) -> list[float]:
+                     before_step=None, dtype: torch.dtype = torch.float32, warmup_times: list | None = None) -> list[float]:
     """Seconds per training step (forward + backward + clipping + optimizer step, as the training loop
-    does them, in autocast `dtype`) on random ids at the model's context_len: `warmup` untimed steps,
-    then `steps` timed. `before_step()` runs, untimed, before each timed step."""
+    does them, in autocast `dtype`, through torch.compile when cfg.compile) on random ids at the model's
+    context_len: `warmup` untimed steps, then `steps` timed. `before_step()` runs, untimed, before each
+    timed step."""
     from .training.optim import build_optimizers
 
     optimizers = build_optimizers(model, cfg)
+    forward = torch.compile(model) if cfg.compile else model
     T, vocab_size = model.config.context_len, model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     times = []
@@ -82,7 +84,7 @@ def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch
         _sync(dev)
         tic = time.perf_counter()
         with autocast(dev, dtype):
-            logits, _ = model(batch[:, :-1])
+            logits, _ = forward(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -92,32 +94,38 @@ def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch
         _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - tic)
+        elif warmup_times is not None:
+            warmup_times.append(time.perf_counter() - tic)
     return times
 
 
 def bench_train(archs: list[str] | None = None, model_fields: dict | None = None, batch_size: int = 16,
                 steps: int = 10, warmup: int = 3, vocab_size: int = AUSTEN_CHAR_VOCAB, device: str = "cpu",
-                threads: int | None = None, peak_size: int = PEAK_MATMUL_SIZE, dtype: str = "auto") -> dict:
+                threads: int | None = None, peak_size: int = PEAK_MATMUL_SIZE, dtype: str = "auto",
+                compile: bool = False) -> dict:
     """Training tokens/s per family: forward + backward + clipping + AdamW step, as the training loop does
     it, at each family's default context_len; the median of `steps` timed steps after `warmup` untimed.
     MFU = tokens/s × the model's FLOPs per token / the matmul peak in the training dtype (`auto`: what
     `lmforge train` uses, bf16 autocast on CPUs with bf16 units), measured (best of 3 square matmuls)
     just before every timed step: a shared machine's speed drifts within seconds, so each step is
     divided by the peak measured beside it and `mfu` is the median of those ratios (`mfu_of_medians`
-    divides the median speed by the median peak instead)."""
+    divides the median speed by the median peak instead). `compile`: steps run through torch.compile, as
+    with `train.compile=true`; the compilation happens in the warm-up and is reported as `warmup_s`."""
     dev = resolve_device(device)
     threads = set_threads(threads)
     compute_dtype = resolve_dtype(dtype, dev)
     peaks = []
-    cfg = TrainConfig(max_steps=1)  # the training defaults: AdamW, clip 1.0
+    cfg = TrainConfig(max_steps=1, compile=compile)  # the training defaults: AdamW, clip 1.0
     results = {}
     for arch in _archs(archs):
         torch.manual_seed(0)
         fields = {**TRAIN_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).train()
         T = model.config.context_len
+        warmup_times = []
         times = train_step_times(model, batch_size, steps, warmup, dev, cfg, dtype=compute_dtype, before_step=lambda:
-                                 peaks.append(measure_peak_flops(dev, peak_size, repeats=3, dtype=compute_dtype)))
+                                 peaks.append(measure_peak_flops(dev, peak_size, repeats=3, dtype=compute_dtype)),
+                                 warmup_times=warmup_times)
         step_s = statistics.median(times)
         tokens_per_s = batch_size * T / step_s
         flops = model.flops_per_token()
@@ -128,10 +136,11 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
                          "context_len": T, "params": count_params(model), "flops_per_token": flops,
                          "achieved_flops": tokens_per_s * flops, "peak_flops": peak,
                          "mfu": statistics.median(per_step), "mfu_of_medians": tokens_per_s * flops / peak,
-                         "mfu_steps": [round(m, 3) for m in per_step]}
+                         "mfu_steps": [round(m, 3) for m in per_step], "warmup_s": sum(warmup_times)}
     return {"benchmark": "train", "device": dev.type, "dtype": str(compute_dtype).removeprefix("torch."),
             "threads": threads, "vocab_size": vocab_size,
             "vocab": "random ids over the Austen char vocabulary size", "steps": steps, "warmup": warmup,
+            "compile": compile,
             "peak_flops_best": max(peaks), "peak_matmul_size": peak_size, "families": results}
 
 

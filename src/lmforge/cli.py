@@ -167,7 +167,8 @@ def cmd_bench(args) -> None:
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
                "new_tokens": args.new_tokens, "rounds": args.rounds, "model_fields": model_fields or None,
                "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None,
-               "max_time": parse_duration(args.max_time) if args.max_time else None, "dtype": args.dtype}
+               "max_time": parse_duration(args.max_time) if args.max_time else None, "dtype": args.dtype,
+               "compile": args.compile or None}
     if args.benchmark == "austen":  # trains through the normal config: pass overrides as they are
         options = {"max_time": options["max_time"], "overrides": args.overrides or None,
                    "device": args.device, "threads": args.threads}
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--max-time", help="austen: training time budget (default 300 s)")
         b.add_argument("--dtype", help="train: auto (what training uses: bf16 autocast where the hardware has "
                                        "bf16 units), float32 or bfloat16")
+        b.add_argument("--compile", action="store_true",
+                       help="train: steps through torch.compile, as train.compile=true (compiling is in the warm-up)")
         b.set_defaults(func=cmd_bench)
     from .finetune.commands import register
 
