@@ -176,7 +176,7 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     reference and lmforge meet the same conditions, and the ratio is that of the medians."""
     dev = resolve_device(device)
     threads = set_threads(threads)
-    cases = {}  # name -> (model, prompt)
+    cases = {}  # (family or "hf", batch size or "fp32_modules") -> (model, prompt)
     results = {}
     for arch in _archs(archs):
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
