@@ -65,7 +65,8 @@ def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repea
 
 
 def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch.device, cfg: TrainConfig,
-                     before_step=None, dtype: torch.dtype = torch.float32, warmup_times: list | None = None) -> list[float]:
+                     before_step=None, dtype: torch.dtype = torch.float32,
+                     warmup_times: list | None = None) -> list[float]:
     """Seconds per training step (forward + backward + clipping + optimizer step, as the training loop
     does them, in autocast `dtype`, through torch.compile when cfg.compile) on random ids at the model's
     context_len: `warmup` untimed steps, then `steps` timed. `before_step()` runs, untimed, before each

@@ -106,8 +106,8 @@ def int8_matmul_available() -> bool:
         from lmforge.device import cpu_has_bf16
 
         try:
-            probe = torch._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16), torch.ones(8, 32, dtype=torch.int8),
-                                              torch.ones(8, dtype=torch.bfloat16))
+            probe = torch._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16),
+                                              torch.ones(8, 32, dtype=torch.int8), torch.ones(8, dtype=torch.bfloat16))
             _int8_ok = cpu_has_bf16() and bool((probe == 32).all())
         except (AttributeError, RuntimeError):
             _int8_ok = False
