@@ -45,3 +45,62 @@ def tiny_file(tmp_path) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text(TINY_TEXT, encoding="utf-8")
     return path
+
+
+KEY = "test-key"
+
+
+class Server:
+    """uvicorn serving `app` on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory):
+    """A tiny character Transformer trained on TINY_TEXT, for the server, the page and the chat."""
+    import lmforge
+
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "tiny.txt").write_text(TINY_TEXT)
+    config = {"data": {"sources": [str(folder / "tiny.txt")], "cache_dir": str(folder / "cache")},
+              "tokenizer": {"kind": "char"},
+              "model": {"arch": "transformer", "d_model": 32, "n_layers": 2, "n_heads": 2, "context_len": 64},
+              "train": {"max_steps": 120, "max_time": 0, "batch_size": 8, "warmup_steps": 5, "eval_interval": 40,
+                        "progress": False, "threads": 1}}
+    lmforge.train(config, out=folder / "austen", log=lambda *_: None)
+    return folder / "austen"
+
+
+@pytest.fixture(scope="session")
+def served(served_run):
+    """(LanguageModel, Server) for served_run, behind the API key KEY."""
+    pytest.importorskip("fastapi")
+    import lmforge
+    from lmforge.serving.app import Settings, create_app
+
+    lm = lmforge.load(served_run)
+    server = Server(create_app(lm, Settings("austen", api_key=KEY, max_batch=8, max_waiting=8, max_tokens=300)))
+    yield lm, server
+    server.stop()

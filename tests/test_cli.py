@@ -34,18 +34,24 @@ def one_line_error(capsys, code, *needles):
 
 
 def test_train_generate_eval_end_to_end(cli_run, capsys):
+    import lmforge
+
     capsys.readouterr()
     run = str(cli_run / "run")
+    lm = lmforge.load(run)
     assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "1"]) == 0
-    first = capsys.readouterr().out
-    assert first.startswith("Emma") and len(first) > 10
-    assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "1"]) == 0
-    assert capsys.readouterr().out == first  # a seed fixes the sample
+    continuation = lm.generate("Emma", max_new_tokens=30, seed=1)
+    assert len(continuation) == 30  # a char model: one character per token (no end of text in 30 here)
+    assert capsys.readouterr().out == "Emma" + continuation + "\n"  # the API's continuation, after the prompt
+    assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "2", "--num-samples", "2"]) == 0
+    two = capsys.readouterr().out.split("-" * 40 + "\n")
+    assert two[:2] == ["Emma" + lm.generate("Emma", max_new_tokens=30, seed=s) + "\n" for s in (2, 3)]
     assert main(["eval", run, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["bits_per_byte"] > 0 and "documents" in result
+    assert result["bits_per_byte"] == pytest.approx(lm.evaluate()["bits_per_byte"], rel=1e-9)
+    assert result["documents"].keys() == {str(cli_run / "tiny.txt")}
     assert main(["eval", run]) == 0
-    assert "bits/byte" in capsys.readouterr().out
+    assert f"{result['bits_per_byte']:.4f}" in capsys.readouterr().out
 
 
 def test_prepare_reports_and_reuses_its_cache(tmp_path, tiny_file, capsys):
@@ -66,6 +72,12 @@ def test_unknown_prompt_characters_are_reported(cli_run, capsys):
 @pytest.mark.parametrize("args, needles", [
     (["generate", "{run}", "--temperature", "-1"], ["temperature"]),
     (["generate", "{run}", "--top-p", "1.5"], ["top_p"]),
+    (["generate", "{run}", "--temperature", "nan"], ["temperature"]),
+    (["generate", "{run}", "--num-samples", "-1"], ["--num-samples"]),
+    (["train", "--resume", "{run}", "--out", "{tmp}/elsewhere", "--max-steps", "50"], ["--resume", "--out"]),
+    (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.lr=abc"], ["train.lr", "abc"]),
+    (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.batch_size=abc"], ["train.batch_size", "abc"]),
+    (["train", "--out", "{tmp}/r", "--max-steps", "1", "model.dropout=lots"], ["model.dropout", "lots"]),
     (["generate", "{tmp}", "--prompt", "x"], ["not an lmforge run"]),
     (["generate", "{tmp}/nowhere"], ["does not exist"]),
     (["eval", "{run}", "--text", "{tmp}/missing.txt"], ["missing.txt"]),

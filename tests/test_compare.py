@@ -7,7 +7,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.compare import matched_sizes, original_passage
-from lmforge.config import RunConfig, apply_overrides
+from lmforge.config import RunConfig, parse_overrides
 from lmforge.models import build_model, count_params
 
 TINY = ["model.d_model=32", "model.d_hidden=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
@@ -39,9 +39,15 @@ def test_report_folder_has_table_json_and_plot(report_dir):
     assert table[0].split("|")[1:-1] == [f" {c} " for c in ("candidate", "params", "train tokens/s", "val bits/byte",
                                                              "OOV rate", "time to best", "peak memory", "sample",
                                                              "rerun")]
+    import lmforge
+
     for row in report["candidates"]:
-        assert row["status"] == "ok" and row["params"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0
-        assert row["sample"].startswith("Emma") and row["curve"]
+        lm = lmforge.load(row["run_dir"])
+        assert row["status"] == "ok" and row["params"] == lm.num_params and row["peak_rss_bytes"] > 2**20
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["train_time_s"])
+        # every row's sample: the same prompt, seed and temperature, continued by that row's own model
+        assert row["sample"] == "Emma" + lm.generate("Emma", max_new_tokens=200, temperature=0.8, seed=0)
+        assert len(row["curve"]) == 2 and row["curve"][-1][1] == pytest.approx(row["val_bpb"], abs=0.5)
         line = next(line for line in table if line.startswith(f"| {row['name']} |"))
         assert f"`{row['command']}`" in line  # the rerun command sits beside its row
 
@@ -67,7 +73,7 @@ def test_word_rows_mark_bits_per_byte_as_a_lower_bound(report_dir):
 
 
 def test_match_params_solves_widths_within_ten_percent(tiny_file, tmp_path):
-    raw = apply_overrides({}, [f"data.sources={json.dumps([str(tiny_file)])}", "tokenizer.kind=\"char\"",
+    raw = parse_overrides([f"data.sources={json.dumps([str(tiny_file)])}", "tokenizer.kind=\"char\"",
                                f"data.cache_dir={json.dumps(str(tmp_path))}", "model.n_layers=2"])
     base = RunConfig.from_dict(raw)
     sizes = matched_sizes(["lstm", "gru", "cnn", "transformer"], "char", base)

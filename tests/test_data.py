@@ -161,5 +161,5 @@ def test_get_batch_is_a_function_of_seed_and_step():
 
 
 def test_get_batch_too_short():
-    with pytest.raises(LmforgeError, match="has 16 tokens, fewer than context_len\\+1 = 17"):
+    with pytest.raises(LmforgeError, match="has 16 tokens, fewer than context_len \\+ 1 = 17"):
         get_batch(np.arange(16, dtype=np.uint16), 2, 16, seed=0, step=0)

@@ -7,14 +7,15 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.cli import main
+from lmforge.data.batches import IGNORE
+from lmforge.data.examples import inputs_targets
 from lmforge.errors import LmforgeError
-from lmforge.finetune import apply_lora, finetune, merge_lora
-from lmforge.finetune.lora import LoRALinear
+from lmforge.finetuning.lora import LoRALinear, apply_lora, merge_lora
 from lmforge.models import build_model
-from lmforge.training.loop import lm_loss
+from lmforge.training.step import lm_loss
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_len": 32}
-QUIET = {"train.threads": 1, "train.progress": False}
+QUIET = ["train.threads=1", "train.progress=false"]
 
 
 def quiet(*_):
@@ -43,9 +44,10 @@ def base(tmp_path_factory):
 
 def tune(base, name, **kwargs):
     kwargs.setdefault("max_steps", 6)
-    overrides = {**QUIET, "data.cache_dir": str(base / "cache")}
-    return finetune(base / "base", kwargs.pop("data", [str(base / "new.txt")]), base / name, overrides=overrides,
-                    log=quiet, **kwargs)
+    overrides = [*QUIET, f"data.cache_dir={json.dumps(str(base / 'cache'))}"]
+    lm, result = lmforge.finetune(base / "base", kwargs.pop("data", [str(base / "new.txt")]), base / name,
+                                  overrides=overrides, log=quiet, **kwargs)
+    return result.run_dir, result.extra
 
 
 def test_frozen_parameters_do_not_change(base):
@@ -55,17 +57,15 @@ def test_frozen_parameters_do_not_change(base):
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
     assert json.loads((run / "config.json").read_text())["finetune"]["freeze_layers"] == 1
-    assert summary["trainable_params"] < sum(v.numel() for v in before.values())
+    assert summary["trainable_params"] == sum(v.numel() for k, v in before.items() if k not in frozen)
 
 
 def test_new_data_uses_the_base_tokenizer_and_reports_what_it_cannot_represent(base):
     lines = []
-    run, _ = finetune(base / "base", [str(base / "new.txt")], base / "unknown", max_steps=2, log=lines.append,
-                      overrides={**QUIET, "data.cache_dir": str(base / "cache")})
-    assert any("cannot represent" in line and "'A'" in line for line in lines)
-    config = json.loads((run / "config.json").read_text())
-    assert config["finetune"]["unknown"]["A"] == 40
-    assert (run / "tokenizer.json").read_text() == (base / "base" / "tokenizer.json").read_text()
+    lmforge.finetune(base / "base", [str(base / "new.txt")], base / "unknown", max_steps=2, log=lines.append,
+                     overrides=[*QUIET, f"data.cache_dir={json.dumps(str(base / 'cache'))}"])
+    assert any("cannot represent 40 piece" in line and "'A'×40" in line for line in lines)
+    assert (base / "unknown" / "tokenizer.json").read_text() == (base / "base" / "tokenizer.json").read_text()
 
 
 @pytest.mark.parametrize("arch,fields", [("transformer", TINY_MODEL),
@@ -96,6 +96,10 @@ def test_only_adapter_parameters_get_gradients():
     model = build_model("transformer", vocab_size=40, **TINY_MODEL)
     apply_lora(model, ["qkv", "lm_head"], rank=2)
     x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_()  # B = 0 at the start would leave A's gradient zero
     lm_loss(model, x[:, :-1], x[:, 1:]).backward()
     for name, p in model.named_parameters():
         is_adapter = name.endswith(("lora_a", "lora_b"))
@@ -106,11 +110,11 @@ def test_only_adapter_parameters_get_gradients():
 
 
 def test_lora_run_saves_merged_weights_and_a_separate_adapter(base):
-    run, _ = tune(base, "lora", mode="lora", lora={"rank": 4, "alpha": 8.0})
+    run, _ = tune(base, "lora", mode="lora", lora_rank=4, lora_alpha=8.0)
     adapter = load_file(run / "adapter.safetensors")
     assert adapter and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
-    lm = lmforge.load(run)  # merged: loads as a plain model
-    assert lm.generate("Emma", max_new_tokens=5, seed=0) is not None
+    lm = lmforge.load(run)  # merged: loads as a plain model, and decodes through the fast step
+    assert lm.decoding != "fp32"
     base_lm = lmforge.load(base / "base")
     apply_lora(base_lm.model, rank=4, alpha=8.0)
     base_lm.model.load_state_dict(adapter, strict=False)  # base weights + the adapter alone
@@ -121,39 +125,47 @@ def test_lora_run_saves_merged_weights_and_a_separate_adapter(base):
 
 
 def test_completion_loss_ignores_prompt_tokens():
-    from lmforge.finetune.completion import IGNORE, inputs_targets
-
     torch.manual_seed(0)
     model = build_model("transformer", vocab_size=30, **TINY_MODEL).eval()  # no dropout: compare losses exactly
     ids, n_prompt = list(range(1, 13)), 7
     x, y = (torch.tensor([v]) for v in inputs_targets(ids, n_prompt))
     assert (y[0, :n_prompt - 1] == IGNORE).all() and (y[0, n_prompt - 1:] != IGNORE).all()
-    loss = lm_loss(model, x, y)
+    loss = lm_loss(model, x, y) / lm_loss.count(y)
     logits = model(x)[0][0]
     manual = torch.nn.functional.cross_entropy(logits[n_prompt - 1:], torch.tensor(ids[n_prompt:]))
     torch.testing.assert_close(loss, manual)
     # other prompt tokens as targets (same inputs): the same loss, since prompt targets are masked
     alt = ids[:1] + [0] * (n_prompt - 1) + ids[n_prompt:]
-    assert lm_loss(model, x, torch.tensor([inputs_targets(alt, n_prompt)[1]])).item() == loss.item()
+    summed = lm_loss(model, x, y).item()
+    assert lm_loss(model, x, torch.tensor([inputs_targets(alt, n_prompt)[1]])).item() == summed
     changed = y.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 30  # a completion target does
-    assert lm_loss(model, x, changed).item() != loss.item()
+    assert lm_loss(model, x, changed).item() != summed
     logits_leaf = model(x)[0].detach().requires_grad_(True)
     torch.nn.functional.cross_entropy(logits_leaf.flatten(0, 1), y.flatten(), ignore_index=IGNORE).backward()
     assert logits_leaf.grad[0, :n_prompt - 1].abs().max() == 0 and logits_leaf.grad[0, n_prompt - 1:].abs().max() > 0
 
 
-def test_completion_finetune_records_its_template(base):
+def test_completion_runs_generate_with_their_template_through_cli_and_api(base, capsys):
     rows = [{"prompt": f"say {i % 3}", "completion": "Emma " * (i % 3 + 1), "split": "val" if i < 4 else "train"}
             for i in range(30)]
     (base / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     run, summary = tune(base, "completion", task="completion", data=[str(base / "pairs.jsonl")],
-                        template="Q: {prompt}\nA: ")
+                        template="Q: {prompt}\nA: ", max_steps=30)
     lm = lmforge.load(run)
-    assert lm.config["finetune"]["template"] == "Q: {prompt}\nA: "
-    from lmforge.finetune.completion import generate_completion
+    assert lm.template == "Q: {prompt}\nA: "
+    api_text = lm.generate("say 1", max_new_tokens=12, temperature=0.0)
+    raw = lmforge.load(run)  # the same weights fed the bare prompt: a different continuation
+    assert raw.prompt_ids("say 1") == lm.tokenizer.encode("Q: say 1\nA: ")
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "say 1", "-n", "12", "--greedy"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == "say 1" + api_text + "\n"  # the CLI echoes the prompt, then the same continuation
+    from lmforge.generation import generate
 
-    assert isinstance(generate_completion(lm, "say 1", max_new_tokens=5, temperature=0.0), str)
+    untemplated = generate(lm.decoder, lm.tokenizer, lm.tokenizer.encode("say 1"),
+                           lmforge.generation.SamplingConfig(12, 0.0)).text
+    assert untemplated != api_text
 
 
 def test_classification_head_learns_a_separable_task(base):
@@ -163,13 +175,17 @@ def test_classification_head_learns_a_separable_task(base):
     run, summary = tune(base, "classify", task="classify", data=[str(base / "labels.jsonl")], max_steps=40, lr=3e-3)
     assert summary["accuracy"] == 1.0 and summary["macro_f1"] == 1.0 and summary["n"] == 12
     assert (run / "classifier.safetensors").exists()
-    lmforge.load(run)  # the body loads as a plain model
+    assert json.loads((run / "config.json").read_text())["finetune"]["labels"] == ["a", "b"]
+    body = lmforge.load(run)  # the body loads as a plain model
+    from lmforge.finetuning.run import evaluate_classifier
+
+    assert evaluate_classifier(body)["accuracy"] == 1.0
 
 
 def test_author_split_has_no_overlap(gutenberg_dir):
     from conftest import MORE
 
-    from lmforge.finetune.authors import author_rows
+    from lmforge.data.authors import author_rows
 
     if not MORE.is_dir():
         pytest.skip("gutenberg-more is not beside the project")
@@ -204,9 +220,12 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
                  "--out", str(out), "--set", "train.threads=1", "--set", "train.progress=false",
                  "--set", f"data.cache_dir={json.dumps(str(base / 'cache'))}"])
     assert code == 0, capsys.readouterr().err
-    assert "val_bits_per_byte" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    bpb = float(printed.split("val_bits_per_byte: ")[1].split()[0])
+    assert bpb == pytest.approx(lmforge.load(out).evaluate()["bits_per_byte"], abs=1e-4)  # printed to 4 places
     assert main(["generate", str(out), "--prompt", "Anne", "-n", "10", "--seed", "0"]) == 0
-    assert capsys.readouterr().out.startswith("Anne")
+    text = lmforge.load(out).generate("Anne", max_new_tokens=10, seed=0)
+    assert capsys.readouterr().out == "Anne" + text + "\n"
 
 
 @pytest.mark.parametrize("argv,needles", [
@@ -216,6 +235,7 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
     (["--mode", "lora", "--lora-targets", "tok_emb"], ["tok_emb", "lm_head"]),
     (["--task", "classify"], [".jsonl"]),
     (["--set", "model.d_model=8"], ["--set"]),
+    (["--set", "train.lr=abc"], ["train.lr", "a number", "abc"]),
 ])
 def test_finetune_cli_bad_inputs(base, argv, needles, capsys):
     code = main(["finetune", str(base / "base"), "--data", str(base / "new.txt"), "--max-steps", "2",
@@ -229,4 +249,5 @@ def test_cli_missing_base_and_bad_verbs(base, tmp_path, capsys):
     one_line_error(capsys, main(["import", "onnx", str(tmp_path), "--out", str(tmp_path / "r")]), "hf")
     one_line_error(capsys, main(["import", "hf", str(tmp_path), "--out", str(tmp_path / "r")]), "config.json")
     one_line_error(capsys, main(["export", "hf", str(base / "base"), str(tmp_path / "x")]), "neither GPT-2 nor Llama")
-    one_line_error(capsys, main(["data", "poems", "--out", str(tmp_path / "p.jsonl")]), "authors")
+    one_line_error(capsys, main(["data", "poems", "--out", str(tmp_path / "p.jsonl"), "--more", str(tmp_path)]),
+                   "authors")

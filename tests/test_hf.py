@@ -7,7 +7,8 @@ import torch
 
 import lmforge
 from lmforge.cli import main
-from lmforge.finetune import export_hf, finetune, import_hf
+from lmforge.generation import SamplingConfig, generate
+from lmforge.interop.hf import export_hf, import_hf
 from lmforge.tokenizers import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +57,12 @@ def test_import_then_export_matches_transformers(kind, tokenizer, tmp_path, caps
     with torch.no_grad():
         reference, ours = model(x).logits, lm.model(x)[0]
     assert max_diff(reference, ours) < 1e-4
-    assert lm.generate("Emma", max_new_tokens=5, seed=0) is not None
+    ids = lm.prompt_ids("Emma Woodhouse")
+    with torch.no_grad():  # greedy with the exact weights: token for token what transformers' own generate gives
+        theirs = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
+    greedy = generate(lm.decoder_for(exact=True), lm.tokenizer, ids, SamplingConfig(30, 0.0))
+    assert greedy.token_ids == theirs[:len(greedy.token_ids)]
+    assert greedy.finish_reason == "length" or theirs[len(greedy.token_ids)] == lm.tokenizer.eos_id
     assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -71,10 +77,12 @@ def test_imported_model_fine_tunes_and_trained_llama_exports(tokenizer, tmp_path
     hf_model("llama").save_pretrained(tmp_path / "hf")
     tokenizer.save(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run", context_len=32, log=lambda *_: None)
-    run, summary = finetune(tmp_path / "run", [str(tiny_file)], tmp_path / "tuned", mode="lora", max_steps=4,
-                            overrides={"train.threads": 1, "train.progress": False, "train.batch_size": 4,
-                                       "data.cache_dir": str(tmp_path / "cache")}, log=lambda *_: None)
-    assert summary["val_bits_per_byte"] > 0
+    _, result = lmforge.finetune(tmp_path / "run", [str(tiny_file)], tmp_path / "tuned", mode="lora", max_steps=4,
+                                 overrides=["train.threads=1", "train.progress=false", "train.batch_size=4",
+                                            f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"],
+                                 log=lambda *_: None)
+    run = result.run_dir
+    assert result.extra["val_bits_per_byte"] == pytest.approx(lmforge.load(run).evaluate()["bits_per_byte"])
     export_hf(run, tmp_path / "export")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2

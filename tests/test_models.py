@@ -92,17 +92,50 @@ def test_stateful_equals_full_forward(arch, extra):
             pieces.append(logits)
             start += size
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
-    # state=None starts fresh and returns a state that continues the sequence
-    first, state = model(x[:, :12])
-    rest, _ = model(x[:, 12:], state)
-    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-5, atol=1e-5)
+    # state=None starts fresh and keeps no state: nothing comes back to continue
+    assert model(x[:, :12])[1] is None
+
+
+@pytest.mark.parametrize("arch,extra", CASES, ids=IDS)
+def test_rows_of_a_state_can_be_taken_apart_and_joined_at_different_lengths(arch, extra):
+    # What continuous batching does: sequences that started at different times, decoded in one batch.
+    model = make(arch, **extra)
+    a, b = tokens(batch=1, length=14, seed=2), tokens(batch=1, length=9, seed=3)
+    dtype = torch.float32
+    _, sa = model(a[:, :10], model.init_state(1, a.device, dtype))
+    _, sb = model(b[:, :5], model.init_state(1, b.device, dtype))
+    state = model.cat_states([sa, sb])  # row 0 holds 10 positions, row 1 holds 5
+    steps = []
+    for i in range(4):
+        logits, state = model(torch.cat([a[:, 10 + i:11 + i], b[:, 5 + i:6 + i]]), state)
+        steps.append(logits)
+    steps = torch.cat(steps, dim=1)
+    torch.testing.assert_close(steps[0], model(a)[0][0, 10:14], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps[1], model(b)[0][0, 5:9], rtol=1e-5, atol=1e-5)
+    only_b = model.select_state(state, [1])  # b alone continues where it was
+    logits, _ = model(a[:, :1] * 0 + 7, only_b)
+    torch.testing.assert_close(logits[0, 0], model(torch.cat([b, b[:, :1] * 0 + 7], dim=1))[0][0, 9],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_parameter_groups_cover_every_parameter_once(arch):
+    model = make(arch)
+    groups = model.parameter_groups()
+    listed = groups["embeddings"] + [p for layer in groups["layers"] for p in layer] + groups["head"] + groups["other"]
+    assert sorted(map(id, listed)) == sorted(map(id, model.parameters()))
+    assert len(groups["layers"]) == model.config.n_layers
+    hidden, _ = model.hidden(tokens())
+    assert hidden.shape[-1] == model.hidden_size
 
 
 def test_transformer_refuses_to_run_past_max_context():
     model = make("transformer")
-    _, state = model(tokens(length=30))
+    _, state = model(tokens(length=30), model.init_state(2, "cpu", torch.float32))
     with pytest.raises(LmforgeError, match="max_context"):
         model(tokens(length=3), state)
+    with pytest.raises(LmforgeError, match="max_context"):
+        model(tokens(length=33))
 
 
 def test_cnn_receptive_field():
@@ -172,7 +205,7 @@ def test_build_model_rejects_mistakes():
         build_model("cnn", vocab_size=V, n_layers=2, dilations=[1, 2, 4])
     with pytest.raises(LmforgeError, match="vocab_size"):
         build_model("cnn", d_model=32)
-    with pytest.raises(LmforgeError, match="d_model must be a positive integer"):
+    with pytest.raises(LmforgeError, match="model.d_model must be a whole number"):
         build_model("gru", vocab_size=V, d_model="32")
     assert config_class("gru") is config_class("lstm")
 
@@ -210,34 +243,14 @@ def test_hand_written_backwards_match_autograd():
     torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), w, 1e-5))
 
 
-def _cached_steps(model, x, prefill):
-    """Logits of positions prefill.. of x, one position per call after a cached prefill, and the state."""
-    state = model.init_state(x.size(0), x.device, torch.float32)
-    _, state = model(x[:, :prefill], state)
-    return torch.cat([model(x[:, i:i + 1], state)[0] for i in range(prefill, x.size(1))], dim=1), state
-
-
-def test_fp16_decoding_of_linear_layers_is_close_and_follows_weight_updates():
-    # GPT-2's block (LayerNorm, learned positions) is not the TransformerDecoder's: its Linears decode
-    # through fp16 copies
-    from lmforge.models.decoding import DecodeLinear, fp32_weights, prepare_for_decoding
-
-    model = make("transformer", **VARIANTS["gpt2"])
-    x = tokens(length=12)
-    full, _ = model(x)
-    prepare_for_decoding(model)
-    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 4 * 2  # qkv, proj, fc, proj per block
-    torch.testing.assert_close(model(x)[0], full, rtol=0, atol=0)  # several positions: the fp32 weights
-    exact_step, _ = _cached_steps(model, x, 11)  # autograd on: fp32 as well
-    torch.testing.assert_close(exact_step, full[:, 11:], rtol=0, atol=1e-5)
-    with torch.no_grad():  # as generation runs: one position per row uses the fp16 copies
-        half_step, state = _cached_steps(model, x, 11)
-        assert state.decoder is False and not torch.equal(half_step, exact_step)
-        torch.testing.assert_close(half_step, exact_step, rtol=0, atol=5e-3)
-        with fp32_weights():  # scoring: fp32 even for one position
-            torch.testing.assert_close(_cached_steps(model, x, 11)[0], exact_step, rtol=0, atol=1e-5)
-        model.blocks[1].mlp.proj.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the copies
-        torch.testing.assert_close(_cached_steps(model, x, 11)[0], model(x)[0][:, 11:], rtol=0, atol=5e-3)
+def _decoded(decoder, x, prefill):
+    """Logits of positions prefill.. of x through `decoder`: a prefill, then one position per step."""
+    logits, state = decoder.prefill(x[:, :prefill])
+    out = [logits]
+    for i in range(prefill, x.size(1) - 1):
+        logits, state = decoder.step(x[:, i], state)
+        out.append(logits)
+    return torch.stack(out, dim=1), state
 
 
 DECODED = {"default": {}, "llama": VARIANTS["llama"], "softcap_mqa": VARIANTS["softcap_mqa"],
@@ -245,68 +258,108 @@ DECODED = {"default": {}, "llama": VARIANTS["llama"], "softcap_mqa": VARIANTS["s
            "d_ff_40": dict(d_ff=40)}  # the int8 kernel takes widths in blocks of 32: this proj stays fp16
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp16", "int8"])
+@pytest.mark.parametrize("weights", ["fp16", "int8"])
 @pytest.mark.parametrize("variant", list(DECODED))
-def test_transformer_decoder_matches_the_modules(variant, int8):
-    from lmforge.models.decoding import TransformerDecoder, int8_matmul_available, prepare_for_decoding
+def test_transformer_step_matches_the_modules(variant, weights):
+    from lmforge.generation import Decoder
+    from lmforge.generation.cpu_step import int8_matmul_available
 
-    if int8 and not int8_matmul_available():
+    if weights == "int8" and not int8_matmul_available():
         pytest.skip("no fast int8 kernel on this CPU: the decoder uses fp16 there")
     model = make("transformer", **DECODED[variant])
-    x = tokens(batch=3, length=20)
+    x = tokens(batch=3, length=21)
     full, _ = model(x)
-    prepare_for_decoding(model)
-    model._decoder = TransformerDecoder(model, int8=int8)
-    with torch.no_grad():
-        steps, state = _cached_steps(model, x, 8)
-    assert state.decoder is model._decoder and state.pos == 20
-    proj = model._decoder.layers[0][4]
-    assert proj.dtype == (torch.bfloat16 if int8 and proj.weight.size(1) % 32 == 0 else torch.float16)
+    steps, state = _decoded(Decoder(model, weights), x, 8)
+    assert state.pos == [20, 20, 20]
+    proj = Decoder(model, weights)._fast_step().layers[0][4]
+    assert proj.dtype == (torch.bfloat16 if weights == "int8" and proj.weight.size(1) % 32 == 0 else torch.float16)
     # fp16 rounds each product to ~4e-4; int8 weights with a scale per row, and bf16 activations, to ~1%
-    tolerance = 2e-2 if int8 else 2e-3
-    torch.testing.assert_close(steps.log_softmax(-1), full[:, 8:].log_softmax(-1), rtol=0, atol=tolerance)
+    tolerance = 2e-2 if weights == "int8" else 2e-3
+    torch.testing.assert_close(steps.log_softmax(-1), full[:, 7:20].log_softmax(-1), rtol=0, atol=tolerance)
+    exact, _ = _decoded(Decoder(model, "fp32"), x, 8)
+    torch.testing.assert_close(exact, full[:, 7:20], rtol=1e-5, atol=1e-5)
 
 
-def test_transformer_decoder_steps_aside_for_exact_scoring_adapters_and_weight_updates():
-    from lmforge.finetune.lora import apply_lora
-    from lmforge.models.decoding import TransformerDecoder, fp32_weights, prepare_for_decoding
+@pytest.mark.parametrize("weights", ["fp32", "fp16", "int8"])
+def test_transformer_step_decodes_rows_at_different_positions(weights):
+    from lmforge.generation import Decoder
+    from lmforge.generation.cpu_step import int8_matmul_available
 
-    model = prepare_for_decoding(make("transformer"))
+    if weights == "int8" and not int8_matmul_available():
+        pytest.skip("no fast int8 kernel on this CPU")
+    model = make("transformer")
+    decoder = Decoder(model, weights)
+    a, b = tokens(batch=1, length=12, seed=4), tokens(batch=1, length=12, seed=5)
+    _, sa = decoder.prefill(a[:, :9])
+    _, sb = decoder.prefill(b[:, :4])
+    state = decoder.cat_states([sa, sb])
+    rows = []
+    for i in range(3):
+        logits, state = decoder.step(torch.stack([a[0, 9 + i], b[0, 4 + i]]), state)
+        rows.append(logits)
+    rows = torch.stack(rows, dim=1)
+    tolerance = {"fp32": 1e-5, "fp16": 2e-3, "int8": 2e-2}[weights]
+    torch.testing.assert_close(rows[0].log_softmax(-1), model(a)[0][0, 9:12].log_softmax(-1), rtol=0, atol=tolerance)
+    torch.testing.assert_close(rows[1].log_softmax(-1), model(b)[0][0, 4:7].log_softmax(-1), rtol=0, atol=tolerance)
+
+
+def test_decoder_follows_weight_updates_and_steps_aside_for_adapters():
+    from lmforge.finetuning.lora import apply_lora
+    from lmforge.generation import Decoder
+
+    model = make("transformer")
+    decoder = Decoder(model, "fp16")
     x = tokens(length=12)
     with torch.no_grad():
-        full, _ = model(x)
-        steps, state = _cached_steps(model, x, 6)
-        assert isinstance(state.decoder, TransformerDecoder)
-        with fp32_weights():  # scoring runs the fp32 modules: no decoder
-            exact, state = _cached_steps(model, x, 6)
-        assert state.decoder is None
-        torch.testing.assert_close(exact, full[:, 6:], rtol=0, atol=1e-5)
-        model.lm_head.weight.mul_(-1)  # an in-place update rebuilds the decoder from the new weights
-        flipped, _ = _cached_steps(model, x, 6)
+        steps, _ = _decoded(decoder, x, 6)
+        model.lm_head.weight.mul_(-1)  # an in-place update (an optimizer step) must reach the fp16 copies
+        flipped, _ = _decoded(decoder, x, 6)
         torch.testing.assert_close(flipped, -steps, rtol=0, atol=1e-5)
         apply_lora(model, rank=2)  # adapters wrap the Linears: the modules decode, adapters included
         model.lm_head.lora_b.normal_()
-        adapted, state = _cached_steps(model, x, 6)
-        assert state.decoder is False
-        torch.testing.assert_close(adapted, model(x)[0][:, 6:], rtol=0, atol=5e-3)
+        adapted, _ = _decoded(decoder, x, 6)
+        assert decoder._fast_step() is None
+        torch.testing.assert_close(adapted, model(x)[0][:, 5:11], rtol=1e-5, atol=1e-5)
 
 
-def test_fp16_decoder_keeps_fp32_where_fp16_could_overflow():
-    from lmforge.models.decoding import TransformerDecoder, prepare_for_decoding
+def test_fp16_step_keeps_fp32_where_fp16_could_overflow():
+    from lmforge.generation import Decoder
 
     model = make("transformer")
     with torch.no_grad():
         model.blocks[0].mlp.fc.weight.mul_(300.0)  # relu² of its outputs could pass fp16's 65504
     x = tokens(length=12)
     full, _ = model(x)
-    prepare_for_decoding(model)
-    decoder = model._decoder = TransformerDecoder(model, int8=False)
-    qkv, out, fc, _, proj = decoder.layers[0]
+    decoder = Decoder(model, "fp16")
+    qkv, out, fc, _, proj = decoder._fast_step().layers[0]
     assert (qkv.dtype, out.dtype, fc.dtype, proj.dtype) == (torch.float16, torch.float16, torch.float32, torch.float32)
-    with torch.no_grad():
-        steps, _ = _cached_steps(model, x, 6)
+    steps, _ = _decoded(decoder, x, 6)
     assert torch.isfinite(steps).all()
-    torch.testing.assert_close(steps, full[:, 6:], rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(steps, full[:, 5:11], rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_every_family_decodes_as_load_sets_it_up(arch):
+    # lmforge.load picks each family's decoding weights (int8/fp16 for a CPU Transformer, fp32 for the
+    # others, whose steps are cell- and conv-bound); every choice must match the model's own forward.
+    from lmforge.generation import Decoder, default_weights
+
+    model = make(arch)
+    weights = default_weights(model, torch.device("cpu"))
+    assert (weights != "fp32") == (arch == "transformer")
+    x = tokens(length=16)
+    steps, _ = _decoded(Decoder(model, weights), x, 5)
+    tolerance = {"fp32": 1e-5, "fp16": 2e-3, "int8": 2e-2}[weights]
+    torch.testing.assert_close(steps.log_softmax(-1), model(x)[0][:, 4:15].log_softmax(-1), rtol=0, atol=tolerance)
+
+
+def test_fp16_and_int8_decoding_is_refused_where_the_flat_step_cannot_run():
+    from lmforge.generation import Decoder
+
+    with pytest.raises(LmforgeError, match="fp32"):
+        Decoder(make("lstm"), "int8")
+    with pytest.raises(LmforgeError, match="fp32"):
+        Decoder(make("transformer", **VARIANTS["gpt2"]), "fp16")  # LayerNorm, learned positions
 
 
 @pytest.mark.parametrize("variant", ["default", "llama"])

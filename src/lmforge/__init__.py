@@ -9,12 +9,12 @@
 from .errors import LmforgeError
 
 __version__ = "0.1.0"
-__all__ = ["LmforgeError", "build_config", "load", "prepare", "train"]
+__all__ = ["LmforgeError", "build_config", "finetune", "load", "prepare", "train"]
 
 
 def __getattr__(name):
     # Keep `import lmforge` light: torch and friends load on first use of the API.
-    if name in ("train", "load", "build_config", "LanguageModel"):
+    if name in ("train", "finetune", "load", "build_config", "LanguageModel"):
         from . import api
 
         return getattr(api, name)

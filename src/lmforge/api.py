@@ -1,10 +1,11 @@
-"""The Python API: `lmforge.train(...)`, `lmforge.load(run)`, then `.generate()` and `.evaluate()`.
+"""The Python API: `lmforge.train(...)`, `lmforge.finetune(...)`, `lmforge.load(run)`, then
+`.generate()`, `.stream()` and `.evaluate()`.
 
-The CLI is a thin shell over these functions; both start from the same run folders.
+The CLI and the server are thin shells over these functions, and every run folder starts here.
 """
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -12,86 +13,115 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import RunConfig, apply_overrides, load_toml
-from .device import resolve_device, resolve_dtype
+from .config import RunConfig, as_raw, build_config, merge, parse_overrides
+from .data.examples import render
+from .device import resolve_device
 from .errors import LmforgeError
-from .evaluation.likelihood import evaluate_documents
-from .generation import Generation, SamplingConfig, generate as _generate, stream as _stream
+from .generation import Decoder, Engine, Generation, SamplingConfig, default_weights
+from .generation import generate as _generate
+from .generation import stream as _stream
 
-PRESETS_DIR = Path(__file__).parent / "configs"
-
-
-def presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
-
-
-def build_config(config: str | Path | dict | RunConfig | None = None, preset: str | None = None,
-                 overrides: list[str] | None = None) -> RunConfig:
-    """A RunConfig from (in order of precedence) overrides, a TOML file or dict, a preset, defaults."""
-    if isinstance(config, RunConfig):
-        raw = config.to_dict()
-    else:
-        raw = {}
-        if preset is not None:
-            path = PRESETS_DIR / f"{preset}.toml"
-            if not path.exists():
-                raise LmforgeError(f"unknown preset {preset!r}; valid presets: {', '.join(presets())}")
-            raw = load_toml(path)
-        if isinstance(config, dict):
-            _merge(raw, config)
-        elif config is not None:
-            _merge(raw, load_toml(config))
-    apply_overrides(raw, overrides or [])
-    return RunConfig.from_dict(raw)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def validation_documents(data_config: dict) -> list[tuple[str, str]]:
-    """(name, validation text) per document, split exactly as `prepare` splits it."""
-    from .data import read_sources
-    from .data.prepare import split_text
-
-    docs = read_sources(data_config["sources"], jsonl_field=data_config["jsonl_field"],
-                        encoding=data_config["encoding"], errors=data_config["errors"])
-    return [(doc.name, split_text(doc.text, data_config["val_fraction"])[1]) for doc in docs]
+__all__ = ["LanguageModel", "build_config", "finetune", "load", "train"]
 
 
 @dataclass
 class LanguageModel:
-    """A trained model with its tokenizer: what `lmforge.load` returns."""
+    """A trained model with its tokenizer and config: what `lmforge.load` returns.
+
+    `decoder` runs generation; on a CPU it may use int8 or fp16 copies of a Transformer's weights
+    (`decoding` says which). `exact=True` on any call decodes with the fp32 weights instead."""
     model: torch.nn.Module
     tokenizer: object
     config: dict
     run_dir: Path | None = None
     device: torch.device = torch.device("cpu")
+    decoder: Decoder | None = None
+
+    def __post_init__(self):
+        self.decoder = self.decoder or Decoder(self.model)
+        self._exact = self.decoder if self.decoder.weights == "fp32" else None
+
+    @property
+    def decoding(self) -> str:
+        """The weights token-by-token decoding uses: fp32, fp16 or int8."""
+        return self.decoder.weights
+
+    @property
+    def template(self) -> str | None:
+        """The prompt template of a prompt -> completion fine-tuned run (generation wraps prompts in it)."""
+        ft = self.config.get("finetune") or {}
+        return ft.get("template") if ft.get("task") == "completion" else None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """What the model reads for `prompt`: the run's template applied, then encoded."""
+        text = prompt if self.template is None else render(self.template, prompt)
+        return self.tokenizer.encode(text) if text else []
+
+    def chat_prompt(self, messages: list[tuple[str, str]]) -> tuple[str, list[str]]:
+        """The prompt a conversation ([(role, text)], roles system/user/assistant) becomes, and the stop
+        strings that end the assistant's turn. A plain language model reads a transcript:
+
+            {system}                   (when there is one, then a blank line)
+            User: {text}
+            Assistant: {text}
+            ...
+            Assistant:
+
+        and stops at the next "\nUser:". A prompt -> completion run puts the last user message into
+        its own template, as `generate` does (earlier turns come first, as a transcript)."""
+        system = "\n".join(text for role, text in messages if role in ("system", "developer"))
+        turns = [(role, text) for role, text in messages if role in ("user", "assistant")]
+        lines = [f"{'User' if role == 'user' else 'Assistant'}: {text}" for role, text in turns]
+        if self.template is not None:
+            last = turns[-1][1] if turns and turns[-1][0] == "user" else ""
+            history = "\n".join(lines[:-1] if last else lines)
+            return "\n\n".join(part for part in (system, history, last) if part), []
+        head = f"{system}\n\n" if system else ""
+        return head + "\n".join(lines + ["Assistant:"]), ["\nUser:"]
+
+    def decoder_for(self, exact: bool = False) -> Decoder:
+        if not exact:
+            return self.decoder
+        if self._exact is None:
+            self._exact = Decoder(self.model)
+        return self._exact
+
+    def engine(self, max_batch: int = 32, exact: bool = False) -> Engine:
+        """A batching engine over this model (the server's)."""
+        return Engine(self.decoder_for(exact), self.tokenizer, max_batch)
 
     def generate(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: list[str] | None = None, on_text=None) -> str:
-        return self.complete(prompt, SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or []),
-                             on_text).text
+                 stop: list[str] | None = None, on_text=None, exact: bool = False) -> str:
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [])
+        return self.complete(prompt, sampling, on_text, exact).text
 
-    def complete(self, prompt: str, sampling: SamplingConfig, on_text=None) -> Generation:
-        return _generate(self.model, self.tokenizer, prompt, sampling, on_text=on_text, device=self.device)
+    def complete(self, prompt: str, sampling: SamplingConfig, on_text=None, exact: bool = False) -> Generation:
+        """The continuation of `prompt`, and how it ended (what `lmforge generate` prints)."""
+        return _generate(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling, on_text)
 
     def stream(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: list[str] | None = None) -> Iterator[str]:
+               stop: list[str] | None = None, exact: bool = False) -> Iterator[str]:
         """Yield text pieces as they are generated."""
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [])
-        return _stream(self.model, self.tokenizer, prompt, sampling, device=self.device)
+        return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling)
+
+    def validation_documents(self) -> list[tuple[str, str]]:
+        """(name, text) of each document's validation part, as the run's prepared data holds them."""
+        from .data import prepare_data
+
+        return prepare_data(self.run_config(), self.tokenizer).validation_documents()
+
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_dict({k: v for k, v in self.config.items()
+                                    if k in ("data", "tokenizer", "model", "train", "finetune")}, "run config")
 
     def evaluate(self, text: str | None = None) -> dict:
         """Bits per byte, perplexity and accuracy on `text`, or on the run's validation split."""
-        docs = [("text", text)] if text is not None else validation_documents(self.config["data"])
+        from .evaluation.likelihood import evaluate_documents
+
+        docs = [("text", text)] if text is not None else self.validation_documents()
         return evaluate_documents(self.model, self.tokenizer, docs, device=self.device)
 
     @property
@@ -99,86 +129,102 @@ class LanguageModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def load(run: str | Path, device: str = "cpu") -> LanguageModel:
-    """Load a run folder made by `lmforge train` (weights, tokenizer and config). On a CPU, token-by-token
-    decoding uses int8 or fp16 copies of the weights (lmforge.models.decoding); all else is fp32."""
-    from .models.decoding import prepare_for_decoding
-
+def load(run: str | Path, device: str = "cpu", decoding: str = "auto") -> LanguageModel:
+    """Load a run folder made by `lmforge train` (weights, tokenizer and config). `decoding` picks the
+    weights of token-by-token generation: auto (on a CPU, int8 or fp16 for a Transformer), fp32,
+    fp16 or int8; everything else (prompts, evaluation, training) always runs the fp32 weights."""
     model, tokenizer, config = ckpt.load_model(Path(run))
     dev = resolve_device(device)
-    if dev.type == "cpu":
-        prepare_for_decoding(model)
-    return LanguageModel(model.to(dev), tokenizer, config, Path(run), dev)
+    model = model.to(dev)
+    weights = default_weights(model, dev) if decoding == "auto" else decoding
+    return LanguageModel(model, tokenizer, config, Path(run), dev, Decoder(model, weights))
 
 
 def train(config: str | Path | dict | RunConfig | None = None, out: str | Path | None = None, *,
           preset: str | None = None, overrides: list[str] | None = None, resume: bool = False,
-          log=print, final_eval: bool = True, budget: float | None = None):
-    """Train a model and return (LanguageModel, TrainResult). `out` defaults to runs/<arch>-<time>.
-    `budget` (seconds) is the training time, and sizes the Transformer for it on this machine
-    (lmforge.sizing)."""
-    from .training.loop import train as _train
+          log=print, final_eval: bool = True, budget: float | None = None, on_step=None):
+    """Train a model (or a fine-tuning run: a config with a [finetune] section) and return
+    (LanguageModel, TrainResult). `out` defaults to runs/<arch>-<time>. `budget` (seconds) is the
+    training time, and sizes the Transformer for it on this machine (training.sizing)."""
+    from .finetuning.run import finetune_job
+    from .tokenizers import load_tokenizer
+    from .training.jobs import check, language_model_job
+    from .training.loop import train as run_loop
+    from .training.sizing import size_for_budget
 
     if resume:
         if out is None:
             raise LmforgeError("resume needs the run folder: --resume RUN")
-        # Start from the run's own config; what the caller sets on top is checked for conflicts.
-        stored = ckpt.read_config(Path(out))
-        base = {k: stored[k] for k in ("data", "tokenizer", "train")}
-        base["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}
-        cfg = build_config(_merge(base, _as_raw(config)), None, overrides)
+        cfg = resume_config(Path(out), config, overrides)
+        tokenizer = load_tokenizer(out)
     else:
         cfg = build_config(config, preset, overrides)
-    prepared = None
+        tokenizer = None
+    check(cfg)
     if budget is not None:
         if resume:
             raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
-        cfg, prepared = _size_for_budget(cfg, budget, log)
+        cfg = size_for_budget(cfg, budget, log)
     if out is None:
-        import time
-
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = _train(cfg, out, resume=resume, log=log, prepared=prepared)
-    lm = load(result.run_dir, device="cpu")
+    ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
+    if cfg.finetune is not None:
+        job = finetune_job(cfg, tokenizer, resume=resume, log=log)
+    else:
+        job = language_model_job(cfg, tokenizer)
+    result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
+    lm = load(result.run_dir, device=cfg.train.device)
     if final_eval and not result.interrupted:
-        lm.device = resolve_device(cfg.train.device)
-        lm.model.to(lm.device)
-        summary = lm.evaluate()
-        result.extra["val"] = summary
+        result.extra.update(final_figures(lm, log))
         ckpt.write_json(result.run_dir / "summary.json", {
             "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
-            "tokens_per_s": result.tokens_per_s, **result.extra})
+            "tokens_per_s": result.tokens_per_s, "best_val_bpb": result.best_val_bpb, **result.extra})
     return lm, result
 
 
-def _size_for_budget(cfg: RunConfig, budget: float, log):
-    """cfg with train.max_time = budget and the Transformer's size chosen for it; the prepared data."""
-    from .device import set_threads
-    from .sizing import size_for_budget
-    from .training.loop import prepare_data
+def final_figures(lm: LanguageModel, log=print) -> dict:
+    """What a finished run reports: bits per byte on the whole validation split, or a fine-tuning
+    task's own figures."""
+    if lm.config.get("finetune"):
+        from .finetuning.run import finetune_results
 
-    if cfg.model.arch != "transformer":
-        raise LmforgeError(f"--budget sizes the Transformer; for model.arch={cfg.model.arch!r} use --max-time")
-    if not budget > 0:
-        raise LmforgeError(f"--budget must be a positive duration, e.g. 90s or 5m, got {budget!r}")
-    prepared = prepare_data(cfg)
-    set_threads(cfg.train.threads)
-    options = {**cfg.model.options, "vocab_size": prepared.tokenizer.vocab_size}
-    device = resolve_device(cfg.train.device)
-    options = size_for_budget(options, cfg.train.batch_size, budget, device, log,
-                              dtype=resolve_dtype(cfg.train.dtype, device))
-    options.pop("vocab_size")
-    raw = cfg.to_dict()
-    raw["model"]["options"] = options
-    raw["train"]["max_time"] = budget
-    return RunConfig.from_dict(raw), prepared
+        return finetune_results(lm, log)
+    return {"val": lm.evaluate()}
 
 
-def _as_raw(config) -> dict:
-    if config is None:
-        return {}
-    if isinstance(config, RunConfig):
-        return config.to_dict()
-    if isinstance(config, dict):
-        return json.loads(json.dumps(config))
-    return load_toml(config)
+def finetune(base, data, out=None, *, task: str = "lm", mode: str = "full", max_time: float | None = None,
+             max_steps: int | None = None, lr: float | None = None, overrides: list[str] | None = None,
+             log=print, **options):
+    """Fine-tune the run `base` on `data` (text sources, or one .jsonl for the completion and classify
+    tasks); returns (LanguageModel, TrainResult). `options` are the [finetune] fields: freeze_layers,
+    lora_rank, lora_alpha, lora_dropout, lora_targets, pooling, template, from_scratch."""
+    from .finetuning.run import finetune_config
+
+    config = finetune_config(base, data, task=task, mode=mode, max_time=max_time, max_steps=max_steps, lr=lr,
+                             overrides=overrides, **options)
+    if out is None:
+        out = Path("runs") / f"{Path(base).name}-{task}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return train(config, out, log=log)
+
+
+def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None) -> RunConfig:
+    """The run's own config, with the caller's changes to the training budget and schedule; changes to
+    the data, tokenizer, model or fine-tuning setup would not continue the same run, and are refused."""
+    stored = ckpt.read_config(run_dir)
+    base = {k: stored[k] for k in ("data", "tokenizer", "train", "finetune") if stored.get(k) is not None}
+    base["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}
+    changes = merge(as_raw(config), parse_overrides(overrides or []))
+    conflicts = []
+    for section, values in changes.items():
+        if section == "train":
+            continue
+        for key, value in values.items():
+            have = stored.get(section, {}) or {}
+            have = have.get("options", {}).get(key, have.get(key)) if section in ("model", "tokenizer") and \
+                key not in ("arch", "kind") else have.get(key)
+            if have != value:
+                conflicts.append(f"{section}.{key}={value!r} (the run has {have!r})")
+    if conflicts:
+        raise LmforgeError("--resume: options conflict with the run: " + "; ".join(conflicts)
+                           + "; drop them, or start a new run with another --out")
+    return RunConfig.from_dict(merge(base, changes.get("train") and {"train": changes["train"]} or {}), "run config")

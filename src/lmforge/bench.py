@@ -12,22 +12,29 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
-from .device import autocast, resolve_device, resolve_dtype, set_threads
+from .device import resolve_device, resolve_dtype, set_threads
 from .errors import LmforgeError
+from .generation import Decoder, Engine, SamplingConfig, default_weights
 from .models import MODELS, build_model, config_class, count_params
-from .models.decoding import prepare_for_decoding
+from .training.optim import build_optimizers
+from .training.step import lm_loss, train_step
 
-# The char tokenizer trained on the Austen split (Emma + Persuasion, first 90% of each) has 82 entries
-# (80 characters + <|endoftext|> + <unk>). Token values don't change the speed, so the benchmarks draw
-# random ids over that vocabulary instead of reading the corpus.
-AUSTEN_CHAR_VOCAB = 82
 PEAK_MATMUL_SIZE = 2048  # the square matmul that measures the machine's attainable FLOP/s
 # The standard training shape (the reference systems were measured at it): 4 layers, 4 heads, d_model 256,
-# a 256-token context, batch 16, no dropout.
+# a 256-token context, batch 16, no dropout, over the Austen character vocabulary.
 TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256, "dropout": 0.0}
+
+
+def austen_char_vocab() -> int:
+    """The vocabulary of the char tokenizer trained on the Austen split (its 80 characters,
+    <|endoftext|> and <unk>). Token values don't change the speed, so the speed benchmarks draw random
+    ids over a vocabulary this size instead of reading the corpus."""
+    from .config import AUSTEN
+    from .data import prepare
+
+    return prepare(AUSTEN, tokenizer="char").tokenizer.vocab_size
 
 
 def _sync(device: torch.device) -> None:
@@ -67,31 +74,23 @@ def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repea
 def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch.device, cfg: TrainConfig,
                      before_step=None, dtype: torch.dtype = torch.float32,
                      warmup_times: list | None = None) -> list[float]:
-    """Seconds per training step (forward + backward + clipping + optimizer step, as the training loop
-    does them, in autocast `dtype`, through torch.compile when cfg.compile) on random ids at the model's
-    context_len: `warmup` untimed steps, then `steps` timed. `before_step()` runs, untimed, before each
-    timed step."""
-    from .training.optim import build_optimizers
-
+    """Seconds per training step (training.step.train_step, as the training loop runs it: forward,
+    backward, clipping, optimizer step, in autocast `dtype`, through torch.compile when cfg.compile) on
+    random ids at the model's context_len: `warmup` untimed steps, then `steps` timed. `before_step()`
+    runs, untimed, before each timed step."""
     optimizers = build_optimizers(model, cfg)
     forward = torch.compile(model) if cfg.compile else model
     T, vocab_size = model.config.context_len, model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     times = []
     for i in range(warmup + steps):
-        batch = torch.randint(vocab_size, (batch_size, T + 1), generator=gen).to(dev)
+        batch = torch.randint(vocab_size, (batch_size, T + 1), generator=gen)
         if i >= warmup and before_step is not None:
             before_step()
         _sync(dev)
         tic = time.perf_counter()
-        with autocast(dev, dtype):
-            logits, _ = forward(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        train_step(model, forward, optimizers, [(batch[:, :-1], batch[:, 1:])], lm_loss, device=dev, dtype=dtype,
+                   grad_clip=cfg.grad_clip)
         _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - tic)
@@ -101,7 +100,7 @@ def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch
 
 
 def bench_train(archs: list[str] | None = None, model_fields: dict | None = None, batch_size: int = 16,
-                steps: int = 10, warmup: int = 3, vocab_size: int = AUSTEN_CHAR_VOCAB, device: str = "cpu",
+                steps: int = 10, warmup: int = 3, vocab_size: int | None = None, device: str = "cpu",
                 threads: int | None = None, peak_size: int = PEAK_MATMUL_SIZE, dtype: str = "auto",
                 compile: bool = False) -> dict:
     """Training tokens/s per family: forward + backward + clipping + AdamW step, as the training loop does
@@ -115,6 +114,7 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
     dev = resolve_device(device)
     threads = set_threads(threads)
     compute_dtype = resolve_dtype(dtype, dev)
+    vocab_size = vocab_size or austen_char_vocab()
     peaks = []
     cfg = TrainConfig(max_steps=1, compile=compile)  # the training defaults: AdamW, clip 1.0
     results = {}
@@ -150,49 +150,54 @@ GENERATE_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 51
 SAMPLING = {"temperature": 0.8, "top_k": 200}
 
 
-def _time_generation(model, prompt: torch.Tensor, new_tokens: int, dev) -> float:
-    from .generation import SamplingConfig, generate_ids
-
+def _time_case(case: tuple, model, prompt: torch.Tensor, new_tokens: int, dev) -> float:
+    """Seconds to generate `new_tokens` per row after `prompt` (B, T): lmforge through the batching engine
+    (one request per row, each with its own seed), Hugging Face through its `generate`."""
     _sync(dev)
     tic = time.perf_counter()
-    for _ in generate_ids(model, prompt, SamplingConfig(max_new_tokens=new_tokens, seed=0, **SAMPLING)):
-        pass
+    if case[0] == "hf":
+        model.generate(prompt, do_sample=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **SAMPLING)
+    else:
+        engine = Engine(model, tokenizer=None, max_batch=prompt.size(0))
+        for i, row in enumerate(prompt.tolist()):
+            engine.submit(row, SamplingConfig(max_new_tokens=new_tokens, seed=i, **SAMPLING))
+        engine.run()
     _sync(dev)
     return time.perf_counter() - tic
 
 
 @torch.inference_mode()
 def bench_generate(archs: list[str] | None = None, model_fields: dict | None = None, batch_sizes: tuple = (1, 8),
-                   new_tokens: int = 500, warmup: int = 16, rounds: int = 5, vocab_size: int = AUSTEN_CHAR_VOCAB,
+                   new_tokens: int = 500, warmup: int = 16, rounds: int = 5, vocab_size: int | None = None,
                    device: str = "cpu", threads: int | None = None) -> dict:
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
-    1-token prompt through the same decoding loop as `lmforge generate`, after a warm-up; and the time
-    to the first token after a 500-token prompt. On a CPU the models decode as `lmforge.load` sets them
-    up (lmforge.models.decoding); batch 1 through the plain fp32 modules is timed too. With
-    `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its `generate`
-    (KV cache) is timed in the same run.
+    1-token prompt through the batching engine every `lmforge generate` runs, after a warm-up; and the
+    time to the first token after a 500-token prompt. The models decode as `lmforge.load` sets them up
+    (on a CPU, a Transformer's steps use int8 or fp16 weights); batch 1 with the fp32 modules is timed
+    too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its
+    `generate` (KV cache) is timed in the same run.
 
     Every case is timed once per round, all cases in turn, for `rounds` rounds; each reports its median
     (and its runs). A shared machine's speed drifts from second to second; taking turns lets the
     reference and lmforge meet the same conditions, and the ratio is that of the medians."""
     dev = resolve_device(device)
     threads = set_threads(threads)
-    cases = {}  # (family or "hf", batch size or "fp32_modules") -> (model, prompt)
+    vocab_size = vocab_size or austen_char_vocab()
+    cases = {}  # (family or "hf", batch size or "fp32_modules") -> (decoder or HF model, prompt)
     results = {}
     for arch in _archs(archs):
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         torch.manual_seed(0)
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
-        if dev.type == "cpu":  # the same weights through the plain fp32 modules, then as `lmforge.load` has them
-            torch.manual_seed(0)
-            plain = build_model(arch, **_family_fields(arch, fields, vocab_size)).eval()
-            cases[(arch, "fp32_modules")] = (plain, torch.zeros(1, 1, dtype=torch.long))
-            prepare_for_decoding(model)
+        decoder = Decoder(model, default_weights(model, dev))
+        if decoder.weights != "fp32":
+            cases[(arch, "fp32_modules")] = (Decoder(model), torch.zeros(1, 1, dtype=torch.long))
         for batch_size in batch_sizes:
-            cases[(arch, str(batch_size))] = (model, torch.zeros(batch_size, 1, dtype=torch.long, device=dev))
-        long_prompt = torch.randint(vocab_size, (1, 500), device=dev)
-        ttft = min(_time_generation(model, long_prompt, 1, dev) for _ in range(3))
-        results[arch] = {"params": count_params(model), "batch": {}, "time_to_first_token_500_s": ttft}
+            cases[(arch, str(batch_size))] = (decoder, torch.zeros(batch_size, 1, dtype=torch.long))
+        long_prompt = torch.randint(vocab_size, (1, 500))
+        ttft = min(_time_case((arch,), decoder, long_prompt, 1, dev) for _ in range(3))
+        results[arch] = {"params": count_params(model), "decoding": decoder.weights, "batch": {},
+                         "time_to_first_token_500_s": ttft}
     reference = _hf_gpt2(vocab_size, dev)
     if reference is not None:
         cases[("hf", "1")] = (reference, torch.ones(1, 1, dtype=torch.long, device=dev))
@@ -226,17 +231,6 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     return out
 
 
-def _time_case(case: tuple, model, prompt: torch.Tensor, new_tokens: int, dev) -> float:
-    if case[0] != "hf":
-        return _time_generation(model, prompt, new_tokens, dev)
-    kwargs = dict(do_sample=True, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **SAMPLING)
-    _sync(dev)
-    tic = time.perf_counter()
-    model.generate(prompt, **kwargs)
-    _sync(dev)
-    return time.perf_counter() - tic
-
-
 def _hf_gpt2(vocab_size: int, dev):
     """A Hugging Face GPT-2 of the standard generation shape, or None without transformers."""
     try:
@@ -265,14 +259,31 @@ def bench_austen(max_time: float = 300.0, overrides: list[str] | None = None, de
         lm, result = api.train(None, out=f"{tmp}/run", overrides=overrides, log=lambda *_: None)
         metrics = read_metrics(result.run_dir / "metrics.jsonl")
     val = result.extra["val"]
-    reached = {f"{target}": next((r["train_time"] for r in metrics if r.get("val_bpb", 9) <= target), None)
-               for target in (1.956, 1.80, 1.708)}
-    return {"benchmark": "austen", "max_time_s": max_time, "bits_per_byte": val["bits_per_byte"],
-            "perplexity": val["perplexity"], "steps": result.steps, "tokens": result.tokens,
-            "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "seconds_to_val_bpb (periodic estimate)": reached, "params": result.extra["params"],
-            "config": {k: lm.config[k] for k in ("tokenizer", "model", "train")}}
+    out = {"benchmark": "austen", "max_time_s": max_time, "bits_per_byte": val["bits_per_byte"],
+           "perplexity": val["perplexity"], "steps": result.steps, "tokens": result.tokens,
+           "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "params": result.extra["params"], "dtype": result.extra["dtype"],
+           "config": {k: lm.config[k] for k in ("tokenizer", "model", "train")}}
+    ppmd = _ppmd_bits_per_byte(lm)  # the yardstick, measured on the same split after training
+    if ppmd is not None:
+        out["ppmd8_bits_per_byte"] = ppmd
+        out["seconds_to_beat_ppmd8 (periodic estimate)"] = next(
+            (r["train_time"] for r in metrics if r.get("val_bpb", 9) <= ppmd), None)
+    return out
+
+
+def _ppmd_bits_per_byte(lm) -> float | None:
+    """PPMd order 8 on the run's validation text after its training text, or None without pyppmd."""
+    from .data import prepare_data
+    from .evaluation.baselines import compressor_bits_per_byte
+
+    try:
+        import pyppmd  # noqa: F401
+    except ImportError:
+        return None
+    prepared = prepare_data(lm.run_config(), lm.tokenizer)
+    return compressor_bits_per_byte(prepared.train_text.encode("utf-8"), prepared.val_text.encode("utf-8"), "ppmd")
 
 
 def bench_prepare(sources: list[str] | None = None, kinds: tuple = ("char", "word", "bpe")) -> dict:
@@ -307,7 +318,18 @@ def bench_prepare(sources: list[str] | None = None, kinds: tuple = ("char", "wor
     return {"benchmark": "prepare", "megabytes": megabytes, "documents": len(texts), "tokenizers": results}
 
 
-BENCHMARKS = {"train": bench_train, "generate": bench_generate, "austen": bench_austen, "prepare": bench_prepare}
+def bench_serve(run: str | None = None, clients: tuple = (1, 8, 32), duration: float = 20.0, max_tokens: int = 64,
+                threads: int | None = None) -> dict:
+    """serving.load: N concurrent streaming clients against `lmforge serve RUN` on loopback."""
+    from .serving.load import bench_serve as load_test
+
+    if run is None:
+        raise LmforgeError("bench serve needs a trained run: lmforge bench serve --run runs/austen")
+    return load_test(run, clients, duration, max_tokens, threads)
+
+
+BENCHMARKS = {"train": bench_train, "generate": bench_generate, "austen": bench_austen, "prepare": bench_prepare,
+              "serve": bench_serve}
 
 
 def run(name: str, **options) -> dict:

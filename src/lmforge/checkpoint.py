@@ -25,10 +25,18 @@ WEIGHTS = "model.safetensors"
 RESUME = "last"  # folder with the latest weights, optimizer and trainer state
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+def write_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file, flushed to disk, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -53,6 +61,53 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return model.state_dict()
+
+
+def open_run_dir(out: Path, resume: bool) -> Path:
+    """The run folder to train into: an existing run when resuming, else a new or empty folder."""
+    out = Path(out)
+    if resume:
+        read_config(out)  # fails clearly when it is not a run
+        return out
+    if (out / CONFIG).exists():
+        raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmforgeError(f"{out} exists and is not an empty folder; choose another --out (nothing was written)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(f"cannot create the run folder {out}: {e.strerror or e}; choose another --out") from None
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written. Opened for a resumed run, it first
+    drops the rows written after the resume point (the interrupted run's last steps are trained again)."""
+
+    def __init__(self, path: Path, after_step: int = 0, write: bool = True):
+        self.file = None
+        if not write:
+            return
+        if path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interrupted write
+                if isinstance(row, dict) and row.get("step", 0) <= after_step:
+                    keep.append(line + "\n")
+            write_text(path, "".join(keep))
+        self.file = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def save_config(run_dir: Path, config: RunConfig, model_fields: dict, extra: dict | None = None) -> None:
@@ -131,10 +186,6 @@ def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict) -> 
         tensors, rest = _flatten_optimizer(opt)
         save_tensors(tmp / f"optimizer{i}.safetensors", tensors)
         plain.append(rest)
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state()
-    save_tensors(tmp / "rng.safetensors", rng)
     write_json(tmp / "trainer_state.json", {**trainer_state, "optimizers": plain})
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -143,8 +194,9 @@ def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict) -> 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_resume(run_dir: Path, model, optimizers: list) -> dict:
-    """Restore weights, optimizer and RNG state in place; return the trainer state."""
+def load_resume(run_dir: Path, model, optimizers: list, log=print) -> dict:
+    """Restore weights and optimizer state in place; return the trainer state. (Random draws are
+    functions of the seed and the step, so no generator state is saved.)"""
     run_dir = Path(run_dir)
     folder = run_dir / RESUME
     if not folder.exists() and (run_dir / (RESUME + ".old")).exists():
@@ -160,8 +212,4 @@ def load_resume(run_dir: Path, model, optimizers: list) -> dict:
     for i, opt in enumerate(optimizers):
         tensors = load_tensors(folder / f"optimizer{i}.safetensors")
         opt.load_state_dict(_unflatten_optimizer(tensors, plain[i]))
-    rng = load_tensors(folder / "rng.safetensors")
-    torch.set_rng_state(rng["torch_rng"])
-    if "cuda_rng" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda_rng"])
     return state

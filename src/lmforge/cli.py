@@ -1,6 +1,7 @@
 """The `lmforge` command: one verb per stage, each a thin shell over a library function.
 
-User mistakes (LmforgeError) print as one line, `error: ...`, and exit with status 2.
+User mistakes (LmforgeError) print as one line, `error: ...`, and exit with status 2; an interrupted
+command (Ctrl-C, SIGTERM) exits with 130 after saving what it can.
 """
 from __future__ import annotations
 
@@ -8,161 +9,235 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from .errors import LmforgeError
 
+AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
 
-def _train_overrides(args) -> list[str]:
-    """Turn the convenience flags into dotted overrides (the same names a TOML file uses)."""
-    out = list(args.overrides)
-    flags = {"train.max_steps": args.max_steps, "train.max_time": args.max_time, "train.seed": args.seed,
-             "model.arch": args.arch, "tokenizer.kind": args.tokenizer, "train.device": args.device,
-             "data.sources": args.data, "data.encoding": args.encoding, "data.errors": args.errors}
-    if args.max_steps is not None and args.max_time is None:
-        flags["train.max_time"] = 0  # a step budget alone means no time limit
-    out += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    if args.no_progress:
-        out.append("train.progress=false")
+
+def _flag_overrides(args, names: dict[str, str]) -> list[str]:
+    """Convenience flags as dotted overrides (the same names a TOML file uses): {flag attr: section.key}."""
+    out = []
+    for attr, key in names.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
     return out
 
 
-def cmd_train(args) -> None:
-    from . import api
+def _print_out(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
 
+
+def cmd_train(args) -> int:
+    from . import api
+    from .config import parse_duration
+
+    if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise LmforgeError("--resume continues the run in its own folder; drop --out (or drop --resume)")
     budget = None
     if args.budget is not None:
-        from .config import parse_duration
-
         if args.max_time is not None or args.max_steps is not None:
             raise LmforgeError("--budget is the training time; drop --max-time/--max-steps, or drop --budget")
         budget = parse_duration(args.budget)
-    lm, result = api.train(args.config, args.resume or args.out, preset=args.preset,
-                           overrides=_train_overrides(args), resume=args.resume is not None, budget=budget)
-    val = result.extra.get("val")
+    overrides = list(args.overrides) + _flag_overrides(args, {
+        "max_steps": "train.max_steps", "max_time": "train.max_time", "seed": "train.seed", "arch": "model.arch",
+        "tokenizer": "tokenizer.kind", "device": "train.device", "data": "data.sources",
+        "encoding": "data.encoding", "errors": "data.errors"})
+    if args.max_steps is not None and args.max_time is None:
+        overrides.append("train.max_time=0")  # a step budget alone means no time limit
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    lm, result = api.train(args.config, args.resume or args.out, preset=args.preset, overrides=overrides,
+                           resume=args.resume is not None, budget=budget)
     print(f"run: {result.run_dir}  steps {result.steps}, {result.tokens:,} tokens in {result.train_time:.0f} s "
           f"({result.tokens_per_s:,.0f} tokens/s)")
+    if result.interrupted:
+        return 130
+    val = result.extra.get("val")
     if val:
         print(f"validation: {val['bits_per_byte']:.3f} bits per byte, perplexity {val['perplexity']:.2f}, "
               f"accuracy {val['accuracy']:.1%}")
         if val["bits_per_byte_is_lower_bound"]:
             print(f"  (a lower bound: {val['unknown_rate']:.2%} of validation tokens are <unk>, whose spelling "
                   f"costs nothing here)")
-    if result.interrupted:
-        return
     prompt = args.prompt if args.prompt is not None else lm.config["train"]["sample_prompt"]
+    tokens = lm.config["train"]["sample_tokens"]
+    if lm.config.get("finetune") or not tokens:
+        return 0
     print(f"\nsample ({prompt!r}, temperature 0.8):\n")
-    sys.stdout.write(prompt)
-    text = lm.generate(prompt, max_new_tokens=lm.config["train"]["sample_tokens"], temperature=0.8, seed=0,
-                       on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    _print_out(prompt)
+    text = lm.generate(prompt, max_new_tokens=tokens, temperature=0.8, seed=0, on_text=_print_out)
     print("\n")
     from .compare import original_passage
 
     # Beside the sample, what the author wrote after the same seed in text the model never trained on.
-    original = original_passage(api.validation_documents(lm.config["data"]), prompt, len(text))
+    original = original_passage(lm.validation_documents(), prompt, len(text))
     if original is not None:
         print(f"original (validation text of {original[0]}, after its first {prompt!r}):\n")
         print(prompt + original[1] + "\n")
+    return 0
 
 
-def cmd_generate(args) -> None:
+def cmd_finetune(args) -> int:
+    from . import api
+    from .config import parse_duration
+
+    if args.resume:
+        lm, result = api.train(None, args.resume, resume=True, overrides=_flag_overrides(args, {
+            "max_steps": "train.max_steps"}) + ([f"train.max_time={parse_duration(args.max_time)}"]
+                                               if args.max_time else []))
+    else:
+        if not args.base or not args.data:
+            raise LmforgeError("finetune needs a base run and --data (or --resume RUN to continue one)")
+        lm, result = api.finetune(
+            args.base, args.data, args.out, task=args.task, mode=args.mode, lr=args.lr,
+            max_time=parse_duration(args.max_time), max_steps=args.max_steps, overrides=args.set,
+            freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
+            lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
+    print(f"run: {result.run_dir}  {result.steps} steps, {result.extra['trainable_params']:,} trainable parameters")
+    for key in ("val_bits_per_byte", "accuracy", "macro_f1"):
+        if key in result.extra:
+            print(f"{key}: {result.extra[key]:.4f}")
+    return 130 if result.interrupted else 0
+
+
+def cmd_generate(args) -> int:
     from . import api
     from .generation import SamplingConfig
 
+    if args.num_samples < 1:
+        raise LmforgeError(f"--num-samples must be at least 1, got {args.num_samples}")
     sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
                               args.top_p, args.seed, args.stop or [])
-    lm = api.load(args.run, device=args.device)
-    prompt = args.prompt
-    finetuned = lm.config.get("finetune", {})
-    if finetuned.get("task") == "completion":  # a prompt->completion run answers in its own template
-        from .finetune.completion import render
-
-        prompt = render(finetuned["template"], args.prompt)
+    lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
-    for _ in range(args.num_samples):
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-        lm.complete(prompt, sampling, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    if args.verbose:
+        print(f"decoding with {lm.decoding} weights on {lm.device.type}", file=sys.stderr)
+    for i in range(args.num_samples):
+        _print_out(args.prompt)
+        seed = None if sampling.seed is None else sampling.seed + i
+        lm.complete(args.prompt, SamplingConfig(**{**sampling.__dict__, "seed": seed}), on_text=_print_out)
         sys.stdout.write("\n")
         if args.num_samples > 1:
             print("-" * 40)
-        if sampling.seed is not None:
-            sampling.seed += 1
+    return 0
 
 
-def cmd_eval(args) -> None:
+def cmd_serve(args) -> int:
+    from . import api
+    from .serving.app import Settings, create_app
+
+    import uvicorn
+
+    lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
+    name = args.name or lm.run_dir.name
+    settings = Settings(name, api_key=args.api_key or None, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                        max_tokens=args.max_tokens)
+    for what, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting + 1),
+                        ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            raise LmforgeError(f"{what} must be at least 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this machine can use it",
+              file=sys.stderr)
+    print(f"serving {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters, {lm.decoding} "
+          f"decoding) at http://{args.host}:{args.port}/  (OpenAI API under /v1)", file=sys.stderr)
+    uvicorn.run(create_app(lm, settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from . import api
+    from .chat import run
+    from .data.prepare import cache_root
+    from .generation import SamplingConfig
+
+    lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    run(lm, sampling, history_file=None if args.no_history else cache_root(None) / "chat_history")
+    return 0
+
+
+def cmd_eval(args) -> int:
     from . import api
 
     lm = api.load(args.run, device=args.device)
     if args.report:
+        from pathlib import Path
+
         from .evaluation.report import write_report
 
         write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed)
-        return
+        return 0
     if args.text:
-        from .data.sources import read_text
+        from .data import read_sources
 
-        result = lm.evaluate(read_text(args.text))
+        documents = read_sources([args.text], jsonl_field=args.jsonl_field, encoding=args.encoding,
+                                 errors=args.errors)
+        from .evaluation.likelihood import evaluate_documents
+
+        result = evaluate_documents(lm.model, lm.tokenizer, [(d.name, d.text) for d in documents], device=lm.device)
     else:
         result = lm.evaluate()
     if args.json:
         print(json.dumps(result, indent=2))
-        return
+        return 0
     rows = [("all", result)] + list(result["documents"].items())
     print(f"{'text':<28} {'bits/byte':>10} {'ppl/token':>10} {'top-1':>7} {'top-5':>7} {'tokens':>9} {'bytes':>10}")
     for name, r in rows:
-        print(f"{name[:28]:<28} {r['bits_per_byte']:>10.4f} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
+        print(f"{name[-28:]:<28} {r['bits_per_byte']:>10.4f} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
               f"{r['top5_accuracy']:>7.1%} {r['tokens']:>9,} {r['bytes']:>10,}")
+    return 0
 
 
-def cmd_prepare(args) -> None:
+def cmd_prepare(args) -> int:
+    from .config import parse_overrides
     from .data import prepare
 
-    options = {}
-    for item in args.option or []:
-        from .config import parse_value
-
-        key, _, value = item.partition("=")
-        options[key] = parse_value(value)
-    prepared = prepare(args.sources, tokenizer=args.tokenizer, tokenizer_options=options,
+    prepared = prepare(args.sources, tokenizer=args.tokenizer,
+                       tokenizer_options=parse_overrides(args.option or [], sections=None, what="-o"),
                        val_fraction=args.val_fraction, cache_dir=args.cache_dir, jsonl_field=args.jsonl_field,
                        encoding=args.encoding, errors=args.errors)
-    state = "reused" if prepared.reused else "written"
-    print(f"{state}: {prepared.path}")
+    print(f"{'reused' if prepared.reused else 'written'}: {prepared.path}")
     print(f"tokenizer {prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}; "
           f"{len(prepared.train):,} train tokens, {len(prepared.val):,} validation tokens")
+    return 0
 
 
 def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
-def cmd_compare(args) -> None:
-    from . import api
-    from .compare import compare
-    from .config import parse_duration
+def cmd_compare(args) -> int:
+    from pathlib import Path
 
-    overrides = list(args.overrides) + ([f"data.sources={json.dumps(args.data)}"] if args.data else [])
-    base = api.build_config(args.config, None, overrides)
+    from .compare import compare, table_lines
+    from .config import build_config, parse_duration
+
+    overrides = list(args.overrides) + _flag_overrides(args, {"data": "data.sources"})
+    base = build_config(args.config, None, overrides)
     budget = None if args.budget in ("0", "none") else parse_duration(args.budget)
     out = Path(args.out)
     report = compare(_names(args.arch), _names(args.tokenizer), budget, args.match, out, base,
                      max_steps=args.max_steps, prompt=args.prompt)
-    table = [line for line in (out / "report.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
-    print("\n" + "\n".join(table))
+    print("\n" + "\n".join(table_lines(report)))
     print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}, {out / 'bpb_vs_time.png'}")
     if any(r["status"] != "ok" for r in report["candidates"]):
         raise LmforgeError(f"some candidates failed; their logs are in {out / 'logs'}")
+    return 0
 
 
-def cmd_bench(args) -> None:
+def cmd_bench(args) -> int:
     from . import bench
-    from .config import apply_overrides, parse_duration
+    from .config import parse_duration, parse_overrides
 
-    model_fields = apply_overrides({}, args.overrides).get("model", {})
+    model_fields = parse_overrides(args.overrides, sections=("model",)).get("model", {})
     options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
                "new_tokens": args.new_tokens, "rounds": args.rounds, "model_fields": model_fields or None,
@@ -174,15 +249,60 @@ def cmd_bench(args) -> None:
                    "device": args.device, "threads": args.threads}
     elif args.benchmark == "prepare":
         options = {}
+    elif args.benchmark == "serve":
+        options = {"run": args.run, "clients": tuple(int(c) for c in _names(args.clients)) if args.clients else None,
+                   "duration": parse_duration(args.duration) if args.duration else None,
+                   "max_tokens": args.max_tokens, "threads": args.threads}
     print(json.dumps(bench.run(args.benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .interop.hf import import_hf
+
+    _only_hf(args.format)
+    import_hf(args.directory, args.out, context_len=args.context_len)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .interop.hf import export_hf
+
+    _only_hf(args.format)
+    print(f"wrote {export_hf(args.run, args.directory)}")
+    return 0
+
+
+def _only_hf(kind: str) -> None:
+    if kind != "hf":
+        raise LmforgeError(f"unknown format {kind!r}; the only one is hf (Hugging Face GPT-2 / Llama)")
+
+
+def cmd_data(args) -> int:
+    from .data.authors import write_authors
+
+    if args.dataset != "authors":
+        raise LmforgeError(f"unknown dataset {args.dataset!r}; the built-in one is authors")
+    counts = write_authors(args.out, args.more, args.passage_chars)
+    print(f"wrote {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
+    return 0
+
+
+# ---- the parser -----------------------------------------------------------------------------------
+
+def _data_flags(p, sources_help: str) -> None:
+    p.add_argument("--data", nargs="+", help=sources_help)
+    p.add_argument("--encoding", help="text encoding of the sources (default utf-8)")
+    p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and fine-tune small language models.")
+    parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and fine-tune small "
+                                                                 "language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="read, split and tokenize text into a cached memory-mapped array")
-    p.add_argument("sources", nargs="*", default=["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"],
+    p.add_argument("sources", nargs="*", default=AUSTEN,
                    help="gutenberg:ID, text files, folders, globs or .jsonl files (default: Emma + Persuasion)")
     p.add_argument("--tokenizer", default="bpe", help="char, word or bpe (default bpe)")
     p.add_argument("--option", "-o", action="append", help="tokenizer option, e.g. -o vocab_size=2048")
@@ -190,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--jsonl-field", default="text")
     p.add_argument("--encoding", default="utf-8")
-    p.add_argument("--errors", default="strict", help="strict, replace or ignore undecodable bytes")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"],
+                   help="what to do with undecodable bytes")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model (default: a Transformer on Emma + Persuasion, 5 minutes)")
@@ -206,13 +327,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--arch", help="transformer, lstm, gru or cnn")
     p.add_argument("--tokenizer", help="char, word or bpe")
-    p.add_argument("--data", nargs="+", help="text sources (as for prepare)")
-    p.add_argument("--encoding", help="text encoding of the sources (default utf-8)")
-    p.add_argument("--errors", help="strict, replace or ignore undecodable bytes")
+    _data_flags(p, "text sources (as for prepare)")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--prompt", help="seed phrase for the sample printed at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="continue training a run on new data (full, freeze or lora)")
+    p.add_argument("base", nargs="?", help="the base run folder")
+    p.add_argument("--data", nargs="+", help="text sources (lm) or one .jsonl (classify, completion)")
+    p.add_argument("--mode", default="full", help="full, freeze or lora (default full)")
+    p.add_argument("--task", default="lm", help="lm, completion or classify (default lm)")
+    p.add_argument("--out", help="run folder (default runs/<base>-<task>-<mode>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted fine-tuning run")
+    p.add_argument("--max-time", help="training time budget, e.g. 60, 90s, 5m (default 60 s)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3; lora 3e-3)")
+    p.add_argument("--freeze-layers", type=int, help="freeze: layers frozen after the embeddings (default half)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated module names (default: the model's lora_targets)")
+    p.add_argument("--pooling", help="classify: mean or last (default mean)")
+    p.add_argument("--template", help="completion: prompt template with {prompt}")
+    p.add_argument("--set", action="append", metavar="train.KEY=VALUE", help="other train/data options")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a seed phrase with a trained model")
     p.add_argument("run")
@@ -225,12 +364,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
+    p.add_argument("--verbose", "-v", action="store_true", help="say which weights decode")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web playground for a trained run")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--name", help="the model id clients ask for (default: the run folder's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
+    p.add_argument("--max-tokens", type=int, default=2048, help="the most new tokens a request may ask for")
+    p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-level", default="warning", help="uvicorn's: warning (default), info, debug")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="talk to a trained run in the terminal")
+    p.add_argument("run")
+    p.add_argument("--temperature", "-t", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=200)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
+    p.add_argument("--no-history", action="store_true", help="keep no input history on disk")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("eval", help="bits per byte, perplexity and accuracy of a trained model")
     p.add_argument("run")
-    p.add_argument("--text", help="a UTF-8 text file (default: the run's validation split)")
+    p.add_argument("--text", help="a text or .jsonl file (default: the run's validation split)")
+    p.add_argument("--jsonl-field", default="text", help="--text .jsonl: the field holding each document")
+    p.add_argument("--encoding", default="utf-8", help="--text: its encoding")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", metavar="DIR", help="write a full report (report.md, report.json, plots) to DIR")
     p.add_argument("--prompts", type=int, default=100, help="continuation prompts for the report (default 100)")
@@ -253,14 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="seed phrase for every candidate's sample (default: train.sample_prompt)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="speed benchmarks as JSON (train: training tokens/s per family)")
+    p = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
     benchmarks = p.add_subparsers(dest="benchmark", required=True)
     for name, text in (("train", "training tokens/s per family: forward, backward, AdamW step"),
                        ("generate", "new tokens/s per family at batch 1 and 8 after a 1-token prompt"),
                        ("austen", "validation bits per byte of the default model after --max-time (300 s)"),
-                       ("prepare", "tokenizer training and encoding speed, Austen preparation time")):
+                       ("prepare", "tokenizer training and encoding speed, Austen preparation time"),
+                       ("serve", "a load test of lmforge serve: N concurrent streaming clients on loopback")):
         b = benchmarks.add_parser(name, help=text)
         b.add_argument("overrides", nargs="*", help="model.key=value for the families that have that field")
+        b.add_argument("--json", action="store_true", help="(the output is always JSON)")
         b.add_argument("--arch", help="comma-separated families, or all (default)")
         b.add_argument("--batch-size", type=int, help="train: sequences per step (default 16)")
         b.add_argument("--batch-sizes", help="generate: comma-separated batch sizes (default 1,8)")
@@ -275,23 +447,51 @@ def build_parser() -> argparse.ArgumentParser:
                                        "bf16 units), float32 or bfloat16")
         b.add_argument("--compile", action="store_true",
                        help="train: steps through torch.compile, as train.compile=true (compiling is in the warm-up)")
+        if name == "serve":
+            b.add_argument("--run", help="serve: the run folder to serve")
+            b.add_argument("--clients", help="serve: comma-separated client counts (default 1,8,32)")
+            b.add_argument("--duration", help="serve: time per client count (default 20 s)")
+            b.add_argument("--max-tokens", type=int, help="serve: new tokens per request (default 64)")
         b.set_defaults(func=cmd_bench)
-    from .finetune.commands import register
 
-    register(sub)  # finetune, import, export, data
+    p = sub.add_parser("import", help="import a Hugging Face GPT-2 / Llama folder as a run")
+    p.add_argument("format", help="hf")
+    p.add_argument("directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--context-len", type=int, help="cap the context length (default the model's, at most 8192)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="export a run as a Hugging Face folder")
+    p.add_argument("format", help="hf")
+    p.add_argument("run")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="build a built-in dataset (authors: author attribution)")
+    p.add_argument("dataset", help="authors")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--more", required=True, help="the folder of extra Gutenberg novels (Dickens, Doyle, Stoker)")
+    p.add_argument("--passage-chars", type=int, default=600)
+    p.set_defaults(func=cmd_data)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """argparse stops collecting a positional list at the first option; `section.key=value` overrides
+    that come after options are added back here."""
     args, extra = parser.parse_known_args(argv)
-    # `section.key=value` overrides may also come after options (argparse stops collecting them there)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(parser, argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -301,7 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 0
 
 
 if __name__ == "__main__":

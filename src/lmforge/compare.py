@@ -248,6 +248,11 @@ def _cell(text: str) -> str:
     return re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
 
 
+def table_lines(report: dict) -> list[str]:
+    """The report's table (as in report.md)."""
+    return [line for line in render_markdown(report).splitlines() if line.startswith("|")]
+
+
 def render_markdown(report: dict) -> str:
     budget = [f"{report['budget_s']:g} s of training" if report["budget_s"] else None,
               f"at most {report['max_steps']} steps" if report["max_steps"] else None]

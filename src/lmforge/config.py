@@ -1,12 +1,14 @@
 """Run configuration: typed dataclasses, read from TOML files and dotted `section.key=value` overrides.
 
-A run is described by four sections — data, tokenizer, model, train — and the resolved config is
-written to the run folder as JSON, so every run can be reproduced from its own folder.
+A run is described by its sections — data, tokenizer, model, train, and finetune for a fine-tuning
+run — and the resolved config is written to the run folder as JSON, so every run can be reproduced
+(and resumed) from its own folder. Every value is type-checked where it enters.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
+PRESETS_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -39,6 +42,11 @@ class DataConfig:
             raise LmforgeError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.errors not in ("strict", "replace", "ignore"):
             raise LmforgeError(f"data.errors must be strict, replace or ignore, got {self.errors!r}")
+        try:
+            "".encode(self.encoding)
+        except LookupError:
+            raise LmforgeError(f"data.encoding {self.encoding!r} is not a text encoding Python knows; "
+                               "use e.g. utf-8 or latin-1") from None
 
 
 @dataclass
@@ -76,7 +84,8 @@ class TrainConfig:
     eval_interval: int = 200  # steps between evaluations under a step budget (a time budget evaluates 10 times)
     eval_batches: int = 16  # periodic evaluation uses this many batches of the validation split
     keep_best: bool = True  # model.safetensors holds the weights with the best validation loss
-    checkpoint_interval: int = 500
+    checkpoint_interval: int = 500  # steps between resume points...
+    checkpoint_time: float = 120.0  # ...or seconds of training, whichever comes first
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
@@ -95,6 +104,7 @@ class TrainConfig:
             (self.batch_size >= 1, "train.batch_size must be at least 1"),
             (self.grad_accum >= 1, "train.grad_accum must be at least 1"),
             (self.lr > 0, "train.lr must be positive"),
+            (self.muon_lr > 0, "train.muon_lr must be positive"),
             (self.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {self.optimizer!r}"),
             (self.schedule in ("wsd", "cosine"), f"train.schedule must be wsd or cosine, got {self.schedule!r}"),
             (self.max_steps is None or self.max_steps >= 1, "train.max_steps must be at least 1"),
@@ -102,11 +112,56 @@ class TrainConfig:
             (self.max_steps is not None or self.max_time is not None,
              "give a budget: --max-steps N or --max-time 5m"),
             (0 <= self.decay_fraction <= 1, "train.decay_fraction must be in [0, 1]"),
+            (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
             (self.eval_interval >= 1, "train.eval_interval must be at least 1"),
+            (self.eval_batches >= 1, "train.eval_batches must be at least 1"),
+            (self.checkpoint_interval >= 1, "train.checkpoint_interval must be at least 1"),
+            (self.checkpoint_time > 0, "train.checkpoint_time must be positive (seconds)"),
+            (self.threads is None or self.threads >= 1, "train.threads must be at least 1"),
+            (self.sample_tokens >= 0, "train.sample_tokens must be 0 or more"),
+            (self.grad_clip >= 0 and self.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LmforgeError(message)
+
+
+@dataclass
+class FinetuneConfig:
+    """What makes a run a fine-tuning run: the base it starts from, the task, and which weights train."""
+    base: str
+    task: str = "lm"  # lm | completion | classify
+    mode: str = "full"  # full | freeze | lora
+    freeze_layers: int | None = None  # freeze: layers frozen after the embeddings (None = half)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # None = the model's lora_targets
+    pooling: str = "mean"  # classify: mean | last
+    template: str | None = None  # completion: the prompt template (None = the default)
+    labels: list[str] | None = None  # classify: the class names, in the order of the head's outputs
+    from_scratch: bool = False  # the control: the base's architecture and tokenizer from random weights
+
+    def __post_init__(self):
+        checks = [
+            (self.task in TASKS, f"unknown fine-tuning task {self.task!r}; choose one of {', '.join(TASKS)}"),
+            (self.mode in MODES, f"unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}"),
+            (self.lora_rank >= 1 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+             f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank={self.lora_rank}, "
+             f"alpha={self.lora_alpha}, dropout={self.lora_dropout}"),
+            (self.pooling in ("mean", "last"), f"--pooling {self.pooling!r} is unknown; choose one of mean, last"),
+            (self.template is None or "{prompt}" in self.template,
+             f"the prompt template {self.template!r} has no {{prompt}} placeholder; add one"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LmforgeError(message)
+
+
+TASKS = ("lm", "completion", "classify")
+MODES = ("full", "freeze", "lora")
 
 
 @dataclass
@@ -115,40 +170,94 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.finetune is None:
+            del out["finetune"]
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> "RunConfig":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(raw) - set(sections)
+        if not isinstance(raw, dict):
+            raise LmforgeError(f"{where} must be a table of sections")
+        unknown = set(raw) - set(SECTION_TYPES)
         if unknown:
-            raise LmforgeError(f"{where}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
-        return cls(**{name: _build(SECTION_TYPES[name], raw.get(name, {}), f"{where} [{name}]")
-                      for name in sections})
+            raise LmforgeError(f"{where}: unknown section(s) {sorted(unknown)}; valid: {sorted(SECTION_TYPES)}")
+        sections = {name: _build(kind, raw.get(name, {}), f"{where} [{name}]")
+                    for name, kind in SECTION_TYPES.items() if name != "finetune"}
+        if raw.get("finetune") is not None:
+            sections["finetune"] = _build(FinetuneConfig, raw["finetune"], f"{where} [finetune]")
+        return cls(**sections)
 
 
-SECTION_TYPES = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig}
+SECTION_TYPES = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig,
+                 "finetune": FinetuneConfig}
 
 
 def _build(kind, values: dict, where: str):
     if not isinstance(values, dict):
         raise LmforgeError(f"{where} must be a table of key = value pairs")
-    names = {f.name for f in dataclasses.fields(kind)}
+    fields = {f.name: f for f in dataclasses.fields(kind)}
     values = dict(values)
     # `[model]` and `[tokenizer]` take their family's own fields directly: `d_model = 256`.
     if kind in (ModelConfig, TokenizerConfig):
         head = "arch" if kind is ModelConfig else "kind"
-        options = dict(values.pop("options", {}))
-        options.update({k: v for k, v in values.items() if k != head})
+        options = values.pop("options", {})
+        if not isinstance(options, dict):
+            raise LmforgeError(f"{where}: options must be a table")
+        options = {**options, **{k: v for k, v in values.items() if k != head}}
         values = {head: values[head]} if head in values else {}
         values["options"] = options
-    unknown = set(values) - names
+    unknown = set(values) - set(fields)
     if unknown:
-        raise LmforgeError(f"{where}: unknown option(s) {sorted(unknown)}; valid: {sorted(names)}")
+        raise LmforgeError(f"{where}: unknown option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    section = where.rsplit("[", 1)[-1].rstrip("]")
+    if isinstance(values.get("max_time"), str):  # a duration: "5m", "90s"; "none" or "0" for no limit
+        text = values["max_time"].strip().lower()
+        values["max_time"] = None if text in ("none", "0") else parse_duration(text)
+    values = {name: check_type(f"{section}.{name}", value, fields[name].type) for name, value in values.items()}
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise LmforgeError(f"{where}: missing option(s) {missing}")
     return kind(**values)
 
+
+_SIMPLE = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "Any": object}
+
+
+def check_type(name: str, value, annotation: str):
+    """`value` if it fits the field's annotation (ints pass as floats, and are converted); else an error
+    naming the field, the value and what to write instead."""
+    allowed = [part.strip() for part in re.split(r"\|(?![^\[]*\])", annotation)]
+    for kind in allowed:
+        base = kind.split("[", 1)[0]
+        if base in ("list", "tuple") and isinstance(value, (list, tuple)):
+            inner = kind[len(base) + 1:-1].split(",")[0].strip() if "[" in kind else "Any"
+            return [check_type(name, v, inner) for v in value] if base == "list" else tuple(
+                check_type(name, v, inner) for v in value)
+        if base == "dict" and isinstance(value, dict):
+            return value
+        expected = _SIMPLE.get(base)
+        if expected is None:
+            continue
+        if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise LmforgeError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
+        if expected is int and isinstance(value, bool):
+            continue
+        if isinstance(value, expected):
+            return value
+    words = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+             "None": "none", "list": "a list", "tuple": "a list", "dict": "a table"}
+    wanted = " or ".join(dict.fromkeys(words.get(k.split("[", 1)[0], k) for k in allowed))
+    raise LmforgeError(f"{name} must be {wanted}, got {value!r}")
+
+
+# ---- files and overrides ------------------------------------------------------------------------
 
 def load_toml(path: str | Path) -> dict:
     path = Path(path)
@@ -157,7 +266,9 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise LmforgeError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise LmforgeError(f"config file {path} is a folder; give a .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"config file {path} is not valid TOML: {e}") from None
 
 
@@ -169,21 +280,70 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`train.lr=1e-3`, `model.d_model=128`: set one dotted key in the raw config dict."""
-    for item in overrides:
+def parse_overrides(items: list[str], sections=tuple(SECTION_TYPES), what: str = "override") -> dict:
+    """`train.lr=1e-3`, `model.d_model=128` -> {"train": {"lr": 0.001}, "model": {"d_model": 128}}.
+    The one parser of dotted settings: the CLI's positional overrides, `finetune --set` and
+    `prepare -o` (sections=None: plain `key=value`) all come through here."""
+    out: dict = {}
+    for item in items:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or parts[0] not in SECTION_TYPES:
-            raise LmforgeError(f"override {item!r} is not section.key=value (sections: {', '.join(SECTION_TYPES)})")
-        raw.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())
-    return raw
+        if sections is None:
+            if not sep or len(parts) != 1 or not parts[0]:
+                raise LmforgeError(f"{what} {item!r} is not key=value")
+            out[parts[0]] = parse_value(value.strip())
+            continue
+        if not sep or len(parts) != 2 or parts[0] not in sections or not parts[1]:
+            raise LmforgeError(f"{what} {item!r} is not section.key=value (sections: {', '.join(sections)})")
+        out.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` written over `base`, tables merged key by key (in place; returns base)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def as_raw(config) -> dict:
+    """A config given as None, a RunConfig, a dict or a TOML path, as a plain dict (a copy)."""
+    if config is None:
+        return {}
+    if isinstance(config, RunConfig):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return json.loads(json.dumps(config))
+    return load_toml(config)
+
+
+def build_config(config: str | Path | dict | RunConfig | None = None, preset: str | None = None,
+                 overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from (in order of precedence) overrides, a TOML file or dict, a preset, defaults."""
+    raw = {}
+    if preset is not None:
+        path = PRESETS_DIR / f"{preset}.toml"
+        if not path.exists():
+            raise LmforgeError(f"unknown preset {preset!r}; valid presets: {', '.join(presets())}")
+        raw = load_toml(path)
+    merge(raw, as_raw(config))
+    merge(raw, parse_overrides(overrides or []))
+    return RunConfig.from_dict(raw)
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
     """'90', '90s', '5m', '1h30m' -> seconds."""
-    if text is None or isinstance(text, (int, float)):
+    if text is None or (isinstance(text, (int, float)) and not isinstance(text, bool)):
         return None if text is None else float(text)
+    if not isinstance(text, str):
+        raise LmforgeError(f"cannot read duration {text!r}; write it like 300, 90s, 5m or 1h30m")
     text = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
@@ -195,8 +355,14 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise LmforgeError(f"{what} {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LmforgeError(f"{what} {path} is not valid JSON (truncated or corrupt)") from None
+    except OSError as e:
+        raise LmforgeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{what} {path} is not a JSON object (damaged)")
+    return data
+

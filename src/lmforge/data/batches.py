@@ -1,13 +1,32 @@
-"""Training batches: random windows of the token array, a pure function of (seed, step).
+"""Training batches: random windows of the token array, each a pure function of (seed, step).
 
-In: a 1-D token array (np.memmap from prepare). Out: x, y int64 tensors (B, T), y = x shifted by one.
+In: a 1-D token array (np.memmap from prepare). Out: `Batches`, what the training loop draws from:
+x, y int64 CPU tensors (B, T), y = x shifted by one, and fixed validation windows.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import LmforgeError
+
+IGNORE = -100  # a target the loss skips (prompt tokens of a completion, padding)
+
+
+@dataclass
+class Batches:
+    """Where a run's batches come from. `sample(index, rank, world)` is micro-batch `index` (a pure
+    function of it, so a resumed run draws exactly the same ones); with several processes, rank r of
+    `world` gets its own share of the rows. `val` are fixed validation batches; `val_tokens_per_byte`
+    turns a validation loss per target into bits per byte (loss · tokens per byte / ln 2)."""
+    sample: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+    val_tokens_per_byte: float
+    tokens_per_batch: int  # input positions in one micro-batch, all ranks together
+    description: str  # what the data is, for the log line
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
@@ -17,14 +36,48 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def get_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, device="cpu"):
-    """(x, y), each (B, T) = (batch_size, context_len) int64 on `device`; y[:, t] is the token after x[:, t]."""
+def shard(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous share of n rows (the first n % world ranks take one more)."""
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return slice(start, start + per + (rank < extra))
+
+
+def get_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, rank: int = 0, world: int = 1):
+    """(x, y), each (B, T) = (rows of this rank, context_len) int64 on the CPU; y[:, t] is the token
+    after x[:, t]. All ranks draw the same batch_size window starts and keep their own share."""
     n = len(tokens)
     if n <= context_len:
-        raise LmforgeError(f"the training split has {n} tokens, fewer than context_len+1 = {context_len + 1}; "
-                           "use more text or a smaller --context-len")
+        raise LmforgeError(f"the training split has {n} tokens, fewer than context_len + 1 = {context_len + 1}; "
+                           "give more text or a smaller model.context_len")
     starts = torch.randint(0, n - context_len, (batch_size,), generator=batch_generator(seed, step)).numpy()
+    starts = starts[shard(batch_size, rank, world)]
     # one vectorized gather of (B, T + 1) windows instead of a Python loop over rows
-    windows = np.asarray(tokens)[starts[:, None] + np.arange(context_len + 1)].astype(np.int64)
-    window = torch.from_numpy(windows).to(device)  # (B, T + 1)
-    return window[:, :-1], window[:, 1:]
+    windows = torch.from_numpy(np.asarray(tokens)[starts[:, None] + np.arange(context_len + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: int) -> list:
+    """Evenly spaced validation windows, the same every evaluation (a cheap running estimate)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if len(tokens) < 2:
+        return []
+    length = min(context_len, len(tokens) - 1)
+    starts = np.linspace(0, len(tokens) - length - 1, num=min(n_batches * batch, len(tokens) - length)).astype(np.int64)
+    rows = torch.from_numpy(np.stack([tokens[s:s + length + 1] for s in np.unique(starts)]))
+    return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(batch)]
+
+
+def lm_batches(prepared, context_len: int, batch_size: int, seed: int, eval_batches: int) -> Batches:
+    """Random windows of the prepared training tokens, and evenly spaced validation windows."""
+    if len(prepared.train) <= context_len:
+        raise LmforgeError(f"the training split has {len(prepared.train)} tokens, fewer than context_len + 1 = "
+                           f"{context_len + 1}; give more text or a smaller model.context_len")
+
+    def sample(index: int, rank: int = 0, world: int = 1):
+        return get_batch(prepared.train, batch_size, context_len, seed=seed, step=index, rank=rank, world=world)
+
+    val_bytes = max(1, sum(d.bytes for d in prepared.documents))
+    return Batches(sample, fixed_windows(prepared.val, context_len, eval_batches, batch_size),
+                   len(prepared.val) / val_bytes, batch_size * context_len,
+                   f"{len(prepared.train):,} train / {len(prepared.val):,} val tokens")

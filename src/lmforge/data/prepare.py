@@ -46,6 +46,15 @@ class Prepared:
     unknown: dict[str, int]  # pieces the tokenizer could not represent -> count (train and val)
     reused: bool
 
+    @property
+    def train_text(self) -> str:
+        """Every document's training part, concatenated (read from the cache when asked for)."""
+        return read_exact(self.path / "train.txt")
+
+    def validation_documents(self) -> list[tuple[str, str]]:
+        """(name, validation text) per document: what evaluation scores."""
+        return [(d.name, d.text) for d in self.documents]
+
 
 def prepare(sources, *, tokenizer: str = "char", tokenizer_options: dict | None = None,
             val_fraction: float = 0.1, cache_dir=None, jsonl_field: str = "text", encoding: str = "utf-8",
@@ -63,13 +72,34 @@ def prepare(sources, *, tokenizer: str = "char", tokenizer_options: dict | None 
     else:
         kind, options, base = tokenizer_obj.kind, tokenizer_obj.options, tokenizer_obj.fingerprint()
     documents = read_sources(sources, jsonl_field=jsonl_field, encoding=encoding, errors=errors)
-    key = cache_key(documents, val_fraction, kind, options, base)
     root = cache_root(cache_dir)
-    folder = root / key
+    if tokenizer_obj is not None:
+        # A run's own tokenizer was trained on this very corpus: its cache folder is the trained one.
+        trained = root / cache_key(documents, val_fraction, kind, options, None)
+        if _fingerprint(trained) == base:
+            return open_prepared(trained, tokenizer_obj, reused=True)
+    folder = root / cache_key(documents, val_fraction, kind, options, base)
     if not (folder / "meta.json").exists():
         build(folder, documents, sources, val_fraction, kind, options, tokenizer_obj)
         return open_prepared(folder, tokenizer_obj, reused=False)
     return open_prepared(folder, tokenizer_obj, reused=True)
+
+
+def prepare_data(config, tokenizer=None) -> Prepared:
+    """A RunConfig's data, split and tokenized (from the cache when it was done before); with a
+    `tokenizer` (a run's own, a fine-tuning base's) the text is encoded with it instead of a new one."""
+    d = config.data
+    return prepare(d.sources, tokenizer=config.tokenizer.kind, tokenizer_options=config.tokenizer.options,
+                   val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
+                   encoding=d.encoding, errors=d.errors, tokenizer_obj=tokenizer)
+
+
+def _fingerprint(folder: Path) -> str | None:
+    """The tokenizer fingerprint a prepared folder records, or None when there is no readable one."""
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))["tokenizer"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cache_root(cache_dir) -> Path:

@@ -6,15 +6,13 @@ In: documents [(name, text)], a model + tokenizer, baselines over UTF-8 bytes. O
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import LmforgeError
-from ..generation import SamplingConfig, generate_ids
+from ..generation import SamplingConfig
 from .copying import CopyIndex
 from .likelihood import score_ids
 from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_starts
@@ -25,7 +23,7 @@ TEMPERATURE = 0.8
 TOP_K = 50  # model sampling only; the byte-level baselines sample from their full distribution
 COPY_THRESHOLD = 50  # characters: a generation "copies" if it holds a training span this long
 REPETITION_N = 4
-CHECK_EVERY = 4  # generation steps between checks whether a batch has produced enough text
+BATCH = 16  # prompts generated together
 
 
 @dataclass
@@ -67,60 +65,39 @@ def make_prompts(documents: list[tuple[str, str]], count: int, seed: int) -> lis
     return prompts
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
-    if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]  # the model ended the document
-    return tokenizer.decode(ids)
-
-
-def _finished(tokenizer, ids: list[int], original: str) -> bool:
-    return tokenizer.eos_id in ids or len(tokenizer.decode(ids)) >= len(original)
-
-
 def _token_budget(tokenizer, original: str) -> int:
     # The original's own token count plus slack: a sample may use shorter tokens than the author's
     # text; the decoded text is trimmed to the original's length in characters afterwards.
     return int(len(tokenizer.encode(original)) * 1.5) + 8
 
 
-@torch.inference_mode()
-def model_continuations(model, tokenizer, prompts: list[Prompt], seed: int, device="cpu",
-                        progress: bool = True) -> tuple[list[str], list[float]]:
+def model_continuations(lm, prompts: list[Prompt], seed: int, progress: bool = True) -> tuple[list[str], list[float]]:
     """Sampled continuations (trimmed to each original's length) and the nats the model spends on
     each true continuation given its prompt.
 
-    Prompts with the same token count are generated as one batch (generate_ids needs equal lengths);
-    each batch draws from a generator seeded by (seed, its token count), so results don't depend on
-    the order of the batches.
+    The prompts are generated together through the batching engine, as `lmforge generate` does one;
+    prompt i samples from a generator seeded by (seed, i), so results don't depend on the batching.
     """
+    tokenizer = lm.tokenizer
     encoded = [tokenizer.encode(p.prompt) or [tokenizer.eos_id] for p in prompts]
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(encoded):
-        groups[len(ids)].append(i)
-    texts = [""] * len(prompts)
     bar = tqdm(total=2 * len(prompts), desc="model continuations", unit="prompt", disable=not progress,
                dynamic_ncols=True)
-    for length, rows in sorted(groups.items()):
-        cfg = SamplingConfig(max(_token_budget(tokenizer, prompts[i].original) for i in rows),
-                             TEMPERATURE, TOP_K, seed=seed * 100_003 + length)
-        batch = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
-        new = [[] for _ in rows]
-        for step, tokens in enumerate(generate_ids(model, batch, cfg), start=1):
-            for row, token in zip(new, tokens.tolist()):
-                row.append(token)
-            if step % CHECK_EVERY == 0 and all(_finished(tokenizer, row, prompts[i].original)
-                                               for i, row in zip(rows, new)):
-                break  # every row has as many characters as its original (or ended): stop early
-        for i, row in zip(rows, new):
-            texts[i] = _decode(tokenizer, row)[:len(prompts[i].original)]
-        bar.update(len(rows))
+    engine = lm.engine(max_batch=BATCH)
+    requests = [engine.submit(ids, SamplingConfig(_token_budget(tokenizer, p.original), TEMPERATURE, TOP_K,
+                                                  seed=seed * 100_003 + i), max_chars=len(p.original))
+                for i, (ids, p) in enumerate(zip(encoded, prompts))]
+    while not engine.idle:
+        done = sum(r.finished for r in requests)
+        engine.step()
+        bar.update(sum(r.finished for r in requests) - done)
+    texts = [r.text[:len(p.original)] for r, p in zip(requests, prompts)]
     nats = []
     for ids, p in zip(encoded, prompts):
         # Both calls score the prompt's tokens in the same first window, so the difference is the
         # cost of the continuation given the whole prompt (exact while the prompt fits max_context;
         # a longer prompt's later tokens are windowed slightly differently in the two calls).
-        full = score_ids(model, ids + tokenizer.encode(p.original), tokenizer.eos_id, device=device)
-        nats.append(full.nats - score_ids(model, ids, tokenizer.eos_id, device=device).nats)
+        full = score_ids(lm.model, ids + tokenizer.encode(p.original), tokenizer.eos_id, device=lm.device)
+        nats.append(full.nats - score_ids(lm.model, ids, tokenizer.eos_id, device=lm.device).nats)
         bar.update(1)
     bar.close()
     return texts, nats

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.decoding import fp32_weights
 
 
 @dataclass
@@ -73,7 +72,6 @@ def _windows(n: int, window: int, stride: int):
 
 
 @torch.inference_mode()
-@fp32_weights()
 def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int = 8, chunk: int = 1024) -> Score:
     """Score `ids` given a leading `bos` token: predictions for every id, each exactly once."""
     seq = torch.tensor([bos] + list(ids), dtype=torch.long, device=device)

@@ -105,22 +105,17 @@ def write_report(lm, out_dir: Path, text_path=None, n_prompts: int = 100, seed: 
 # ---- inputs -------------------------------------------------------------------------------------
 
 def _read_split(lm, text_path) -> tuple[list[tuple[str, str]], str]:
-    """([(name, text to evaluate)], training text): the run's validation documents, split as
-    `prepare` splits them, or the file `text_path`; the train parts joined are what the baselines
-    fit and what copying is checked against."""
-    from ..data import read_sources
+    """([(name, text to evaluate)], training text): the run's validation documents from its prepared
+    data, or the file `text_path`; the training text is what the baselines fit and what copying is
+    checked against."""
+    from ..data import prepare_data
     from ..data.sources import read_text
-    from ..data.prepare import split_text
 
-    data = lm.config["data"]
-    docs = read_sources(data["sources"], jsonl_field=data["jsonl_field"], encoding=data["encoding"],
-                        errors=data["errors"])
-    parts = [(doc.name, *split_text(doc.text, data["val_fraction"])) for doc in docs]
-    train_text = "".join(train for _, train, _ in parts)
+    prepared = prepare_data(lm.run_config(), lm.tokenizer)
     if text_path is None:
-        return [(name, val) for name, _, val in parts], train_text
+        return prepared.validation_documents(), prepared.train_text
     path = Path(text_path)
-    return [(path.name, read_text(path))], train_text
+    return [(path.name, read_text(path))], prepared.train_text
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -175,8 +170,7 @@ def _baselines(train_bytes: bytes, documents, text_bytes: bytes, progress: bool)
 def _continuation(lm, baselines, prompts, train_text: str, seed: int, progress: bool) -> dict:
     """Generate with the model and each baseline from the same prompts, and score all of them."""
     texts, nats = {}, {}
-    texts["model"], nats["model"] = cont.model_continuations(lm.model, lm.tokenizer, prompts, seed, lm.device,
-                                                             progress)
+    texts["model"], nats["model"] = cont.model_continuations(lm, prompts, seed, progress)
     for key in ("kn5", "unigram"):
         texts[key], nats[key] = cont.baseline_continuations(baselines[key], prompts, seed, key, progress)
     index = CopyIndex(train_text)

@@ -1,7 +1,8 @@
 """The model families behind one registry: `build_model(arch, **fields)` -> an nn.Module.
 
 Every family follows the contract in docs/design.md ("Models"): `logits, state = model(tokens, state)`,
-`model.hidden`, `model.head`, `model.init_state`, `model.config`, `model.arch`, `model.max_context`,
+`model.hidden`, `model.head`, `model.init_state`, `model.select_state`, `model.cat_states`,
+`model.config`, `model.arch`, `model.max_context`, `model.hidden_size`, `model.parameter_groups()`,
 `model.flops_per_token()`, `model.lora_targets`. Adding a family is one file plus one line in MODELS.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 
 import torch.nn as nn
 
+from lmforge.config import check_type
 from lmforge.errors import LmforgeError
 
 from .cnn import CNNConfig, CNNModel
@@ -29,21 +31,28 @@ def config_class(arch: str) -> type:
     return CONFIGS[MODELS[arch]]
 
 
-def build_model(arch: str, **fields) -> nn.Module:
-    """A freshly initialised model (weights drawn from the caller's torch RNG).
-    `build_model(model.arch, **dataclasses.asdict(model.config))` rebuilds the same architecture."""
+def resolve_config(arch: str, **fields):
+    """The family's config dataclass for `fields`, validated and with its defaults resolved (no weights)."""
     cls = config_class(arch)
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - set(valid))
     if unknown:
         raise LmforgeError(f"unknown {arch} model field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
+    fields = {name: check_type(f"model.{name}", value, valid[name].type) for name, value in fields.items()}
     if "vocab_size" not in fields:
         raise LmforgeError(f"the {arch} model needs vocab_size (normally taken from the tokenizer)")
     for name, value in PRESETS.get(arch, {}).items():
         if fields.setdefault(name, value) != value:
             raise LmforgeError(f"model.{name}={fields[name]!r} contradicts arch {arch!r}; "
                                f"drop {name} or use arch {fields[name]!r}")
-    return MODELS[arch](cls(**fields))
+    return cls(**fields)
+
+
+def build_model(arch: str, **fields) -> nn.Module:
+    """A freshly initialised model (weights drawn from the caller's torch RNG).
+    `build_model(model.arch, **dataclasses.asdict(model.config))` rebuilds the same architecture."""
+    config = resolve_config(arch, **fields)
+    return MODELS[arch](config)
 
 
 def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
@@ -56,5 +65,5 @@ def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-__all__ = ["MODELS", "build_model", "config_class", "count_params", "KVCache",
+__all__ = ["MODELS", "build_model", "config_class", "count_params", "resolve_config", "KVCache",
            "Transformer", "TransformerConfig", "RNNModel", "RNNConfig", "CNNModel", "CNNConfig"]

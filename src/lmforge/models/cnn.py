@@ -69,9 +69,11 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv1d(cfg.d_model, 2 * cfg.d_model, cfg.kernel_size, dilation=dilation)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x, buffer):  # x (B, T, D), buffer (B, D, width) -> (B, T, D), new buffer
-        h = torch.cat([buffer, self.norm(x).transpose(1, 2)], dim=2)  # (B, D, width + T), past on the left
-        new_buffer = h[:, :, h.size(2) - self.width:]  # the last `width` inputs, for the next call
+    def forward(self, x, buffer=None):  # x (B, T, D), buffer (B, D, width) -> (B, T, D), new buffer
+        h = self.norm(x).transpose(1, 2)  # (B, D, T)
+        # the past on the left: the buffer, or zeros (causal padding) at the start of a sequence
+        h = F.pad(h, (self.width, 0)) if buffer is None else torch.cat([buffer.to(h.dtype), h], dim=2)
+        new_buffer = None if buffer is None else h[:, :, h.size(2) - self.width:]  # the last `width` inputs
         if x.size(1) == 1:  # one new position (decoding): the conv is one matrix product over its k taps;
             # PyTorch's CPU conv takes a slow element-by-element path for dilated, one-output convolutions
             taps = h[:, :, ::self.conv.dilation[0]]  # (B, D, k), oldest first, as the kernel is laid out
@@ -120,25 +122,42 @@ class CNNModel(nn.Module):
         return None  # finite receptive field, but the rolling buffers let it run forever
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.d_model
+
+    @property
     def lora_targets(self) -> tuple[str, ...]:
         return ("proj", "lm_head")
+
+    def parameter_groups(self) -> dict[str, list]:
+        """embeddings, layers (one list per block, in order), head and the rest (the final norm)."""
+        return {"embeddings": [self.embed.weight], "layers": [list(block.parameters()) for block in self.blocks],
+                "head": [self.lm_head.weight], "other": list(self.norm.parameters())}
 
     def init_state(self, batch_size: int, device, dtype) -> list[torch.Tensor]:
         """One zero buffer (B, D, (kernel_size - 1)·dilation) per layer: the causal left padding."""
         return [torch.zeros(batch_size, self.config.d_model, block.width, device=device, dtype=dtype)
                 for block in self.blocks]
 
+    @staticmethod
+    def select_state(state: list[torch.Tensor], rows: list[int]) -> list[torch.Tensor]:
+        index = torch.tensor(rows, device=state[0].device)
+        return [buffer.index_select(0, index) for buffer in state]
+
+    @staticmethod
+    def cat_states(states: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        return [torch.cat(buffers) for buffers in zip(*states)]
+
     def hidden(self, tokens: torch.Tensor, state: list[torch.Tensor] | None = None):
-        """(B, T) ids -> final normed hidden states (B, T, D) and the new per-layer buffers."""
+        """(B, T) ids -> final normed hidden states (B, T, D) and the new per-layer buffers (None when
+        no state was given). The state passed in is left unchanged."""
         x = self.embed(tokens)  # (B, T, D)
-        if state is None:
-            state = self.init_state(tokens.size(0), x.device, x.dtype)
         x = F.dropout(x, self.config.dropout, self.training)
         new_state = []
-        for block, buffer in zip(self.blocks, state):
-            x, buffer = block(x, buffer.to(x.dtype))
+        for block, buffer in zip(self.blocks, state or [None] * len(self.blocks)):
+            x, buffer = block(x, buffer)
             new_state.append(buffer)
-        return self.norm(x), new_state
+        return self.norm(x), None if state is None else new_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (B, T, D) -> (B, T, V)

@@ -95,8 +95,20 @@ class RNNModel(nn.Module):
         return None
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.d_model if self.config.tie_embeddings else self.config.d_hidden
+
+    @property
     def lora_targets(self) -> tuple[str, ...]:
         return ("proj",) if self.config.tie_embeddings else ("lm_head",)
+
+    def parameter_groups(self) -> dict[str, list]:
+        """embeddings, layers (each recurrent layer's four tensors, in order), head and the rest (proj)."""
+        layers = [[getattr(self.rnn, f"{kind}_l{i}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                  for i in range(self.config.n_layers)]
+        head = [] if self.lm_head is None else list(self.lm_head.parameters())
+        return {"embeddings": [self.embed.weight], "layers": layers, "head": head,
+                "other": [] if self.proj is None else [self.proj.weight]}
 
     def init_state(self, batch_size: int, device, dtype):
         """Zeros of shape (n_layers, B, d_hidden): a tuple (h, c) for the LSTM, h alone for the GRU."""
@@ -104,16 +116,31 @@ class RNNModel(nn.Module):
         h = torch.zeros(shape, device=device, dtype=dtype)
         return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
 
+    @staticmethod
+    def select_state(state, rows: list[int]):
+        """A new state holding `rows` of `state`, in that order (the batch is dimension 1)."""
+        index = torch.tensor(rows, device=(state[0] if isinstance(state, tuple) else state).device)
+        if isinstance(state, tuple):
+            return tuple(t.index_select(1, index) for t in state)
+        return state.index_select(1, index)
+
+    @staticmethod
+    def cat_states(states: list):
+        if isinstance(states[0], tuple):
+            return tuple(torch.cat(parts, dim=1) for parts in zip(*states))
+        return torch.cat(states, dim=1)
+
     def hidden(self, tokens: torch.Tensor, state=None):
-        """(B, T) ids -> top-layer outputs (B, T, d_hidden), or (B, T, d_model) when tied; new state.
-        The new state carries autograd history: detach it between truncated-BPTT windows."""
+        """(B, T) ids -> top-layer outputs (B, T, d_hidden), or (B, T, d_model) when tied, and the new
+        state (None when none was given). The state carries autograd history: detach it between
+        truncated-BPTT windows. The state passed in is left unchanged."""
         x = self.embed(tokens)  # (B, T, d_model)
         x = F.dropout(x, self.config.dropout, self.training)
-        out, state = self.rnn(x, state)  # (B, T, d_hidden); None starts from zeros
+        out, new_state = self.rnn(x, state)  # (B, T, d_hidden); None starts from zeros
         out = F.dropout(out, self.config.dropout, self.training)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, d_model)
-        return out, state
+        return out, None if state is None else new_state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         # Call lm_head as a module (not its .weight) so a LoRA wrapper around it takes effect.

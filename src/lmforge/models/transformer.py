@@ -38,8 +38,6 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 
-from . import decoding
-
 CHOICES = {"norm": ("rmsnorm", "layernorm"), "pos": ("rope", "learned"), "mlp": ("relu2", "gelu", "swiglu")}
 
 
@@ -159,6 +157,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + swapped * signed_sin
 
 
+@dataclass
+class KVCache:
+    """The Transformer's decoding state: per-layer key and value buffers (B, n_kv_heads, context_len,
+    head_dim) and, per row, how many positions they hold (`pos`).
+
+    Rows may hold different lengths (a server decodes requests of different ages together); a call
+    with several new positions needs rows of one length. The model writes the new keys and values
+    into the buffers in place and advances `pos`: the state passed in is updated and returned."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pos: list[int]
+
+
+@dataclass
+class _Window:
+    """Where one forward call's T new positions sit in the cache, and what they attend to."""
+    start: int | None  # the first new position when every row is at the same one, else None
+    index: torch.Tensor | None  # (B,) each row's new position, when rows differ (T = 1)
+    length: int  # cache positions attended to: 0 .. length - 1
+    mask: torch.Tensor | None  # True where a query may attend; None = causal or everything
+    causal: bool
+
+
+def _window(state: KVCache, T: int, context_len: int, device) -> _Window:
+    lo, hi = min(state.pos), max(state.pos)
+    if hi + T > context_len:
+        raise LmforgeError(f"{hi + T} tokens exceed the Transformer's max_context={context_len}; "
+                           f"crop the input or start a fresh state")
+    if lo == hi:
+        mask = None
+        if lo > 0 and T > 1:  # query i (absolute position lo + i) sees keys <= lo + i
+            mask = torch.arange(lo + T, device=device)[None, :] <= torch.arange(lo, lo + T, device=device)[:, None]
+        return _Window(lo, None, lo + T, mask, causal=lo == 0 and T > 1)
+    if T != 1:
+        raise LmforgeError("rows of a Transformer state hold different lengths; feed them one position at a time")
+    index = torch.tensor(state.pos, device=device)
+    mask = (torch.arange(hi + 1, device=device)[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, hi + 1)
+    return _Window(None, index, hi + 1, mask, causal=False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -170,7 +208,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, rope, k_cache, v_cache, pos):
+    def forward(self, x, rope, cache: tuple[torch.Tensor, torch.Tensor] | None = None, window: _Window | None = None):
+        """x (B, T, D) -> (B, T, D). `cache`: this layer's key and value buffers, written at `window`."""
         B, T, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # Query and key heads are normalised and rotated together, as one (B, T, H + K, hd) block:
@@ -183,17 +222,18 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)
         q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, hd), (B, K, T, hd)
         v = v.transpose(1, 2)  # (B, K, T, hd)
-        # Write this chunk into the preallocated cache in place; positions past pos + T stay unread.
-        if k_cache is not None:
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
         mask, causal = None, T > 1
-        if pos > 0:  # attend over the cache; query i (absolute position pos + i) sees keys <= pos + i
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, K, pos + T, hd)
-            if T > 1:
-                keys = torch.arange(pos + T, device=x.device)
-                mask = keys[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None]  # (T, pos + T)
-            causal = False
+        if cache is not None:
+            k_cache, v_cache = cache
+            if window.start is not None:
+                k_cache[:, :, window.start:window.start + T] = k
+                v_cache[:, :, window.start:window.start + T] = v
+            else:  # one new position per row, each at its own place
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, window.index] = k[:, :, 0]
+                v_cache[rows, :, window.index] = v[:, :, 0]
+            k, v = k_cache[:, :, :window.length], v_cache[:, :, :window.length]  # (B, K, length, hd)
+            mask, causal = window.mask, window.causal
         attend = partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=causal,
                          dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -249,30 +289,16 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg, cfg.d_model), MLP(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, k_cache, v_cache, pos):  # (B, T, D) -> (B, T, D), pre-norm residual
+    def forward(self, x, rope, cache=None, window=None):  # (B, T, D) -> (B, T, D), pre-norm residual
         # Dropout is skipped outright unless training: single-token decoding is bound by per-op overhead.
-        a = self.attn(self.attn_norm(x), rope, k_cache, v_cache, pos)
+        a = self.attn(self.attn_norm(x), rope, cache, window)
         x = x + (F.dropout(a, self.dropout, True) if self.training and self.dropout else a)
         m = self.mlp(self.mlp_norm(x))
         return x + (F.dropout(m, self.dropout, True) if self.training and self.dropout else m)
 
 
-@dataclass
-class KVCache:
-    """Per-layer key and value buffers (B, n_kv_heads, context_len, head_dim), valid up to `pos`.
-
-    The model writes into the buffers in place and advances `pos`; forward returns the same object.
-    `decoder` is the model's single-token step for this state (decoding.transformer_step), once known."""
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    pos: int = 0
-    decoder: object = None
-
-
 class Transformer(nn.Module):
     arch = "transformer"
-    fast_decoding = False  # decoding.prepare_for_decoding turns it on (CPU inference)
-    _decoder = None  # the latest decoding.TransformerDecoder built for this model
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -308,40 +334,66 @@ class Transformer(nn.Module):
         return self.config.context_len
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.d_model
+
+    @property
     def lora_targets(self) -> tuple[str, ...]:
         targets = ("qkv", "proj", "fc") + (("gate",) if self.config.mlp == "swiglu" else ())
         return targets + (() if self.config.tie_embeddings else ("lm_head",))
+
+    def parameter_groups(self) -> dict[str, list]:
+        """embeddings, layers (one list per block, in order), head (the untied output matrix) and the rest."""
+        embeddings = [self.tok_emb.weight] + ([self.pos_emb.weight] if self.pos_emb is not None else [])
+        return {"embeddings": embeddings, "layers": [list(block.parameters()) for block in self.blocks],
+                "head": [] if self.lm_head is None else [self.lm_head.weight], "other": list(self.norm.parameters())}
 
     def init_state(self, batch_size: int, device, dtype) -> KVCache:
         cfg = self.config
         shape = (batch_size, cfg.n_kv_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]
-        return KVCache(keys, [torch.zeros_like(k) for k in keys])
+        return KVCache(keys, [torch.zeros_like(k) for k in keys], [0] * batch_size)
+
+    @staticmethod
+    def select_state(state: KVCache, rows: list[int]) -> KVCache:
+        """A new state holding `rows` of `state`, in that order."""
+        index = torch.tensor(rows, device=state.keys[0].device)
+        return KVCache([k.index_select(0, index) for k in state.keys], [v.index_select(0, index) for v in state.values],
+                       [state.pos[r] for r in rows])
+
+    @staticmethod
+    def cat_states(states: list[KVCache]) -> KVCache:
+        """One state whose rows are those of `states`, in order."""
+        return KVCache([torch.cat(layer) for layer in zip(*(s.keys for s in states))],
+                       [torch.cat(layer) for layer in zip(*(s.values for s in states))],
+                       [p for s in states for p in s.pos])
 
     def hidden(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
-        """(B, T) ids -> final normed hidden states (B, T, D), continuing from `state` (None = fresh)."""
+        """(B, T) ids -> final normed hidden states (B, T, D), continuing from `state`; None starts a
+        fresh sequence and keeps no cache (training, scoring whole windows)."""
         B, T = tokens.shape
-        # Training never continues from a state: skip the cache there (returned state is None).
-        if state is None and not self.training:
-            state = self.init_state(B, tokens.device, self.tok_emb.weight.dtype)
-        pos = 0 if state is None else state.pos
-        if pos + T > self.config.context_len:
-            raise LmforgeError(f"{pos + T} tokens exceed the Transformer's max_context={self.config.context_len}; "
-                               f"crop the input or start a fresh state")
+        window = None if state is None else _window(state, T, self.config.context_len, tokens.device)
+        if window is None and T > self.config.context_len:
+            raise LmforgeError(f"{T} tokens exceed the Transformer's max_context={self.config.context_len}; "
+                               f"crop the input")
         x = self.tok_emb(tokens)  # (B, T, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[pos:pos + T]
+            x = x + (self.pos_emb(window.index)[:, None] if window is not None and window.index is not None
+                     else self.pos_emb.weight[(window.start if window else 0):][:T])
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout, True)
         rope = None
         if self.config.pos == "rope":
-            # (T, 1, hd): broadcast over the heads of a (B, T, heads, hd) block
-            rope = (self.rope_cos[pos:pos + T, None].to(x.dtype), self.rope_sin[pos:pos + T, None].to(x.dtype))
-        caches = zip(state.keys, state.values) if state is not None else [(None, None)] * len(self.blocks)
-        for block, (k_cache, v_cache) in zip(self.blocks, caches):
-            x = block(x, rope, k_cache, v_cache, pos)
+            if window is not None and window.index is not None:  # (B, 1, 1, hd): one position per row
+                rope = (self.rope_cos[window.index][:, None, None], self.rope_sin[window.index][:, None, None])
+            else:  # (T, 1, hd): broadcast over the rows and over the heads of a (B, T, heads, hd) block
+                start = window.start if window else 0
+                rope = (self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None])
+            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if state is None else (state.keys[i], state.values[i]), window)
         if state is not None:
-            state.pos = pos + T
+            state.pos = [p + T for p in state.pos]
         return self.norm(x), state
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -351,11 +403,7 @@ class Transformer(nn.Module):
         cap = self.config.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
-    def forward(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        if self.fast_decoding and state is not None and tokens.size(1) == 1:
-            step = decoding.transformer_step(self, state, tokens.size(0))
-            if step is not None and state.pos < self.config.context_len:
-                return step(tokens[:, 0], state).unsqueeze(1), state
+    def forward(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         hidden, state = self.hidden(tokens, state)
         return self.head(hidden), state
 

@@ -65,6 +65,11 @@ def resolve_options(kind: str, options: dict | None = None) -> dict:
     if bad:
         valid = ", ".join(defaults) or "none"
         raise LmforgeError(f"unknown option(s) {', '.join(bad)} for the {kind} tokenizer; valid options: {valid}")
+    for name, value in options.items():
+        default = defaults[name]
+        if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
+            raise LmforgeError(f"{kind} tokenizer option {name} must be {type(default).__name__} like its default "
+                               f"{default!r}, got {value!r}")
     return {**defaults, **options}
 
 

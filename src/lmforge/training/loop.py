@@ -1,33 +1,74 @@
-"""The one training loop: every family, pretraining and fine-tuning alike.
+"""The one training loop: every family, pretraining and every kind of fine-tuning alike.
 
-In: a RunConfig and a run folder. Out: a run folder with config.json, tokenizer.json,
-model.safetensors (best by validation), resume state in last/, metrics.jsonl and loss.png.
+In: a RunConfig, a run folder and a Job — the model to train (built, with its starting weights and
+any frozen layers or adapters), its batches, its loss, and which files its weights go to. Out: the
+run folder: config.json, tokenizer.json, model.safetensors (best by validation), resume state in
+last/, metrics.jsonl and loss.png. Under torchrun each process trains its share of every batch.
 """
 from __future__ import annotations
 
-import json
 import math
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
 from .. import checkpoint as ckpt
 from ..config import RunConfig
-from ..data import get_batch, prepare
-from ..device import autocast, resolve_device, resolve_dtype, seed_everything, set_threads
+from ..data.batches import Batches
+from ..device import resolve_device, resolve_dtype, set_threads
 from ..errors import LmforgeError
-from ..models import build_model, count_params
+from ..models import count_params
+from . import distributed as dist
 from .optim import build_optimizers, lr_factor, progress, set_lr
 from .plots import plot_losses
+from .step import evaluate_loss, lm_loss, train_step
 
 LOG_INTERVAL = 10
 EVALS_PER_TIME_BUDGET = 10  # under a time budget, evaluate every max_time / 10 seconds of training
+MAX_SKIPPED = 5  # consecutive steps with a non-finite loss or gradient before the run stops
+
+
+def plain_weights(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {ckpt.WEIGHTS: ckpt.model_state(model)}
+
+
+@dataclass
+class Job:
+    """What a run trains. Pretraining, full, frozen and LoRA fine-tuning, classification and prompt ->
+    completion differ only here: the model (which parameters train, which head), the batches and the
+    loss. `weights(model)` maps file names to the tensors saved as the run's weights (a LoRA run
+    merges its adapters into model.safetensors and keeps them alone in adapter.safetensors)."""
+    model: nn.Module
+    tokenizer: object
+    batches: Batches
+    loss: object = lm_loss
+    weights: Callable[[nn.Module], dict[str, dict[str, torch.Tensor]]] = plain_weights
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: saved with every resume point as trainer_state.json."""
+    step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    best_val_loss: float | None = None
+    evals: int = 0
+    last_eval_step: int | None = None
+    checkpoint_time: float = 0.0  # training time at the last resume point
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    losses: list = field(default_factory=list)  # training losses since the last metrics row
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -42,262 +83,192 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class Batches:
-    """Where a step's micro-batches come from: a function of (step, micro) so resume is exact."""
-    sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-    tokens_per_step: int
-    val: list[tuple[torch.Tensor, torch.Tensor]]
-    val_tokens_per_byte: float
+def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False, log: Callable[[str], None] = print,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train `job` into the run folder `out` (or continue it with resume=True).
 
-
-def prepared_batches(prepared, context_len: int, cfg, device) -> Batches:
-    accum, batch = cfg.grad_accum, cfg.batch_size
-    train_tokens = prepared.train
-    if len(train_tokens) <= context_len:
-        raise LmforgeError(f"the training split has {len(train_tokens)} tokens, fewer than context_len + 1 = "
-                           f"{context_len + 1}; give more text or a smaller model.context_len")
-
-    def sample(index: int):
-        return get_batch(train_tokens, batch, context_len, seed=cfg.seed, step=index, device=device)
-
-    val = np.asarray(prepared.val, dtype=np.int64)
-    val_bytes = max(1, len(prepared.val_text.encode("utf-8")))
-    return Batches(sample, batch * context_len * accum, fixed_windows(val, context_len, cfg.eval_batches, batch, device),
-                   len(val) / val_bytes)
-
-
-def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: int, device) -> list:
-    """Evenly spaced validation windows, the same every evaluation (a cheap running estimate)."""
-    if len(tokens) < 2:
-        return []
-    length = min(context_len, len(tokens) - 1)
-    starts = np.linspace(0, len(tokens) - length - 1, num=min(n_batches * batch, len(tokens) - length)).astype(np.int64)
-    rows = np.stack([tokens[s:s + length + 1] for s in np.unique(starts)])
-    out = []
-    for i in range(0, len(rows), batch):
-        chunk = torch.from_numpy(rows[i:i + batch]).to(device)
-        out.append((chunk[:, :-1], chunk[:, 1:]))
-    return out
-
-
-def lm_loss(model, x, y) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets equal to -100 (e.g. prompt tokens) are ignored."""
-    logits, _ = model(x)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
-
-
-@torch.no_grad()
-def estimate_val_loss(model, windows, device, dtype, loss_fn=None) -> float:
-    """Mean loss per target token (lm_loss) or per example (a given `loss_fn(model, x, y)`)."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in windows:
-        with autocast(device, dtype):
-            if loss_fn is not None:
-                total += loss_fn(model, x, y).float().item() * len(x)
-                count += len(x)
-                continue
-            logits, _ = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((y != -100).sum())
-    model.train()
-    return total / max(count, 1)
-
-
-def check_resume_config(stored: dict, config: RunConfig) -> None:
-    """Data, tokenizer and model must match the checkpoint; the training budget may change."""
-    current = config.to_dict()
-    conflicts = []
-    for section in ("data", "tokenizer"):
-        for key, value in current[section].items():
-            if stored[section].get(key) != value:
-                conflicts.append(f"{section}.{key}={value!r} (checkpoint: {stored[section].get(key)!r})")
-    if stored["model"]["arch"] != config.model.arch:
-        conflicts.append(f"model.arch={config.model.arch!r} (checkpoint: {stored['model']['arch']!r})")
-    for key, value in config.model.options.items():
-        if stored["model"]["options"].get(key) != value:
-            conflicts.append(f"model.{key}={value!r} (checkpoint: {stored['model']['options'].get(key)!r})")
-    if conflicts:
-        raise LmforgeError("--resume: options conflict with the checkpoint: " + "; ".join(conflicts)
-                           + "; drop them, or start a new run with another --out")
-
-
-def make_run_dir(out: Path, resume: bool) -> Path:
-    out = Path(out)
-    if resume:
-        ckpt.read_config(out)  # fails clearly when it is not a run
-        return out
-    if (out / ckpt.CONFIG).exists():
-        raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    if out.exists() and any(out.iterdir()):
-        raise LmforgeError(f"{out} exists and is not empty; choose another --out (nothing was written)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def prepare_data(config: RunConfig):
-    """The config's data, split and tokenized (from the cache when it was done before)."""
-    d = config.data
-    return prepare(d.sources, tokenizer=config.tokenizer.kind, tokenizer_options=config.tokenizer.options,
-                   val_fraction=d.val_fraction, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field,
-                   encoding=d.encoding, errors=d.errors)
-
-
-def train(config: RunConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
-          on_step: Callable[[int], None] | None = None, init_weights: dict | None = None,
-          prepared=None, trainable: Callable[[torch.nn.Module], None] | None = None,
-          loss_fn: Callable | None = None, make_batches: Callable | None = None) -> TrainResult:
-    """Train `config` into the run folder `out` (or continue it with resume=True).
-
-    `on_step(step)` runs after every optimizer step (a KeyboardInterrupt from it stops the run the
-    way Ctrl-C does: state is saved and the run can be resumed). `init_weights` starts from given
-    weights (fine-tuning); `trainable(model)` may freeze parameters or add adapters before the
-    optimizer is built. `loss_fn(model, x, y) -> scalar` replaces next-token cross-entropy (classification);
-    `make_batches(prepared, context_len, train_cfg, device) -> Batches` replaces random windows
-    (prompt -> completion pairs, labelled examples).
-    """
+    Ctrl-C or SIGTERM finishes the current step, saves a resume point and returns with
+    `interrupted` set; `on_step(step)` runs after every optimizer step, and a KeyboardInterrupt from
+    it stops the run the same way."""
     cfg = config.train
-    threads = set_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if dist.launched():
+        device = dist.start(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    run_dir = make_run_dir(Path(out), resume)
-    if resume:
-        stored = ckpt.read_config(run_dir)
-        check_resume_config(stored, config)
-
-    if prepared is None:
-        prepared = prepare_data(config)
-    tokenizer = prepared.tokenizer
-    options = {**config.model.options, "vocab_size": tokenizer.vocab_size}
-    model = build_model(config.model.arch, **options)
-    if init_weights is not None:
-        model.load_state_dict(init_weights)
-    if trainable is not None:
-        trainable(model)
-    model.to(device)
-    context_len = model.config.context_len
-    batches = (make_batches or prepared_batches)(prepared, context_len, cfg, device)
+    threads = set_threads(cfg.threads) if device.type == "cpu" else None
+    run_dir = ckpt.open_run_dir(Path(out), resume)
+    model = job.model.to(device)
     optimizers = build_optimizers(model, cfg)
-
-    if not resume:
-        ckpt.save_config(run_dir, config, asdict(model.config))
-        tokenizer.save(run_dir)
-    n_params = count_params(model)
-    log(f"model: {config.model.arch}, {n_params / 1e6:.2f}M parameters "
-        f"({count_params(model, exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
-        f"{model.flops_per_token() / 1e6:.1f} MFLOPs per training token; tokenizer: {tokenizer.kind} "
-        f"(vocab {tokenizer.vocab_size}); data: {len(prepared.train):,} train / {len(prepared.val):,} val tokens; "
-        f"{device.type}, {threads} threads, {str(dtype).removeprefix('torch.')}"
-        f"{' autocast' if dtype != torch.float32 else ''}")
-
-    state = {"step": 0, "tokens": 0, "train_time": 0.0, "best_val_loss": None, "evals": 0}
+    state = TrainerState()
     if resume:
-        state.update(ckpt.load_resume(run_dir, model, optimizers))
-        model.to(device)
-        log(f"resuming {run_dir} at step {state['step']}")
-    forward = torch.compile(model) if cfg.compile else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = open(metrics_path, "a")
-    bar = _progress_bar(cfg, state)
-    interrupted = False
-    window_loss, window_steps = 0.0, 0
+        state = TrainerState.from_dict(ckpt.load_resume(run_dir, model, optimizers, log=log))
+        log(f"resuming {run_dir} at step {state.step}")
+    elif dist.is_main():
+        ckpt.save_config(run_dir, config, asdict(model.config))
+        job.tokenizer.save(run_dir)
+    forward = dist.wrap(model, device) if dist.world_size() > 1 else model
+    forward = torch.compile(forward) if cfg.compile else forward
+    log(describe(config, job, model, device, dtype, threads))
 
-    def write(row: dict) -> None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-
-    def save_resume() -> None:
-        ckpt.save_resume(run_dir, model, optimizers, state)
-
-    def evaluate() -> None:
-        val_loss = estimate_val_loss(forward, batches.val, device, dtype, loss_fn)
-        val_bpb = val_loss * batches.val_tokens_per_byte / math.log(2)
-        row = {"step": state["step"], "val_loss": val_loss, "val_bpb": val_bpb, "train_time": state["train_time"]}
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-            state["best_val_loss"] = val_loss
-            if cfg.keep_best:
-                ckpt.save_tensors(run_dir / ckpt.WEIGHTS, ckpt.model_state(model))
-        state["evals"] += 1
-        state["last_eval_step"] = state["step"]
-        write(row)
-        bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {tokens_per_s:,.0f} tok/s")
-
-    def evaluation_due() -> bool:
-        if cfg.max_time:  # a time budget: evenly spaced in training time
-            return state["train_time"] >= (state["evals"] + 1) * cfg.max_time / EVALS_PER_TIME_BUDGET
-        return state["step"] % cfg.eval_interval == 0
-
+    metrics = ckpt.MetricsLog(run_dir / "metrics.jsonl", after_step=state.step, write=dist.is_main())
+    bar = progress_bar(cfg, state)
+    stop, interrupted, last_loss, tokens_per_s = StopSignals(), False, math.nan, 0.0
     model.train()
-    last_loss, tokens_per_s = float("nan"), 0.0
     try:
-        while (done := progress(state["step"], state["train_time"], cfg)) < 1.0:
-            tic = time.perf_counter()
-            step = state["step"]
-            set_lr(optimizers, lr_factor(step, done, cfg))
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = batches.sample(step * cfg.grad_accum + micro)
-                with autocast(device, dtype):
-                    loss = (loss_fn or lm_loss)(forward, x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["tokens"] += batches.tokens_per_step
-            elapsed = time.perf_counter() - tic
-            state["train_time"] += elapsed
-            last_loss = loss_sum / cfg.grad_accum
-            if not math.isfinite(last_loss):
-                raise LmforgeError(f"the loss became {last_loss} at step {state['step']}; lower train.lr "
-                                   f"(now {cfg.lr}) or raise train.warmup_steps")
-            window_loss += last_loss
-            window_steps += 1
-            tokens_per_s = state["tokens"] / max(state["train_time"], 1e-9)
-            bar.update(min(elapsed, max(0.0, bar.total - bar.n)) if cfg.max_time else 1)
-            if state["step"] % LOG_INTERVAL == 0:
-                write({"step": state["step"], "loss": window_loss / window_steps, "lr": lr_factor(step, done, cfg),
-                       "tokens": state["tokens"], "train_time": state["train_time"], "tokens_per_s": tokens_per_s})
-                window_loss, window_steps = 0.0, 0
-                bar.set_postfix_str(f"loss {last_loss:.3f} {tokens_per_s:,.0f} tok/s")
-            if evaluation_due():
-                evaluate()
-            if state["step"] % cfg.checkpoint_interval == 0:
-                save_resume()
-            if on_step is not None:
-                on_step(state["step"])
+        with stop:
+            while (done := progress(state.step, state.train_time, cfg)) < 1.0:
+                tic = time.perf_counter()
+                torch.manual_seed(step_seed(cfg.seed, state.step, dist.rank()))  # dropout: a function of the step
+                set_lr(optimizers, lr_factor(state.step, done, cfg))
+                micro = [job.batches.sample(state.step * cfg.grad_accum + m, dist.rank(), dist.world_size())
+                         for m in range(cfg.grad_accum)]
+                result = train_step(model, forward, optimizers, micro, job.loss, device=device, dtype=dtype,
+                                    grad_clip=cfg.grad_clip)
+                state.step += 1
+                state.tokens += job.batches.tokens_per_batch * cfg.grad_accum
+                elapsed = time.perf_counter() - tic
+                state.train_time += elapsed
+                tokens_per_s = state.tokens / max(state.train_time, 1e-9)
+                bar.update(min(elapsed, max(0.0, bar.total - bar.n)) if cfg.max_time else 1)
+                if result.skipped:
+                    skipped_step(state, result, cfg, log)
+                else:
+                    state.skipped, last_loss = 0, result.loss
+                    state.losses.append(result.loss)
+                if state.step % LOG_INTERVAL == 0 and state.losses:
+                    metrics.write({"step": state.step, "loss": sum(state.losses) / len(state.losses),
+                                   "lr": lr_factor(state.step - 1, done, cfg), "tokens": state.tokens,
+                                   "train_time": state.train_time, "tokens_per_s": tokens_per_s})
+                    state.losses = []
+                    bar.set_postfix_str(f"loss {last_loss:.3f} {tokens_per_s:,.0f} tok/s")
+                if evaluation_due(state, cfg):
+                    val_bpb = evaluate(model, job, state, cfg, device, dtype, run_dir, metrics)
+                    bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {tokens_per_s:,.0f} tok/s")
+                if (state.step % cfg.checkpoint_interval == 0
+                        or state.train_time - state.checkpoint_time >= cfg.checkpoint_time):
+                    save_resume_point(run_dir, model, optimizers, state, cfg)
+                if on_step is not None:
+                    on_step(state.step)
+                if dist.any_true(stop.requested):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
-        log(f"\ninterrupted at step {state['step']}; continue with: lmforge train --resume {run_dir}")
+        log(f"\ninterrupted at step {state.step}; continue with: lmforge train --resume {run_dir}")
     finally:
         bar.close()
-    if not interrupted and state.get("last_eval_step") != state["step"]:
-        evaluate()  # the final weights always get a score (keep_best compares them too)
-    save_resume()
+    if not interrupted and state.last_eval_step != state.step:
+        evaluate(model, job, state, cfg, device, dtype, run_dir, metrics)  # the final weights always get a score
+    save_resume_point(run_dir, model, optimizers, state, cfg)
     if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
-        ckpt.save_tensors(run_dir / ckpt.WEIGHTS, ckpt.model_state(model))
+        save_weights(run_dir, job.weights(model))
     metrics.close()
-    plot_losses(metrics_path, run_dir / "loss.png")
-    best = state["best_val_loss"]
-    return TrainResult(run_dir=run_dir, steps=state["step"], tokens=state["tokens"], train_time=state["train_time"],
-                       tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
-                       best_val_bpb=None if best is None else best * batches.val_tokens_per_byte / math.log(2),
-                       interrupted=interrupted, extra={"params": n_params, "device": device.type, "threads": threads})
+    if dist.is_main():
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    best = state.best_val_loss
+    return TrainResult(run_dir=run_dir, steps=state.step, tokens=state.tokens, train_time=state.train_time,
+                       tokens_per_s=state.tokens / max(state.train_time, 1e-9),
+                       best_val_bpb=None if best is None else best * job.batches.val_tokens_per_byte / math.log(2),
+                       interrupted=interrupted,
+                       extra={"params": count_params(model), "device": device.type, "threads": threads,
+                              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                              "dtype": str(dtype).removeprefix("torch."), "processes": dist.world_size()})
 
 
-def _progress_bar(cfg, state):
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one step (dropout masks): a function of the run's seed, the step and the process."""
+    return int(np.random.SeedSequence([seed, step, rank, 7]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threads) -> str:
+    tokenizer = job.tokenizer
+    where = f"{device.type}" + (f", {threads} threads" if threads else "")
+    if dist.world_size() > 1:
+        where += f", {dist.world_size()} processes"
+    return (f"model: {config.model.arch}, {count_params(model) / 1e6:.2f}M parameters "
+            f"({count_params(model, exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
+            f"{model.flops_per_token() / 1e6:.1f} MFLOPs per training token; tokenizer: {tokenizer.kind} "
+            f"(vocab {tokenizer.vocab_size}); data: {job.batches.description}; {where}, "
+            f"{str(dtype).removeprefix('torch.')}{' autocast' if dtype != torch.float32 else ''}")
+
+
+def evaluation_due(state: TrainerState, cfg) -> bool:
+    if cfg.max_time:  # a time budget: evenly spaced in training time
+        return state.train_time >= (state.evals + 1) * cfg.max_time / EVALS_PER_TIME_BUDGET
+    return state.step % cfg.eval_interval == 0
+
+
+def evaluate(model, job: Job, state: TrainerState, cfg, device, dtype, run_dir: Path, metrics) -> float:
+    """Score the validation batches; keep the weights when they are the best so far. Returns bits per byte."""
+    val_loss = evaluate_loss(model, job.batches.val, job.loss, device, dtype)
+    val_bpb = val_loss * job.batches.val_tokens_per_byte / math.log(2)
+    if math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
+        state.best_val_loss = val_loss
+        if cfg.keep_best:
+            save_weights(run_dir, job.weights(model))
+    state.evals += 1
+    state.last_eval_step = state.step
+    metrics.write({"step": state.step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time": state.train_time})
+    return val_bpb
+
+
+def skipped_step(state: TrainerState, result, cfg, log) -> None:
+    """A step whose loss or gradient was not finite changed nothing; several in a row stop the run."""
+    state.skipped += 1
+    what = "loss" if not math.isfinite(result.loss) else "gradient norm"
+    log(f"\nstep {state.step}: the {what} is not finite; the step was skipped (weights unchanged)")
+    if state.skipped >= MAX_SKIPPED:
+        raise LmforgeError(f"{MAX_SKIPPED} steps in a row had a non-finite {what} (at step {state.step}); "
+                           f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps, then resume")
+
+
+def save_weights(run_dir: Path, files: dict[str, dict[str, torch.Tensor]]) -> None:
+    if dist.is_main():
+        for name, tensors in files.items():
+            ckpt.save_tensors(run_dir / name, tensors)
+
+
+def save_resume_point(run_dir: Path, model, optimizers, state: TrainerState, cfg) -> None:
+    state.checkpoint_time = state.train_time
+    if dist.is_main():
+        ckpt.save_resume(run_dir, model, optimizers, asdict(state))
+    dist.barrier()
+
+
+class StopSignals:
+    """Inside it, the first Ctrl-C (SIGINT) or SIGTERM only sets `requested`: the loop finishes the step
+    it is in, saves and stops. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def progress_bar(cfg, state: TrainerState):
     """Counts seconds of training under a time budget, steps under a step budget."""
     from tqdm.auto import tqdm
 
+    disable = not cfg.progress or not dist.is_main()
     if cfg.max_time:
-        return tqdm(total=round(cfg.max_time), initial=state["train_time"], disable=not cfg.progress, unit="s",
-                    dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total}s [{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=cfg.max_steps, initial=state["step"], disable=not cfg.progress, unit="step",
-                dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=round(cfg.max_time), initial=state.train_time, disable=disable, unit="s",
+                    dynamic_ncols=True, file=sys.stderr,
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total}s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=cfg.max_steps, initial=state.step, disable=disable, unit="step", dynamic_ncols=True,
+                file=sys.stderr)

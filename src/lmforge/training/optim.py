@@ -12,25 +12,26 @@ import torch
 from ..config import TrainConfig
 
 
-def _is_embedding_or_head(name: str) -> bool:
-    return any(part in name for part in ("tok_emb", "pos_emb", "embed", "lm_head"))
-
-
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Each param group remembers its `base_lr`; `set_lr` scales it by the schedule."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for n, p in named if p.dim() == 2 and not _is_embedding_or_head(n)]
+    """Each param group remembers its `base_lr`; `set_lr` scales it by the schedule. Which tensors are
+    embeddings, the output head or hidden matrices comes from `model.parameter_groups()`."""
+    groups = model.parameter_groups()
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    outer = {id(p) for p in groups["embeddings"] + groups["head"]}
+    named = [p for p in model.parameters() if id(p) in trainable]
+    matrices = [p for p in named if p.dim() == 2 and id(p) not in outer]  # hidden weight matrices
     # embeddings, the head and convolution kernels (3-D): AdamW with weight decay
-    others_2d = [p for n, p in named if p.dim() >= 2 and (_is_embedding_or_head(n) or p.dim() > 2)]
-    vectors = [p for n, p in named if p.dim() < 2]  # norms and biases: never decayed
+    others_2d = [p for p in named if p.dim() >= 2 and (id(p) in outer or p.dim() > 2)]
+    vectors = [p for p in named if p.dim() < 2]  # norms and biases: never decayed
     # fused: one kernel for the whole update instead of a dozen per parameter (CPU and CUDA)
     adam_kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
     if cfg.optimizer == "muon" and matrices:
         muon = torch.optim.Muon([{"params": matrices, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                                 weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
         adam = torch.optim.AdamW(
-            [{"params": others_2d, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-             {"params": vectors, "weight_decay": 0.0, "base_lr": cfg.lr}], lr=cfg.lr, **adam_kwargs)
+            [g for g in ({"params": others_2d, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+                         {"params": vectors, "weight_decay": 0.0, "base_lr": cfg.lr}) if g["params"]],
+            lr=cfg.lr, **adam_kwargs)
         return [muon, adam]
     groups = [{"params": matrices + others_2d, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
               {"params": vectors, "weight_decay": 0.0, "base_lr": cfg.lr}]

@@ -1,4 +1,4 @@
-"""Faster token-by-token decoding on a CPU: smaller weights and a flat single-token step.
+"""A fast single-position Transformer step for CPU decoding: smaller weights and a flat function.
 
 A decoding step multiplies each weight matrix by one new position per sequence, so it reads every
 weight to use it once (or a few times). On a CPU that read bounds the matrix products: with the
@@ -6,89 +6,26 @@ standard 4-layer, d_model 256 Transformer its 17 matrices cost about 2 of the 3 
 step in fp32. The rest of a step is about a hundred small tensor operations, each costing a few
 microseconds of dispatch whatever its size.
 
-`prepare_for_decoding(model)` (done by `lmforge.load` on a CPU) attacks both:
-- A Transformer decodes through `TransformerDecoder`: one flat function over prepared weights, with
-  each norm's gain folded into the matrix that follows it and no nn.Module calls. Its matrices are
-  int8 with a scale per row on CPUs with bf16 units (a fast PyTorch kernel there), else fp16.
-- Every other family's nn.Linear layers become `DecodeLinear`s, which use fp16 copies of their
-  weights for single-position steps (fp32 accumulation: about 4e-4 relative error per product).
-Everything else — training, prompts, evaluation, any input with more than one position or more than
-MAX_ROWS rows — still runs the fp32 weights through the modules, unchanged.
+`TransformerStep(model, weights)` attacks both: one flat function over prepared weights, with each
+norm's gain folded into the matrix that follows it and no nn.Module calls, its matrices int8 with a
+scale per row (a fast PyTorch kernel on CPUs with bf16 units) or fp16. It reads the model's weights
+and never changes the model; `generation.Decoder` decides when to use it.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MAX_ROWS = 8  # up to this many single-position rows count as a decoding step
-FP16_MAX = 60000.0  # fp16 overflows at 65504: weights beyond this keep fp32, inputs are clamped to it
-_exact = 0  # > 0 inside fp32_weights(): every product uses the fp32 weights
-
-
-@contextlib.contextmanager
-def fp32_weights():
-    """Scoring (bits per byte) runs inside this, so even a one-token chunk is scored with fp32 weights."""
-    global _exact
-    _exact += 1
-    try:
-        yield
-    finally:
-        _exact -= 1
+FP16_MAX = 60000.0  # fp16 overflows at 65504: weights whose products could pass this keep fp32
 
 
 def _stamp(t: torch.Tensor) -> tuple:
     # In-place updates bump _version; tensors made under inference_mode have none (and stay fixed
     # outside it), so their storage address alone identifies them.
     return (t.data_ptr(), None if t.is_inference() else t._version)
-
-
-class DecodeLinear(nn.Linear):
-    """An nn.Linear (same parameters, same state_dict) that multiplies decoding steps by an fp16 copy of
-    its weight. The copy is refreshed whenever the weight changes (training steps, load_state_dict)."""
-
-    @classmethod
-    def of(cls, linear: nn.Linear) -> DecodeLinear:
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        new.train(linear.training)
-        new._copy, new._stamp = None, None
-        return new
-
-    def _half(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        w, b = self.weight, self.bias
-        stamp = (_stamp(w), None if b is None else _stamp(b))
-        if stamp != self._stamp:
-            fits = w.abs().max() < FP16_MAX and (b is None or b.abs().max() < FP16_MAX)
-            self._copy = (w.detach().half(), None if b is None else b.detach().half()) if fits else None
-            self._stamp = stamp
-        return self._copy
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_position = x.dim() >= 2 and x.size(-2) == 1 and x.numel() <= MAX_ROWS * x.size(-1)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        decoding = not self.training and not _exact and one_position and x.dtype == torch.float32 and not needs_grad
-        copy = self._half() if decoding else None
-        if copy is None:
-            return F.linear(x, self.weight, self.bias)
-        # One clamp instead of a range check: activations beyond ±60000 would overflow fp16 to inf.
-        return F.linear(x.clamp(-FP16_MAX, FP16_MAX).half(), *copy).float()
-
-
-def prepare_for_decoding(model: nn.Module) -> nn.Module:
-    """Let a Transformer decode through a TransformerDecoder and replace every plain nn.Linear in
-    `model` by a DecodeLinear sharing its parameters; returns `model`. Only worth it on a CPU: GPUs
-    decode small models far below their memory bandwidth anyway."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, DecodeLinear.of(child))
-    if hasattr(model, "fast_decoding"):
-        model.fast_decoding = True
-    return model
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -139,25 +76,7 @@ class _Matrix:
         return torch._weight_int8pack_mm(x, self.weight, self.scales)
 
 
-def transformer_step(model: nn.Module, state, rows: int) -> TransformerDecoder | None:
-    """The decoder for one single-position step of `model` continuing `state`, or None where the
-    modules must run it: training, autograd on, exact scoring, more than MAX_ROWS rows, or a model
-    the decoder does not cover. The model's structure is checked once per state; its weights, by
-    their version stamps, every step (an in-place update rebuilds the decoder)."""
-    if model.training or _exact or torch.is_grad_enabled() or rows > MAX_ROWS:
-        return None
-    decoder = state.decoder
-    if decoder is None:  # the first single-position step of this state
-        decoder = model._decoder if TransformerDecoder.covers(model) else False
-        if decoder is None or (decoder and not decoder.fresh()):
-            decoder = model._decoder = TransformerDecoder(model)
-        state.decoder = decoder
-    elif decoder and not decoder.fresh():
-        decoder = state.decoder = model._decoder = TransformerDecoder(model)
-    return decoder or None
-
-
-class TransformerDecoder:
+class TransformerStep:
     """One decoding step of a Transformer (RMSNorm, RoPE, no biases: lmforge's own block and Llama's)
     as a flat sequence of tensor operations over prepared weights.
 
@@ -228,28 +147,44 @@ class TransformerDecoder:
     def covers(model: nn.Module) -> bool:
         """Whether the decoder computes exactly what this model's modules do (no LoRA or other wrappers)."""
         cfg = model.config
+        if getattr(model, "arch", None) != "transformer":
+            return False
         if cfg.norm != "rmsnorm" or cfg.pos != "rope" or cfg.bias or model.tok_emb.weight.dtype != torch.float32:
             return False
         linears = [model.lm_head] if model.lm_head is not None else []
         for block in model.blocks:
             linears += [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
             linears += [block.mlp.gate] if block.mlp.gate is not None else []
-        return all(type(m) in (nn.Linear, DecodeLinear) for m in linears)
+        return all(type(m) is nn.Linear for m in linears)
 
-    def fresh(self) -> bool:
-        return [_stamp(p) for p in self.sources] == self.stamps
+    def fresh(self, model: nn.Module) -> bool:
+        """Whether `model` still has the parameters this step was built from, unchanged (an optimizer
+        step or load_state_dict changes their stamps; LoRA adds parameters)."""
+        params = list(model.parameters())
+        return (len(params) == len(self.sources) and all(p is q for p, q in zip(params, self.sources))
+                and [_stamp(p) for p in params] == self.stamps)
 
     def _normed(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # x̂ = x · rsqrt(Σx² + D·eps): RMSNorm without its gain and √D, which are in the next weight
         return (x * torch.baddbmm(self.eps_d, x.unsqueeze(1), x.unsqueeze(2)).view(-1, 1).rsqrt_()).to(dtype)
 
     def __call__(self, tokens: torch.Tensor, state) -> torch.Tensor:
-        """(B,) token ids, the KV cache -> (B, V) fp32 logits; writes this position's keys and values
-        into the cache and advances state.pos."""
-        B, pos = tokens.size(0), state.pos
+        """(B,) token ids, the KV cache -> (B, V) fp32 logits; writes each row's keys and values at
+        that row's position and advances state.pos. Rows may be at different positions."""
+        B = tokens.size(0)
         H, K, hd = self.heads, self.kv_heads, self.head_dim
-        cos = torch.mul(self.cos_gains, self.cos[pos]).unbind(0)  # per layer: (H + K, hd)
-        sin = torch.mul(self.sin_gains, self.sin[pos]).unbind(0)
+        lo, hi = min(state.pos), max(state.pos)
+        if lo == hi:  # every row at one position: plain slices, no mask
+            at, length, mask = lo, lo + 1, None
+            cos, sin = self.cos[lo], self.sin[lo]  # (hd,)
+        else:
+            at = torch.tensor(state.pos)
+            length = hi + 1
+            mask = (torch.arange(length)[None, :] <= at[:, None])[:, None, None, :]  # (B, 1, 1, length)
+            cos, sin = self.cos[at][:, None], self.sin[at][:, None]  # (B, 1, hd)
+        rows = torch.arange(B)
+        cos = torch.mul(self.cos_gains[:, None], cos).unbind(0)  # per layer: (1 or B, H + K, hd)
+        sin = torch.mul(self.sin_gains[:, None], sin).unbind(0)
         x = F.embedding(tokens, self.embedding)  # (B, D): a new tensor, updated in place below
         for (qkv_w, out_w, fc_w, gate_w, proj_w), cos_l, sin_l, k_cache, v_cache in zip(
                 self.layers, cos, sin, state.keys, state.values):
@@ -262,10 +197,15 @@ class TransformerDecoder:
             qk = torch.addcmul(qk * cos_l, qk.roll(hd // 2, -1), sin_l)
             if scale is not None:
                 qk.mul_(scale)
-            k_cache.select(2, pos).copy_(qk[:, H:])
-            v_cache.select(2, pos).copy_(qkv[:, H + K:])
-            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), k_cache[:, :, :pos + 1],
-                                               v_cache[:, :, :pos + 1], enable_gqa=K != H)  # (B, H, 1, hd)
+            if mask is None:
+                k_cache.select(2, at).copy_(qk[:, H:])
+                v_cache.select(2, at).copy_(qkv[:, H + K:])
+            else:
+                k_cache[rows, :, at] = qk[:, H:]
+                v_cache[rows, :, at] = qkv[:, H + K:].to(v_cache.dtype)
+            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), k_cache[:, :, :length],
+                                               v_cache[:, :, :length], attn_mask=mask,
+                                               enable_gqa=K != H)  # (B, H, 1, hd)
             x += out_w(y.view(B, H * hd).to(out_w.dtype))
             h = self._normed(x, fc_w.dtype)
             a = fc_w(h)
@@ -277,5 +217,5 @@ class TransformerDecoder:
                 a = F.silu(gate_w(h)).mul_(a)
             x += proj_w(a.to(proj_w.dtype))
         logits = self.head(self._normed(x, self.head.dtype)).float()
-        state.pos = pos + 1
+        state.pos = [p + 1 for p in state.pos]
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)

@@ -1,6 +1,6 @@
 """The transfer report: pretrain on broad Gutenberg (no Emma or Persuasion at all), then fine-tune vs train from
 scratch on 10/30/100% of Austen -> transfer.md + transfer.png; and author attribution -> authors.md.
-Regenerate: python -m lmforge.finetune.transfer --out docs/transfer --work runs/transfer"""
+Regenerate: python benchmarks/transfer.py --out docs/transfer --work runs/transfer --more PATH/gutenberg-more"""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import AUSTEN
-from ..errors import LmforgeError
+import lmforge
+from lmforge import checkpoint as ckpt
+from lmforge.config import AUSTEN
+from lmforge.data import lm_batches, prepare_data
+from lmforge.data.authors import write_authors
+from lmforge.data.examples import read_jsonl
+from lmforge.errors import LmforgeError
+from lmforge.finetuning.classify import bag_of_words
+from lmforge.finetuning.run import finetune_config, finetune_job
+from lmforge.training.loop import train as train_loop
 
 FRACTIONS = (0.1, 0.3, 1.0)
 MODEL = {"arch": "transformer", "d_model": 128, "n_layers": 4, "n_heads": 4, "context_len": 128}
@@ -20,7 +28,7 @@ MODEL = {"arch": "transformer", "d_model": 128, "n_layers": 4, "n_heads": 4, "co
 
 def pretrain_sources(more: Path) -> list[str]:
     """Every NLTK Gutenberg text except the two Austen novels we validate on, plus `more`."""
-    from ..data.sources import gutenberg_corpus
+    from lmforge.data.sources import gutenberg_corpus
 
     held = {s.split(":", 1)[1] for s in AUSTEN}
     if not Path(more).is_dir():
@@ -40,10 +48,6 @@ def fraction_of(prepared, fraction: float):
 
 def run_transfer(out: Path, work: Path, more: Path, pretrain_time: float = 240.0, finetune_time: float = 60.0,
                  fractions=FRACTIONS, cache_dir=None, threads: int = 1, log=print) -> list[dict]:
-    import lmforge
-    from ..data import prepare
-    from .run import finetune
-
     work, out = Path(work), Path(out)
     base = work / "base"
     train = {"max_time": pretrain_time, "batch_size": 16, "lr": 3e-3, "eval_interval": 250, "threads": threads,
@@ -60,29 +64,41 @@ def run_transfer(out: Path, work: Path, more: Path, pretrain_time: float = 240.0
     base_lm = lmforge.load(base)
     tokenizer = base_lm.tokenizer
     if "austen_bpb" not in summary:  # the base on Austen's validation text with no fine-tuning at all
-        from ..api import validation_documents
-        from ..evaluation.likelihood import evaluate_documents
+        from lmforge.evaluation.likelihood import evaluate_documents
 
-        docs = validation_documents(base_lm.config["data"] | {"sources": AUSTEN})
-        summary["austen_bpb"] = evaluate_documents(base_lm.model, tokenizer, docs)["bits_per_byte"]
+        austen = prepare_data(finetune_config(base, AUSTEN), tokenizer)
+        summary["austen_bpb"] = evaluate_documents(base_lm.model, tokenizer,
+                                                   austen.validation_documents())["bits_per_byte"]
     (work / "base.json").write_text(json.dumps({**summary, "finetune_steps": steps}))
-    austen = prepare(AUSTEN, tokenizer_obj=tokenizer, cache_dir=cache_dir)
     rows = []
     for fraction in fractions:
-        subset = fraction_of(austen, fraction)
-        row = {"fraction": fraction, "train_tokens": len(subset.train), "steps": steps}
+        row = {"fraction": fraction, "steps": steps}
         for name, scratch, lr in (("pretrained", False, 1e-3), ("scratch", True, 3e-3)):
             run = work / f"{name}-{int(fraction * 100)}"
             if not (run / "summary.json").exists():
-                finetune(base, AUSTEN, run, mode="full", max_steps=steps, lr=lr, prepared=subset, scratch=scratch,
-                         overrides={"train.threads": threads, "train.progress": False,
-                                    "train.eval_interval": max(1, steps // 4)},
-                         log=log)
-            row[name] = json.loads((run / "summary.json").read_text())["val_bits_per_byte"]
+                finetune_fraction(base, run, fraction, scratch, lr, steps, threads, log)
+            done = json.loads((run / "summary.json").read_text())
+            row[name], row["train_tokens"] = done["val_bits_per_byte"], done["train_tokens"]
         rows.append(row)
         log(json.dumps(row))
     write_outputs(out, rows, summary, steps)
     return rows
+
+
+def finetune_fraction(base: Path, run: Path, fraction: float, scratch: bool, lr: float, steps: int, threads: int,
+                      log) -> None:
+    """Fine-tune `base` (or, scratch, its architecture from random weights) on the first `fraction` of
+    each Austen book's training tokens; validation is always the whole validation split."""
+    config = finetune_config(base, AUSTEN, mode="full", max_steps=steps, lr=lr, from_scratch=scratch,
+                             overrides=[f"train.threads={threads}", "train.progress=false",
+                                        f"train.eval_interval={max(1, steps // 4)}"])
+    job = finetune_job(config, log=log)
+    subset = fraction_of(prepare_data(config, job.tokenizer), fraction)
+    t = config.train
+    job.batches = lm_batches(subset, job.model.config.context_len, t.batch_size, t.seed, t.eval_batches)
+    train_loop(config, run, job, log=log)
+    val = lmforge.load(run).evaluate()
+    ckpt.write_json(run / "summary.json", {"val_bits_per_byte": val["bits_per_byte"], "train_tokens": len(subset.train)})
 
 
 def write_outputs(out: Path, rows: list[dict], base_summary: dict, steps: int) -> None:
@@ -104,7 +120,7 @@ def write_outputs(out: Path, rows: list[dict], base_summary: dict, steps: int) -
     for r in rows:
         lines.append(f"| {r['fraction']:.0%} | {r['train_tokens']:,} | {r['scratch']:.3f} | {r['pretrained']:.3f} | "
                      f"{r['scratch'] - r['pretrained']:.3f} |")
-    lines += ["", f"Regenerate: `python -m lmforge.finetune.transfer --out docs/transfer --work runs/transfer` "
+    lines += ["", f"Regenerate: `python benchmarks/transfer.py --out docs/transfer --work runs/transfer --more ...` "
               f"(generated {time.strftime('%Y-%m-%d')})."]
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -125,11 +141,6 @@ def write_outputs(out: Path, rows: list[dict], base_summary: dict, steps: int) -
 def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, threads: int = 1, log=print) -> dict:
     """Author attribution on the transfer base: pretrained body vs the same architecture from scratch vs
     bag-of-words, accuracy and macro-F1 on the test regions. Writes authors.md into `out`."""
-    from .authors import write_authors
-    from .classify import bag_of_words
-    from .examples import read_jsonl
-    from .run import finetune
-
     work, out = Path(work), Path(out)
     data = work / "authors.jsonl"
     if not data.exists():
@@ -142,9 +153,10 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
     for name, scratch, lr in (("pretrained", False, 1e-3), ("scratch", True, 3e-3)):
         run = work / f"authors-{name}"
         if not (run / "summary.json").exists():
-            finetune(work / "base", [str(data)], run, task="classify", mode="full", max_steps=steps, lr=lr,
-                     scratch=scratch, log=log, overrides={"train.threads": threads, "train.progress": False,
-                                                          "train.eval_interval": max(1, steps // 4)})
+            lmforge.finetune(work / "base", [str(data)], run, task="classify", mode="full", max_steps=steps, lr=lr,
+                             from_scratch=scratch, log=log,
+                             overrides=[f"train.threads={threads}", "train.progress=false",
+                                        f"train.eval_interval={max(1, steps // 4)}"])
         results[name] = json.loads((run / "summary.json").read_text())
     pick = [(r["text"], labels.index(r["label"])) for r in rows]
     results["bag of words"] = bag_of_words([p for p, r in zip(pick, rows) if r["split"] == "train"],
@@ -170,7 +182,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/transfer")
     p.add_argument("--work", default="runs/transfer")
-    p.add_argument("--more", default="../shared/corpora/gutenberg-more")
+    p.add_argument("--more", required=True, help="the folder of extra Gutenberg novels (gutenberg-more)")
     p.add_argument("--pretrain-time", type=float, default=240.0)
     p.add_argument("--finetune-time", type=float, default=60.0)
     p.add_argument("--threads", type=int, default=1)

@@ -2,6 +2,8 @@
 bag-of-words baseline.
 
 In: {"text": ..., "label": ...} rows and a base model. Out: class logits (B, C), accuracy and macro-F1.
+The head is a small module on the language model's final hidden states; `Classifier` joins the two
+so that one forward gives class logits (the training loop, and DistributedDataParallel, see one model).
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LmforgeError
-from ..training.loop import Batches
-from .examples import pad, sampler
+from ..data.examples import pad
 
 POOLING = ("mean", "last")
 
@@ -42,44 +43,26 @@ class ClassifierHead(nn.Module):
         return self.proj(F.dropout(pooled, self.dropout, self.training))  # (B, D) -> (B, C)
 
 
-def hidden_size(model: nn.Module) -> int:
-    with torch.no_grad():
-        was = model.training
-        hidden, _ = model.eval().hidden(torch.zeros(1, 1, dtype=torch.int64, device=next(model.parameters()).device))
-        model.train(was)
-    return hidden.shape[-1]
+class Classifier(nn.Module):
+    """A language model (`lm`) and a classification head on its hidden states: forward (B, T) ids ->
+    (B, C) class logits. The language model's weights keep their names under `lm.`."""
 
+    def __init__(self, lm: nn.Module, n_classes: int, pad_id: int, pooling: str):
+        super().__init__()
+        self.lm = lm
+        self.classifier = ClassifierHead(lm.hidden_size, n_classes, pad_id, pooling)
+        self.config, self.arch = lm.config, lm.arch
 
-def add_head(model: nn.Module, n_classes: int, pad_id: int, pooling: str) -> nn.Module:
-    """Attach a trainable `model.classifier` (its weights are saved as classifier.*)."""
-    model.classifier = ClassifierHead(hidden_size(model), n_classes, pad_id, pooling)
-    return model
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.lm.hidden(tokens)
+        return self.classifier(hidden, tokens)
 
+    def flops_per_token(self) -> int:
+        return self.lm.flops_per_token()
 
-def classify_loss(model, x, y) -> torch.Tensor:
-    return F.cross_entropy(class_logits(model, x).float(), y)
-
-
-def class_logits(model, x) -> torch.Tensor:
-    hidden, _ = model.hidden(x)
-    return model.classifier(hidden, x)
-
-
-def classify_batches(examples: dict, pad_id: int):
-    """make_batches for the training loop; `examples` maps split -> [(ids, label index)]."""
-    def make(prepared, context_len, cfg, device) -> Batches:
-        train, val = examples["train"], examples["val"] or examples["train"][:cfg.batch_size]
-        draw = sampler(len(train), cfg.batch_size, cfg.seed)
-
-        def collate(items):
-            return pad([ids for ids, _ in items], pad_id).to(device), torch.tensor([c for _, c in items], device=device)
-
-        def sample(index):
-            return collate([train[i] for i in draw(index)])
-        windows = [collate(val[i:i + cfg.batch_size]) for i in range(0, len(val), cfg.batch_size)]
-        # "val_bpb" in metrics.jsonl is then the validation loss in bits per example
-        return Batches(sample, sum(len(train[i][0]) for i in draw(0)) * cfg.grad_accum, windows, 1.0)
-    return make
+    def parameter_groups(self) -> dict[str, list]:
+        groups = self.lm.parameter_groups()
+        return {**groups, "other": groups["other"] + list(self.classifier.parameters())}
 
 
 @torch.no_grad()
@@ -88,7 +71,7 @@ def predict(model, sequences: list[list[int]], pad_id: int, batch_size: int = 32
     out = []
     for i in range(0, len(sequences), batch_size):
         x = pad(sequences[i:i + batch_size], pad_id).to(next(model.parameters()).device)
-        out += class_logits(model, x).argmax(-1).tolist()
+        out += model(x).argmax(-1).tolist()
     return out
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import read_sources
 from ..errors import LmforgeError
+from .sources import read_sources
 
 # author -> books: NLTK ids, or file names inside the gutenberg-more folder
 AUTHORS = {
@@ -53,7 +53,8 @@ def author_rows(more, passage_chars: int = 600, caps: dict | None = None) -> lis
     caps = caps or CAPS
     more = Path(more)
     if not more.is_dir():
-        raise LmforgeError(f"--more {more} is not a folder; point it at shared/corpora/gutenberg-more")
+        raise LmforgeError(f"--more {more} is not a folder; point it at the folder of extra Gutenberg novels "
+                           f"({', '.join(b for books in AUTHORS.values() for b in books if ':' not in b)})")
     rows = []
     for author, books in AUTHORS.items():
         for split, (lo, hi) in REGIONS.items():

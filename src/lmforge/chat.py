@@ -1,0 +1,152 @@
+"""`lmforge chat RUN`: talk to a trained model in the terminal.
+
+In: lines typed at a prompt (with history; Alt-Enter or Esc then Enter starts a new line). Out: the
+model's text, streamed as it is generated. Settings change in place (`/temperature 0.7`, `/top_p
+0.9`, `/max 200`, `/help` lists them); Ctrl-C stops a generation and returns to the prompt; Ctrl-D or
+`/quit` leaves. A plain language model continues what you type (`/mode complete`); a prompt ->
+completion run answers each message in its template, and `/mode chat` keeps a conversation
+(lmforge's transcript template, as the server's chat endpoint uses).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+from .errors import LmforgeError
+from .generation import SamplingConfig
+
+HELP = """commands:
+  /temperature T   sampling temperature (0 = greedy)      /top_p P    nucleus sampling (1 = off)
+  /top_k K         keep the K likeliest tokens (0 = off)  /max N      new tokens per answer
+  /seed S          fixed seed (off = random)              /stop TEXT  stop string (off = none)
+  /mode chat|complete   a conversation, or continue the text you type
+  /eos on|off      stop at the end-of-text token (off: write on to /max tokens)
+  /reset           forget the conversation                /settings   show the settings
+  /help            this list                              /quit       leave (or Ctrl-D)"""
+
+
+class Chat:
+    """The state of one session: sampling settings, mode and the conversation so far."""
+
+    def __init__(self, lm, sampling: SamplingConfig, write=sys.stdout.write):
+        self.lm, self.sampling, self.write = lm, sampling, write
+        self.mode = "chat" if lm.template is not None else "complete"
+        self.messages: list[tuple[str, str]] = []
+
+    def command(self, line: str) -> bool:
+        """Apply a /command; False when it asks to leave."""
+        name, _, arg = line[1:].strip().partition(" ")
+        arg = arg.strip()
+        numbers = {"temperature": ("temperature", float), "top_p": ("top_p", float), "top_k": ("top_k", int),
+                   "max": ("max_new_tokens", int), "seed": ("seed", int)}
+        if name in ("quit", "exit"):
+            return False
+        if name == "help":
+            self.write(HELP + "\n")
+        elif name == "settings":
+            self.write(self.describe() + "\n")
+        elif name == "reset":
+            self.messages = []
+            self.write("conversation cleared\n")
+        elif name == "mode" and arg in ("chat", "complete"):
+            self.mode, self.messages = arg, []
+            self.write(f"mode {arg}\n")
+        elif name == "eos" and arg in ("on", "off"):
+            self.sampling = replace(self.sampling, ignore_eos=arg == "off")
+            self.write(f"eos {arg}\n")
+        elif name == "stop":
+            self.sampling = replace(self.sampling, stop=[] if arg in ("", "off") else [arg.encode().decode("unicode_escape")])
+            self.write(f"stop {self.sampling.stop or 'off'}\n")
+        elif name in numbers:
+            field, kind = numbers[name]
+            try:
+                value = None if arg == "off" or (field in ("top_k",) and arg == "0") else kind(arg)
+                if field == "top_p" and value is not None and value >= 1.0:
+                    value = None
+                self.sampling = replace(self.sampling, **{field: value})
+            except (ValueError, LmforgeError) as exc:
+                self.write(f"cannot set {name} to {arg!r}: {str(exc) or 'not a number'}\n")
+            else:
+                self.write(f"{name} {arg}\n")
+        else:
+            self.write(f"unknown command {line.strip()!r}; /help lists the commands\n")
+        return True
+
+    def describe(self) -> str:
+        s = self.sampling
+        return (f"mode {self.mode}, temperature {s.temperature}, top_p {s.top_p or 'off'}, top_k {s.top_k or 'off'}, "
+                f"max {s.max_new_tokens}, seed {s.seed if s.seed is not None else 'random'}, "
+                f"stop {s.stop or 'off'}, {self.lm.decoding} weights")
+
+    def answer(self, text: str) -> str:
+        """Generate for one typed message, writing pieces as they come; returns the whole answer."""
+        if self.mode == "chat":
+            prompt, stops = self.lm.chat_prompt(self.messages + [("user", text)])
+            ids = self.lm.prompt_ids(prompt)
+        else:
+            stops, ids = [], self.lm.prompt_ids(text)
+        sampling = replace(self.sampling, stop=list(self.sampling.stop) + stops)
+        from .generation import stream
+
+        pieces = []
+        try:
+            for piece in stream(self.lm.decoder, self.lm.tokenizer, ids, sampling):
+                pieces.append(piece)
+                self.write(piece)
+                sys.stdout.flush()
+        finally:  # Ctrl-C keeps what was said so far
+            answer = "".join(pieces)
+            if self.mode == "chat":
+                self.messages += [("user", text), ("assistant", answer.strip())]
+        return answer
+
+
+def run(lm, sampling: SamplingConfig, history_file=None) -> None:
+    """The interactive loop (prompt_toolkit: line editing, history, multi-line input)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("enter")
+    def _submit(event):
+        event.current_buffer.validate_and_handle()
+
+    @keys.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    history = InMemoryHistory()
+    if history_file is not None:
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(history_file))
+        except OSError:
+            pass  # an unwritable cache: history for this session only
+    session = PromptSession(history=history, multiline=True, key_bindings=keys)
+    chat = Chat(lm, sampling)
+    name = lm.run_dir.name if lm.run_dir else "model"
+    print(f"lmforge chat: {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters). "
+          f"{chat.describe()}.\n/help for commands, Ctrl-C stops an answer, Ctrl-D leaves.")
+    while True:
+        try:
+            line = session.prompt("you> ")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not chat.command(line):
+                break
+            continue
+        try:
+            if chat.mode == "complete":
+                sys.stdout.write(line)
+            chat.answer(line)
+            sys.stdout.write("\n")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n[stopped]\n")
+        sys.stdout.flush()

@@ -1,0 +1,141 @@
+"""Labelled JSONL examples for fine-tuning: reading rows, train/val/test splits, the prompt template,
+and the batches of prompt -> completion pairs and of classification examples.
+
+In: a .jsonl file (one object per line) and a tokenizer. Out: rows as dicts with a "split", and
+`Batches` for the training loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LmforgeError
+from .batches import IGNORE, Batches, batch_generator, shard
+from .sources import json_lines
+
+SPLITS = ("train", "val", "test")
+DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n### Completion:\n"
+
+
+def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file that hold the string `fields`; a row without "split" gets one by hashing
+    its content (80% train, 10% val, 10% test), so the assignment is stable across runs."""
+    path = Path(path)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise LmforgeError(f"--data {path} is not a .jsonl file; give one JSON object per line with "
+                           f"{', '.join(repr(f) for f in fields)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LmforgeError(f"{path}: byte {exc.start} is not valid UTF-8; JSONL files must be UTF-8") from None
+    rows = []
+    for number, row in json_lines(text, path):
+        missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), str)]
+        if missing:
+            raise LmforgeError(f"{path}:{number}: no string field {missing[0]!r}; every row needs "
+                               f"{', '.join(repr(f) for f in fields)}")
+        split = row.get("split") or hash_split(json.dumps([row[f] for f in fields]))
+        if split not in SPLITS:
+            raise LmforgeError(f"{path}:{number}: split {split!r} is not one of {', '.join(SPLITS)}")
+        rows.append({**row, "split": split})
+    if not any(r["split"] == "train" for r in rows):
+        raise LmforgeError(f"{path} has no training rows; add rows with \"split\": \"train\" (or no split field)")
+    return rows
+
+
+def hash_split(key: str) -> str:
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 10
+    return "val" if bucket == 8 else "test" if bucket == 9 else "train"
+
+
+def held_out(rows: list[dict]) -> list[dict]:
+    """The rows to report on: the test split if there is one, else val."""
+    test = [r for r in rows if r["split"] == "test"]
+    return test or [r for r in rows if r["split"] == "val"]
+
+
+def pad(sequences: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        out[i, :len(s)] = torch.tensor(s[:length], dtype=torch.int64)
+    return out
+
+
+def sampler(n: int, batch_size: int, seed: int):
+    """index -> `batch_size` example indices drawn with a generator seeded by (seed, index), as get_batch does."""
+    if n == 0:
+        raise LmforgeError("no training examples; add rows to the training split")
+
+    def draw(index: int) -> np.ndarray:
+        return torch.randint(0, n, (batch_size,), generator=batch_generator(seed, index)).numpy()
+    return draw
+
+
+# ---- prompt -> completion pairs -------------------------------------------------------------------
+
+def render(template: str, prompt: str) -> str:
+    """The text a completion run sees for `prompt` (training and generation use the same template)."""
+    if "{prompt}" not in template:
+        raise LmforgeError(f"the prompt template {template!r} has no {{prompt}} placeholder; add one")
+    return template.replace("{prompt}", prompt)
+
+
+def encode_pair(tokenizer, template: str, prompt: str, completion: str, context_len: int) -> tuple[list[int], int]:
+    """(ids, n_prompt): template(prompt) tokens, then completion tokens and end-of-text, at most
+    context_len + 1 ids; an over-long prompt loses its start, an over-long completion its end."""
+    p = tokenizer.encode(render(template, prompt))
+    c = tokenizer.encode(completion) + [tokenizer.eos_id]
+    if len(p) + len(c) > context_len + 1:
+        p = p[-max(1, context_len // 2):]  # keep the prompt's end and room for the completion
+    return (p + c)[:context_len + 1], len(p)
+
+
+def inputs_targets(ids: list[int], n_prompt: int) -> tuple[list[int], list[int]]:
+    """x = ids[:-1], y = ids[1:] with every target inside the prompt set to IGNORE."""
+    return ids[:-1], [IGNORE if i + 1 < n_prompt else t for i, t in enumerate(ids[1:])]
+
+
+def _example_batches(train: list, val: list, collate, batch_size: int, seed: int, tokens_per_batch: int,
+                     val_tokens_per_byte: float, description: str) -> Batches:
+    draw = sampler(len(train), batch_size, seed)
+
+    def sample(index: int, rank: int = 0, world: int = 1):
+        return collate([train[i] for i in draw(index)[shard(batch_size, rank, world)]])
+
+    val_batches = [collate(val[i:i + batch_size]) for i in range(0, len(val), batch_size)]
+    return Batches(sample, val_batches, val_tokens_per_byte, tokens_per_batch, description)
+
+
+def completion_batches(pairs: dict, val_bytes: int, pad_id: int, context_len: int, batch_size: int,
+                       seed: int) -> Batches:
+    """Batches of prompt -> completion pairs (`pairs` maps split -> [(ids, n_prompt)]); the loss is on
+    completion tokens only. Validation bits per byte: loss per completion target (end-of-text
+    included) over the completions' UTF-8 bytes."""
+    train = [inputs_targets(*e) for e in pairs["train"]]
+    val = [inputs_targets(*e) for e in pairs["val"]]
+
+    def collate(items):
+        return pad([x for x, _ in items], pad_id), pad([y for _, y in items], IGNORE)
+
+    targets = sum(sum(t != IGNORE for t in y) for _, y in val)
+    return _example_batches(train, val, collate, batch_size, seed, batch_size * context_len,
+                            targets / max(1, val_bytes),
+                            f"{len(train):,} train / {len(val):,} val prompt -> completion pairs")
+
+
+def classification_batches(examples: dict, pad_id: int, batch_size: int, seed: int) -> Batches:
+    """Batches of (ids, label index) examples (`examples` maps split -> list). The loop's "val_bpb"
+    is then the validation loss in bits per example."""
+    train, val = examples["train"], examples["val"] or examples["train"][:batch_size]
+
+    def collate(items):
+        return pad([ids for ids, _ in items], pad_id), torch.tensor([c for _, c in items])
+
+    mean_length = sum(len(ids) for ids, _ in train) / max(1, len(train))
+    return _example_batches(train, val, collate, batch_size, seed, round(batch_size * mean_length), 1.0,
+                            f"{len(train):,} train / {len(val):,} val labelled examples")

@@ -1,0 +1,203 @@
+"""Fine-tuning as a configuration of the one training loop: a base run's model and tokenizer, new text,
+prompt -> completion pairs or labelled examples, and full, frozen or LoRA training.
+
+In: a RunConfig with a [finetune] section (`finetune_config` builds one from a base run). Out: a Job
+for training.loop.train, and afterwards the task's own figures. The run folder loads like any other
+(`model.safetensors` holds plain weights, LoRA merged; adapter.safetensors and classifier.safetensors
+sit beside it), and resumes like any other (`lmforge train --resume RUN`).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..config import RunConfig, as_raw, merge, parse_overrides
+from ..data import lm_batches, prepare_data
+from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, completion_batches, encode_pair, held_out,
+                             read_jsonl)
+from ..device import seed_everything
+from ..errors import LmforgeError
+from ..models import build_model
+from ..tokenizers import load_tokenizer
+from ..training.loop import Job
+from ..training.step import ClassifyLoss
+from .classify import Classifier, predict, scores
+from .freeze import freeze
+from .lora import adapter_state, apply_lora, merge_state
+
+DEFAULT_LR = {"full": 1e-3, "freeze": 1e-3, "lora": 3e-3}
+ADAPTER = "adapter.safetensors"
+CLASSIFIER = "classifier.safetensors"
+
+
+def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_time: float | None = None,
+                    max_steps: int | None = None, lr: float | None = None, overrides: list[str] | None = None,
+                    **options) -> RunConfig:
+    """The base run's tokenizer and model with the new data, a fine-tuning budget (default one minute)
+    and a [finetune] section (`options`: freeze_layers, lora_rank, lora_alpha, lora_dropout,
+    lora_targets, pooling, template, from_scratch). `overrides` are train.* / data.* settings."""
+    stored = ckpt.read_config(Path(base))
+    raw = {k: json.loads(json.dumps(stored[k])) for k in ("data", "tokenizer", "train")}
+    raw["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}
+    raw["data"]["sources"] = [str(s) for s in ([data] if isinstance(data, (str, Path)) else data)]
+    if max_time is None and max_steps is None:
+        max_time = 60.0
+    ft = {"base": str(base), "task": task, "mode": mode, **{k: v for k, v in options.items() if v is not None}}
+    if task == "completion":
+        ft.setdefault("template", DEFAULT_TEMPLATE)
+    if task == "classify" and len(raw["data"]["sources"]) == 1:  # (more sources are refused with the data)
+        ft["labels"] = sorted({r["label"] for r in read_jsonl(raw["data"]["sources"][0], ("text", "label"))})
+    raw["finetune"] = ft
+    train = raw["train"]
+    train.update(max_time=max_time or 0, max_steps=max_steps, lr=lr or DEFAULT_LR.get(mode, 1e-3),
+                 warmup_steps=min(train["warmup_steps"], 20), keep_best=True)
+    if max_steps is not None and max_time is None:
+        train["eval_interval"] = min(train["eval_interval"], max(1, max_steps // 4))
+    extra = parse_overrides(overrides or [], sections=("train", "data"), what="--set")
+    return RunConfig.from_dict(merge(raw, as_raw(extra)), "fine-tuning config")
+
+
+def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=print) -> Job:
+    """The Job of a fine-tuning run. `tokenizer`: the run's own (resuming), else the base's. When
+    resuming, the weights come from the run's resume point, so the base is not read."""
+    ft = config.finetune
+    base = Path(ft.base)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(base)
+    seed_everything(config.train.seed)
+    lm = build_model(config.model.arch, **config.model.options)
+    if not resume and not ft.from_scratch:
+        lm.load_state_dict(base_weights(base))
+    context_len = lm.config.context_len
+    t = config.train
+    if ft.task == "lm":
+        prepared = prepare_data(config, tokenizer)
+        report_unknown(prepared.unknown, tokenizer, log)
+        batches = lm_batches(prepared, context_len, t.batch_size, t.seed, t.eval_batches)
+    elif ft.task == "completion":
+        batches = completion_data(config, tokenizer, context_len, log)
+    else:
+        batches = classification_data(config, tokenizer, context_len, log)
+    adapt(lm, ft)
+    if ft.task != "classify":
+        return Job(lm, tokenizer, batches, weights=lambda model: weight_files(model, ft))
+    model = Classifier(lm, len(ft.labels), tokenizer.eos_id, ft.pooling)
+    return Job(model, tokenizer, batches, ClassifyLoss(), weights=lambda model: weight_files(model, ft))
+
+
+def base_weights(base: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_tensors(base / ckpt.WEIGHTS)
+
+
+def adapt(model, ft) -> None:
+    """Freeze layers or add LoRA adapters, as the [finetune] section says."""
+    if ft.mode == "freeze":
+        freeze(model, model.config.n_layers // 2 if ft.freeze_layers is None else ft.freeze_layers)
+    elif ft.mode == "lora":
+        apply_lora(model, ft.lora_targets, ft.lora_rank, ft.lora_alpha, ft.lora_dropout)
+
+
+def weight_files(model, ft) -> dict[str, dict[str, torch.Tensor]]:
+    """model.safetensors loadable by the plain model (LoRA merged into it); the adapter and the
+    classifier head in files of their own."""
+    files = {}
+    if isinstance(model, Classifier):
+        files[CLASSIFIER] = ckpt.model_state(model.classifier)
+        model = model.lm
+    state = ckpt.model_state(model)
+    if ft.mode == "lora":
+        files[ADAPTER] = adapter_state(state)
+        state = merge_state(state, ft.lora_alpha / ft.lora_rank)
+    files[ckpt.WEIGHTS] = state
+    return files
+
+
+def report_unknown(unknown: dict, tokenizer, log) -> dict:
+    """Log what the base tokenizer cannot represent in the new data (the top pieces); return it."""
+    if unknown:
+        total = sum(unknown.values())
+        top = ", ".join(f"{k!r}×{v}" for k, v in list(unknown.items())[:10])
+        log(f"note: the base {tokenizer.kind} tokenizer cannot represent {total} piece(s) of the new data "
+            f"({len(unknown)} distinct: {top}); they are encoded as <unk>")
+    return dict(list(unknown.items())[:50])
+
+
+def _one_jsonl(config: RunConfig) -> str:
+    sources = config.data.sources
+    if len(sources) != 1:
+        raise LmforgeError(f"--task {config.finetune.task} takes one .jsonl file as --data, got {len(sources)} sources")
+    return sources[0]
+
+
+def completion_data(config: RunConfig, tokenizer, context_len: int, log):
+    template = config.finetune.template
+    rows = read_jsonl(_one_jsonl(config), ("prompt", "completion"))
+    pairs = {s: [encode_pair(tokenizer, template, r["prompt"], r["completion"], context_len)
+                 for r in rows if r["split"] == s] for s in ("train", "val")}
+    unknown = Counter()
+    for r in rows:
+        unknown.update(tokenizer.unknown(r["prompt"] + r["completion"]))
+    report_unknown(dict(unknown.most_common()), tokenizer, log)
+    val_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows if r["split"] == "val")
+    t = config.train
+    return completion_batches(pairs, val_bytes, tokenizer.eos_id, context_len, t.batch_size, t.seed)
+
+
+def classification_data(config: RunConfig, tokenizer, context_len: int, log):
+    path = _one_jsonl(config)
+    rows = read_jsonl(path, ("text", "label"))
+    labels = config.finetune.labels or []
+    if len(labels) < 2:
+        raise LmforgeError(f"{path} has {len(labels)} label(s); classification needs at least two")
+    if {r["label"] for r in rows} != set(labels):
+        raise LmforgeError(f"{path} no longer holds the labels this run was set up with ({', '.join(labels)}); "
+                           "restore the file, or start a new fine-tuning run")
+    index = {label: i for i, label in enumerate(labels)}
+    examples = {s: [(tokenizer.encode(r["text"])[:context_len], index[r["label"]]) for r in rows if r["split"] == s]
+                for s in ("train", "val")}
+    unknown = Counter()
+    for r in rows:
+        unknown.update(tokenizer.unknown(r["text"]))
+    report_unknown(dict(unknown.most_common()), tokenizer, log)
+    return classification_batches(examples, tokenizer.eos_id, config.train.batch_size, config.train.seed)
+
+
+def finetune_results(lm, log=print) -> dict:
+    """The task's own figures for the run summary: classify, accuracy and macro-F1 on the held-out
+    rows; lm, bits per byte on the new data's validation split; completion, nothing more than the
+    loop's best validation loss."""
+    task = lm.config["finetune"]["task"]
+    if task == "lm":
+        val = lm.evaluate()
+        log(f"validation: {val['bits_per_byte']:.4f} bits per byte")
+        return {"val": val, "val_bits_per_byte": val["bits_per_byte"]}
+    if task == "classify":
+        result = evaluate_classifier(lm)
+        log(f"held-out ({result['n']} examples): accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
+        return result
+    return {}
+
+
+def load_classifier(lm) -> Classifier:
+    """The classification model of a loaded classification run (its head from classifier.safetensors)."""
+    ft = lm.config.get("finetune") or {}
+    if ft.get("task") != "classify":
+        raise LmforgeError(f"{lm.run_dir} is not a classification run; fine-tune one with --task classify")
+    model = Classifier(lm.model, len(ft["labels"]), lm.tokenizer.eos_id, ft["pooling"])
+    model.classifier.load_state_dict(ckpt.load_tensors(Path(lm.run_dir) / CLASSIFIER))
+    return model.to(lm.device).eval()
+
+
+def evaluate_classifier(lm, data=None) -> dict:
+    """Accuracy and macro-F1 of a classification run on the held-out rows of its data (or `data`)."""
+    model = load_classifier(lm)
+    index = {label: i for i, label in enumerate(lm.config["finetune"]["labels"])}
+    rows = [r for r in held_out(read_jsonl(data or lm.config["data"]["sources"][0], ("text", "label")))
+            if r["label"] in index]
+    context_len = model.config.context_len
+    predicted = predict(model, [lm.tokenizer.encode(r["text"])[:context_len] for r in rows], lm.tokenizer.eos_id)
+    return scores([index[r["label"]] for r in rows], predicted, len(index))

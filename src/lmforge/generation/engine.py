@@ -1,0 +1,200 @@
+"""Continuous batching: requests are decoded together, joining and leaving the batch between steps.
+
+In: requests (prompt ids and sampling settings) submitted at any time. Out: each request's new ids and
+text, piece by piece, and why it ended. Every generation in lmforge runs through `Engine`: a single
+`lmforge generate` is a batch of one, the server's clients share one batch (as vLLM and TGI do).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .decoder import Decoder
+from .sampling import SamplingConfig, sample_rows
+from .text import TextStream
+
+EOS_NAME = "<|endoftext|>"
+
+
+def refill_length(max_context: int) -> int:
+    """When a bounded-context model's cache is full, the last 3/4 of a window is fed again: one prefill
+    then buys a quarter window of cheap single-token steps."""
+    return max(1, (max_context * 3) // 4)
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_chars: int | None = None  # also end ("length") once the text is this long
+    on_update: Callable[["Request", str], None] | None = None  # (request, new text): from the engine's thread
+    new_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the text handed out so far
+    finish_reason: str | None = None  # "stop" (end of text or a stop string), "length", "cancelled" or "error"
+    stopped_by: str | None = None
+    cancelled: bool = False
+    error: str | None = None
+    _pieces: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def take(self) -> str:
+        """The text produced since the last take."""
+        pieces, self._pieces = self._pieces, []
+        return "".join(pieces)
+
+
+@dataclass(eq=False)
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    stream: TextStream | None
+    history: list[int]  # prompt (as fed) and generated ids: what a refill re-feeds
+    length: int = 0  # positions held in the state
+    pending: int = 0  # the last sampled id, fed at the next step
+
+
+class Engine:
+    """Holds the running batch. `submit` queues a request; each `step` admits waiting requests (one
+    prefill each), feeds every running row its last token in one batched decoder step, samples the
+    next, and retires finished rows. Not thread-safe: one thread calls submit/cancel/step (the server
+    wraps it)."""
+
+    def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32):
+        self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
+        self.eos_id = None if tokenizer is None else tokenizer.eos_id
+        self.waiting: deque[Request] = deque()
+        self.running: list[_Row] = []
+        self.state = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, *, max_chars: int | None = None,
+               on_update=None) -> Request:
+        return self.add(Request(list(prompt_ids), sampling, max_chars, on_update))
+
+    def add(self, request: Request) -> Request:
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away); its row leaves the batch at the next step."""
+        request.cancelled = True
+
+    def fail(self, message: str) -> None:
+        """End every request with `message` as its error (the decoder raised); the engine stays usable."""
+        for request in [r.request for r in self.running] + list(self.waiting):
+            request.error = message
+            request.finish_reason = request.finish_reason or "error"
+            self._emit(request, "")
+        self.running, self.waiting, self.state = [], deque(), None
+
+    def step(self) -> None:
+        self._retire()
+        while self.waiting and len(self.running) < self.max_batch:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+                self._emit(request, "")
+            else:
+                self._start(request)
+        limit = self.decoder.max_context
+        for row in [r for r in self.running if limit is not None and r.length >= limit]:
+            self._remove([row])  # its cache is full: re-feed the recent past, then it rejoins at the end
+            self._prefill(row, row.history[-refill_length(limit):])
+        if not self.running:
+            return
+        tokens = torch.tensor([row.pending for row in self.running])
+        logits, self.state = self.decoder.step(tokens, self.state)
+        for row in self.running:
+            row.length += 1
+        ids = sample_rows(logits, [r.request.sampling for r in self.running], [r.generator for r in self.running])
+        for row, token in zip(self.running, ids):
+            self._accept(row, token)
+        self._retire()
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while not self.idle:
+            self.step()
+
+    # ---- rows -------------------------------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        cfg = request.sampling
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=self.decoder.device).manual_seed(cfg.seed)
+        ids = request.prompt_ids or ([self.eos_id] if self.eos_id is not None else [0])
+        limit = self.decoder.max_context
+        if limit is not None and len(ids) > limit:
+            ids = ids[-refill_length(limit):]
+        stream = None if self.tokenizer is None else TextStream(self.tokenizer, cfg.stop, ids)
+        row = _Row(request, generator, stream, list(ids))
+        if cfg.max_new_tokens == 0:
+            self._finish(row, "length")
+            return
+        self._prefill(row, ids)
+
+    def _prefill(self, row: _Row, ids: list[int]) -> None:
+        logits, state = self.decoder.prefill(torch.tensor([ids]))
+        row.length = len(ids)
+        self._accept(row, sample_rows(logits, [row.request.sampling], [row.generator])[0])
+        if not row.request.finished:
+            self.running.append(row)
+            self.state = state if self.state is None else self.decoder.cat_states([self.state, state])
+
+    def _accept(self, row: _Row, token: int) -> None:
+        request = row.request
+        if token == self.eos_id and not request.sampling.ignore_eos:
+            self._finish(row, "stop", EOS_NAME)
+            return
+        request.new_ids.append(token)
+        row.history.append(token)
+        row.pending = token
+        piece = row.stream.push(token) if row.stream is not None else ""
+        if row.stream is not None and row.stream.stopped_by is not None:
+            self._finish(row, "stop", row.stream.stopped_by, piece)
+        elif len(request.new_ids) >= request.sampling.max_new_tokens:
+            self._finish(row, "length", None, piece)
+        elif request.max_chars is not None and len(row.stream.text) >= request.max_chars:
+            self._finish(row, "length", None, piece)
+        elif piece:
+            self._emit(request, piece)
+
+    def _finish(self, row: _Row, reason: str, stopped_by: str | None = None, piece: str = "") -> None:
+        request = row.request
+        if row.stream is not None:
+            piece += row.stream.finish()
+        request.finish_reason, request.stopped_by = reason, stopped_by
+        self._emit(request, piece)
+
+    @staticmethod
+    def _emit(request: Request, piece: str) -> None:
+        request.text += piece
+        if piece:
+            request._pieces.append(piece)
+        if request.on_update is not None:
+            request.on_update(request, piece)
+
+    def _retire(self) -> None:
+        gone = [r for r in self.running if r.request.finished or r.request.cancelled]
+        for row in gone:
+            if not row.request.finished:
+                row.request.finish_reason = "cancelled"
+                self._emit(row.request, "")
+        self._remove(gone)
+
+    def _remove(self, rows: list[_Row]) -> None:
+        if not rows:
+            return
+        keep = [i for i, r in enumerate(self.running) if r not in rows]
+        self.state = self.decoder.select_state(self.state, keep) if keep else None
+        self.running = [self.running[i] for i in keep]

@@ -1,0 +1,413 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP API and a web playground over one loaded run.
+
+`create_app(lm, settings)` builds the FastAPI application (testable without a port). Every request
+goes to one `Worker`, whose engine decodes concurrent requests together (continuous batching); the
+event loop only parses, waits and streams. Every failure a client can cause is a 4xx with an
+OpenAI-style error body, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import LmforgeError
+from ..generation import SamplingConfig
+from .schemas import ChatRequest, CompletionRequest
+from .worker import Busy, Worker
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Settings:
+    name: str  # the model id clients ask for
+    api_key: str | None = None
+    max_batch: int = 32  # requests decoded together
+    max_waiting: int = 64  # requests queued beyond the batch before the server answers 429
+    max_tokens: int = 2048  # the most new tokens one request may ask for
+    max_prompt_tokens: int = 8192  # for models without a context limit
+    max_body_bytes: int = 1 << 20
+    default_chat_tokens: int = 256
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+def error_body(message: str, kind: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(lm, settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.worker.stop()
+
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
+    app.state.lm, app.state.settings = lm, settings
+    app.state.worker = Worker(lm, settings.max_batch, settings.max_waiting)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(LmforgeError, _lmforge_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return JSONResponse(error_body("missing or wrong API key; send the header "
+                                               "'Authorization: Bearer <key>'", "invalid_request_error",
+                                               code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.name, **app.state.worker.load}
+
+    @app.get("/info")
+    async def info():
+        return model_info(lm, settings)
+
+    @app.get("/loss.png")
+    async def loss_curve():
+        path = lm.run_dir / "loss.png" if lm.run_dir else None
+        if path is None or not path.exists():
+            raise APIError(404, "this run has no loss curve (loss.png)", code="not_found")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(lm, settings)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        check_model(model_id, settings)
+        return model_card(lm, settings)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model, settings)
+        prompts = completion_prompts(lm, body.prompt)
+        return await respond(app, request, body, prompts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        check_model(body.model, settings)
+        text, stops = lm.chat_prompt([(m.role, m.content) for m in body.messages])
+        body.stop = list(dict.fromkeys(body.stop + stops))
+        return await respond(app, request, body, [(text, lm.prompt_ids(text))], chat=True)
+
+    return app
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+def check_model(model_id: str, settings: Settings) -> None:
+    if model_id != settings.name:
+        raise APIError(404, f"the model {model_id!r} is not served here; this server serves {settings.name!r}",
+                       param="model", code="model_not_found")
+
+
+def completion_prompts(lm, prompt) -> list[tuple[str, list[int]]]:
+    """(text, ids) per prompt: a string or a list of them (the run's template applied), or token ids."""
+    if isinstance(prompt, str):
+        return [(prompt, lm.prompt_ids(prompt))]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((p, lm.prompt_ids(p)))
+            continue
+        bad = [i for i in p if not 0 <= i < lm.tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})",
+                           param="prompt")
+        out.append((lm.tokenizer.decode(p), list(p)))
+    if not out:
+        raise APIError(400, "prompt is an empty list; send a string or a list of strings", param="prompt")
+    return out
+
+
+def sampling_for(body, settings: Settings, lm, prompt_ids: list[int], index: int, chat: bool) -> SamplingConfig:
+    limit = lm.decoder.max_context or settings.max_prompt_tokens
+    if len(prompt_ids) > limit:
+        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, more than this model's context of {limit}; "
+                            f"shorten it", param="messages" if chat else "prompt", code="context_length_exceeded")
+    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if wanted is None:
+        wanted = settings.default_chat_tokens
+    if wanted > settings.max_tokens:
+        raise APIError(400, f"max_tokens is {wanted}; this server allows at most {settings.max_tokens}",
+                       param="max_tokens")
+    seed = None if body.seed is None else body.seed + index
+    return SamplingConfig(wanted, body.temperature, body.top_k, None if body.top_p >= 1.0 else body.top_p,
+                          seed, list(body.stop), ignore_eos=body.ignore_eos)
+
+
+async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
+    lm, settings, worker = app.state.lm, app.state.settings, app.state.worker
+    jobs = []  # (choice index, prompt text, prompt ids, sampling)
+    for p, (text, ids) in enumerate(prompts):
+        for j in range(body.n):
+            index = p * body.n + j
+            jobs.append((index, text, ids, sampling_for(body, settings, lm, ids, index, chat)))
+    created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    streams = [Stream(worker) for _ in jobs]
+    try:
+        for stream, (_, _, ids, sampling) in zip(streams, jobs):
+            stream.start(ids, sampling)
+    except Busy as exc:
+        for stream in streams:
+            stream.cancel()
+        raise APIError(429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded") from None
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(sse(streams, jobs, body, rid, created, chat, include_usage, settings.name),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    texts = await gather(request, streams)
+    choices, completion_tokens = [], 0
+    for stream, (index, text, _, _), out in zip(streams, jobs, texts):
+        completion_tokens += len(stream.request.new_ids)
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": out},
+                            "finish_reason": stream.finish_reason, "logprobs": None})
+        else:
+            choices.append({"index": index, "text": (text if body.echo else "") + out, "logprobs": None,
+                            "finish_reason": stream.finish_reason})
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": settings.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+class Stream:
+    """One request's pieces, carried from the worker's thread into the event loop."""
+
+    def __init__(self, worker: Worker):
+        self.worker, self.request = worker, None
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def start(self, prompt_ids, sampling) -> None:
+        self.request = self.worker.submit(prompt_ids, sampling, self._update)
+
+    def _update(self, request, piece: str) -> None:  # on the worker's thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (piece, request.finished))
+        except RuntimeError:  # the event loop has closed: nobody is listening
+            pass
+
+    async def pieces(self):
+        if self.request is None:
+            return
+        while True:
+            piece, finished = await self.queue.get()
+            if piece:
+                yield piece
+            if finished:
+                return
+
+    def cancel(self) -> None:
+        if self.request is not None and not self.request.finished:
+            self.worker.cancel(self.request)
+
+    @property
+    def finish_reason(self) -> str:
+        reason = self.request.finish_reason
+        if reason == "error":
+            raise APIError(500, self.request.error or "generation failed", kind="server_error")
+        return reason
+
+
+async def gather(request: Request, streams: list[Stream]) -> list[str]:
+    """Every stream's whole text; a client that disconnects cancels them all."""
+    async def collect(stream: Stream) -> str:
+        return "".join([piece async for piece in stream.pieces()])
+
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+    try:
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=0.5)
+            if not all(t.done() for t in tasks) and await request.is_disconnected():
+                raise asyncio.CancelledError
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.cancel()
+
+
+async def sse(streams, jobs, body, rid: str, created: int, chat: bool, include_usage: bool, name: str):
+    """Server-sent events as OpenAI's clients parse them: `data: {chunk}` lines, then `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choices, usage=None) -> str:
+        chunk = {"id": rid, "object": kind, "created": created, "model": name, "choices": choices}
+        if include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def choice(index, text, finish=None, first=False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def forward(i: int, stream: Stream):
+        async for piece in stream.pieces():
+            await merged.put((i, piece))
+        await merged.put((i, None))
+
+    tasks = [asyncio.ensure_future(forward(i, s)) for i, s in enumerate(streams)]
+    try:
+        for (index, text, _, _) in jobs:  # every choice opens at once (with the prompt, for echo)
+            yield event([choice(index, text if getattr(body, "echo", False) else "", first=True)])
+        open_streams = len(streams)
+        while open_streams:
+            i, piece = await merged.get()
+            index = jobs[i][0]
+            if piece is None:
+                open_streams -= 1
+                try:
+                    reason = streams[i].finish_reason
+                except APIError as exc:
+                    yield f"data: {json.dumps(error_body(exc.message, exc.kind))}\n\n"
+                    reason = "stop"
+                yield event([choice(index, "", reason)])
+            else:
+                yield event([choice(index, piece)])
+        if include_usage:
+            prompt_tokens = sum(len(ids) for _, _, ids, _ in jobs[::body.n])
+            completion = sum(len(s.request.new_ids) for s in streams)
+            yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                             "total_tokens": prompt_tokens + completion})
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects mid-stream: its requests leave the batch at once
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.cancel()
+
+
+# ---- model information ----------------------------------------------------------------------------
+
+def model_card(lm, settings: Settings) -> dict:
+    created = int((lm.run_dir / "config.json").stat().st_mtime) if lm.run_dir else 0
+    return {"id": settings.name, "object": "model", "created": created, "owned_by": "lmforge"}
+
+
+def model_info(lm, settings: Settings) -> dict:
+    """What the playground shows: the model, its tokenizer, its training summary."""
+    summary = {}
+    if lm.run_dir and (lm.run_dir / "summary.json").exists():
+        try:
+            summary = json.loads((lm.run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+    options = lm.config["model"]["options"]
+    return {"name": settings.name, "arch": lm.config["model"]["arch"], "parameters": lm.num_params,
+            "tokenizer": lm.tokenizer.kind, "vocab_size": lm.tokenizer.vocab_size,
+            "context_len": lm.decoder.max_context, "decoding": lm.decoding,
+            "size": {k: options[k] for k in ("d_model", "d_hidden", "n_layers", "n_heads") if k in options},
+            "val_bits_per_byte": (summary.get("val") or {}).get("bits_per_byte") or summary.get("val_bits_per_byte"),
+            "steps": summary.get("steps"), "train_time_s": summary.get("train_time_s"),
+            "template": lm.template, "finetune": (lm.config.get("finetune") or {}).get("task"),
+            "has_loss_curve": bool(lm.run_dir and (lm.run_dir / "loss.png").exists()),
+            "api_key_required": bool(settings.api_key), "max_tokens": settings.max_tokens}
+
+
+# ---- errors and limits ----------------------------------------------------------------------------
+
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
+
+
+async def _lmforge_error(request: Request, exc: LmforgeError):
+    return JSONResponse(error_body(str(exc), "invalid_request_error"), status_code=400)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+    elif first.get("type") == "missing":
+        message = f"{'.'.join(where)} is required"
+    elif where:
+        message = f"{'.'.join(where)}: {message}"
+    return JSONResponse(error_body(message, "invalid_request_error", ".".join(where) or None), status_code=400)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+
+async def _unexpected_error(request: Request, exc: Exception):
+    return JSONResponse(error_body(f"internal error ({type(exc).__name__})", "server_error"), status_code=500)
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413, whether or not they declare a length."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(error_body(f"the request body is over {self.limit} bytes", "invalid_request_error",
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

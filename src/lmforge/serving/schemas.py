@@ -1,0 +1,87 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models shaped like OpenAI's.
+
+Fields OpenAI clients send that do not change what lmforge does (user, a logprobs of null...) are
+accepted and ignored; values lmforge cannot honour (logprobs, penalties, logit_bias, best_of) are a
+400 that names the parameter. `top_k` and `ignore_eos` are extensions (vLLM has the same two).
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_N = 8  # completions per prompt
+MAX_STOP = 4  # stop strings, as OpenAI allows
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stop: Union[str, list[str], None] = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    logprobs: Union[bool, int, None] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    stream_options: dict | None = None
+    ignore_eos: bool = False  # an extension (as vLLM's): generate past the end-of-text token
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return [s for s in stops if s]
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name, neutral in (("logprobs", (None, False, 0)), ("presence_penalty", (0.0,)),
+                              ("frequency_penalty", (0.0,)), ("logit_bias", (None, {}))):
+            if getattr(self, name) not in neutral:
+                raise ValueError(f"{name} is not supported by this server; leave it out")
+        return self
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]] = ""
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _completion_only(self):
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server; leave it out")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported by this server; leave it out")
+        return self
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict], None] = ""
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, value):
+        if isinstance(value, list):  # content parts: only text parts are understood
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in value):
+                raise ValueError("only text content parts are supported")
+            return "".join(part["text"] for part in value)
+        return value or ""
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)

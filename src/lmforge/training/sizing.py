@@ -1,0 +1,111 @@
+"""Pick the Transformer's size for a training-time budget on this machine: `lmforge train --budget 5m`.
+
+The best size for a fixed time grows with the compute the time buys. A short probe measures this
+machine's training speed at the default size; the compute of the whole budget then sets the size:
+
+    C = FLOPs per token × tokens/s × seconds,    best parameters N = N0 · sqrt(C / C0)
+
+N ∝ C^0.5 is the compute-optimal scaling measured by Hoffmann et al. (2022). The anchor (N0, C0) is
+counted in FLOPs, not seconds, so it holds on any machine: on the Austen split the default size
+(d_model 256, 4 layers, 5.25M parameters with BPE-4096) was the best of the sizes tried at C0, and
+d_model 192 was best at C0 / 3, which the rule also picks. Sizes come from one ladder with
+64-wide heads and as many layers as heads; the rung whose parameter count is nearest to N (on a
+log scale) wins. Larger budgets and faster machines get larger models.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+from ..config import RunConfig, TrainConfig
+from ..data import prepare_data
+from ..device import resolve_device, resolve_dtype, set_threads
+from ..errors import LmforgeError
+from ..models import build_model, count_params
+from .optim import build_optimizers
+from .step import lm_loss, train_step
+
+LADDER = (128, 192, 256, 384, 512, 768, 1024)  # d_model; n_heads = n_layers = d_model / 64 (2 at least)
+DEFAULT_D_MODEL = 256
+SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+# The anchor: on the Austen split, the default model (5.25M parameters with BPE-4096, d_model 256,
+# 4 layers) was the best of the sizes tried after 300 s of fp32 training at 3,873 tokens/s with batch
+# 16 x 128 tokens, i.e. after this many training FLOPs (docs/benchmarks.md has the measurements).
+ANCHOR_PARAMS = 5_250_000
+ANCHOR_COMPUTE = 26_738_688 * 3873 * 300
+
+
+def rung(d_model: int) -> dict:
+    heads = max(2, d_model // 64)
+    return {"d_model": d_model, "n_layers": heads, "n_heads": heads}
+
+
+def best_params(compute: float) -> float:
+    return ANCHOR_PARAMS * math.sqrt(compute / ANCHOR_COMPUTE)
+
+
+def choose(options: dict, compute: float) -> tuple[dict, dict]:
+    """The ladder rung for `compute` FLOPs, and a table of every rung's parameter count."""
+    target = best_params(compute)
+    with torch.device("meta"):  # shapes only: the largest rung would otherwise allocate 0.8 GB to be counted
+        counts = {d: count_params(build_model("transformer", **{**options, **rung(d)})) for d in LADDER}
+    d_model = min(LADDER, key=lambda d: abs(math.log(counts[d] / target)))
+    return rung(d_model), {"target_params": target, "params": counts}
+
+
+def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                       steps: int = 3) -> tuple[float, int]:
+    """Training tokens/s of the d_model 256 rung on this machine, timed through train_step with the run's
+    own settings (optimizer, accumulation, torch.compile, dtype): the median of `steps` timed steps
+    after one warm-up. Also returns the probe's FLOPs per token."""
+    torch.manual_seed(0)
+    probe = build_model("transformer", **{**options, **rung(DEFAULT_D_MODEL)}).to(device).train()
+    optimizers = build_optimizers(probe, cfg)
+    forward = torch.compile(probe) if cfg.compile else probe
+    T, V = probe.config.context_len, probe.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(1 + steps):
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch = torch.randint(V, (cfg.batch_size, T + 1), generator=gen)
+            micro.append((batch[:, :-1], batch[:, 1:]))
+        tic = time.perf_counter()
+        train_step(probe, forward, optimizers, micro, lm_loss, device=device, dtype=dtype, grad_clip=cfg.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - tic)
+    return cfg.batch_size * cfg.grad_accum * T / statistics.median(times), probe.flops_per_token()
+
+
+def size_for_budget(config: RunConfig, seconds: float, log=print) -> RunConfig:
+    """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
+    on this machine."""
+    if config.model.arch != "transformer":
+        raise LmforgeError(f"--budget sizes the Transformer; for model.arch={config.model.arch!r} use --max-time")
+    if not seconds > 0:
+        raise LmforgeError(f"--budget must be a positive duration, e.g. 90s or 5m, got {seconds!r}")
+    taken = sorted(set(config.model.options) & set(SIZE_FIELDS))
+    if taken:
+        raise LmforgeError(f"--budget picks the model size, but model.{', model.'.join(taken)} is set; "
+                           f"drop it, or use --max-time to keep your size")
+    cfg = config.train
+    options = {**config.model.options, "vocab_size": prepare_data(config).tokenizer.vocab_size}
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        set_threads(cfg.threads)
+    tokens_per_s, flops = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device))
+    compute = flops * tokens_per_s * seconds
+    size, table = choose(options, compute)
+    log(f"budget {seconds:.0f} s: this machine trains the d_model {DEFAULT_D_MODEL} model at {tokens_per_s:,.0f} "
+        f"tokens/s, so the budget buys {compute:.2e} FLOPs; best size about {table['target_params'] / 1e6:.1f}M "
+        f"parameters -> d_model {size['d_model']}, {size['n_layers']} layers, {size['n_heads']} heads "
+        f"({table['params'][size['d_model']] / 1e6:.2f}M)")
+    raw = config.to_dict()
+    raw["model"]["options"] = {**config.model.options, **size}
+    raw["train"]["max_time"] = seconds
+    return RunConfig.from_dict(raw)

@@ -1,0 +1,95 @@
+"""One optimizer step and the validation loss: what the training loop, `lmforge bench train` and the
+`--budget` speed probe all run.
+
+A loss returns the *sum* over its targets, and the step divides by the number of targets in the whole
+step (every micro-batch, every process), so masked batches of different sizes weigh what their
+targets weigh, and accumulating k micro-batches equals one batch k times larger.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batches import IGNORE
+from ..device import autocast
+from . import distributed as dist
+
+
+class LMLoss:
+    """Next-token cross-entropy, summed over targets; targets equal to IGNORE (prompt tokens, padding)
+    are skipped."""
+
+    def __call__(self, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, _ = forward(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    @staticmethod
+    def count(y: torch.Tensor) -> int:
+        return int((y != IGNORE).sum())
+
+
+class ClassifyLoss:
+    """Cross-entropy of class logits (B, C) against labels (B,), summed over examples."""
+
+    def __call__(self, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(forward(x).float(), y, reduction="sum")
+
+    @staticmethod
+    def count(y: torch.Tensor) -> int:
+        return y.numel()
+
+
+lm_loss = LMLoss()
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean per target over the whole step
+    grad_norm: float  # before clipping
+    skipped: bool  # the loss or a gradient was not finite: no update was made
+
+
+def train_step(model, forward, optimizers, micro_batches, loss, *, device, dtype, grad_clip: float) -> StepResult:
+    """Forward and backward over every (x, y) micro-batch (CPU tensors, moved to `device` here), then
+    clip and step. `forward` is `model` or its torch.compile / DistributedDataParallel wrapper.
+    A step whose loss or gradient norm is not finite changes nothing and comes back skipped."""
+    targets = dist.sum_int(sum(loss.count(y) for _, y in micro_batches))
+    # DDP averages gradients over processes; scale so the result is the sum over all targets / targets
+    scale = dist.world_size() / max(targets, 1)
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with (contextlib.nullcontext() if last else dist.no_sync(forward)):  # gradients sync once per step
+            with autocast(device, dtype):
+                summed = loss(forward, x, y)
+            (summed * scale).backward()
+        total += summed.detach().float()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    mean = dist.sum_float(float(total)) / max(targets, 1)
+    skipped = not (math.isfinite(mean) and math.isfinite(float(norm)))
+    for opt in optimizers:
+        if not skipped:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return StepResult(mean, float(norm), skipped)
+
+
+@torch.no_grad()
+def evaluate_loss(forward, batches, loss, device, dtype) -> float:
+    """Mean loss per target over `batches` ([(x, y)], CPU); with several processes each scores its
+    share and the sums are added."""
+    was_training = forward.training
+    forward.eval()
+    total, count = 0.0, 0
+    for x, y in batches[dist.rank()::dist.world_size()]:
+        with autocast(device, dtype):
+            total += float(loss(forward, x.to(device), y.to(device)))
+        count += loss.count(y)
+    forward.train(was_training)
+    return dist.sum_float(total) / max(dist.sum_int(count), 1)

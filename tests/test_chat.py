@@ -1,0 +1,54 @@
+"""`lmforge chat` through a pseudo-terminal: settings change in place, text streams, Ctrl-C stops an
+answer without leaving, Ctrl-D leaves."""
+import os
+import sys
+
+import pytest
+
+import lmforge
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def test_chat_in_a_terminal(served_run, tmp_path):
+    lm = lmforge.load(served_run)
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(served_run), "--max-new-tokens", "40"],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    try:
+        child.expect("Ctrl-D leaves")
+        child.expect("you>")
+        child.send("/temperature 0\r")
+        child.expect("temperature 0")
+        child.expect("you>")
+        expected = lm.generate("Emma", 40, temperature=0)
+        first_line = expected.split("\n")[0][:20]
+        assert first_line
+        child.send("Emma\r")
+        child.expect_exact("Emma" + first_line)  # the greedy continuation, after the echoed prompt
+        child.expect("you>")
+
+        child.send("/max 100000\r")  # a long answer, to interrupt
+        child.expect("max 100000")
+        child.expect("you>")
+        child.send("/eos off\r")  # and no end-of-text to end it early
+        child.expect("eos off")
+        child.expect("you>")
+        child.send("Emma\r")
+        child.expect_exact("\x1b[?2004lEmma")  # the prompt has returned the line: the answer is being written
+        child.expect(r"[^\x1b]{40}")  # ... some way into it
+        child.sendintr()  # Ctrl-C: stop the answer, stay in the session
+        child.expect(r"\[stopped\]")
+        child.expect("you>")
+        child.send("/settings\r")
+        child.expect("temperature 0.0")
+        child.expect("you>")
+        child.send("/top_p nonsense\r")
+        child.expect("cannot set top_p")
+        child.expect("you>")
+        child.sendeof()  # Ctrl-D leaves cleanly
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert (tmp_path / "cache" / "chat_history").read_text().count("Emma") == 2  # the history is kept

@@ -1,0 +1,179 @@
+"""Generation: sampling distributions, stop strings and streaming text, and the batching engine that
+every caller goes through (one request alone == the same request among others)."""
+import math
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.generation import Decoder, Engine, SamplingConfig, sample_next, sample_rows
+from lmforge.generation.text import TextStream
+from lmforge.models import MODELS, build_model
+from lmforge.tokenizers import train_tokenizer
+
+TEXT = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition. " * 4
+TINY = {
+    "transformer": dict(d_model=32, n_layers=2, n_heads=4, context_len=24),
+    "lstm": dict(d_model=32, d_hidden=32, n_layers=2),
+    "gru": dict(d_model=32, d_hidden=32, n_layers=1),
+    "cnn": dict(d_model=32, n_layers=2),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char():
+    return train_tokenizer("char", [TEXT])
+
+
+def make(arch, vocab_size, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(arch, vocab_size=vocab_size, **TINY[arch])
+    with torch.no_grad():  # away from the identity-block init, so every layer matters
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def draw(logits, cfg, n=20000, seed=0):
+    ids = sample_next(logits.expand(n, -1), cfg, torch.Generator().manual_seed(seed))
+    return torch.bincount(ids, minlength=logits.size(-1)) / n
+
+
+def test_temperature_and_top_k_draw_each_token_in_proportion():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    frequencies = draw(logits, SamplingConfig(temperature=0.8, top_k=4))
+    kept = torch.tensor([True, True, True, False, True])  # top-4 drops the -1.0
+    expected = torch.where(kept, logits[0] / 0.8, -math.inf).softmax(-1)
+    assert frequencies[3] == 0
+    assert (frequencies - expected).abs().max() < 0.015  # about 4 standard errors
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_and_renormalises():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    frequencies = draw(probs.log()[None], SamplingConfig(temperature=1.0, top_p=0.8))
+    # 0.5 + 0.25 = 0.75 < 0.8, so the third token is needed too; the rest never appear
+    expected = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9
+    assert frequencies[3:].sum() == 0
+    assert (frequencies - expected).abs().max() < 0.015
+    always_first = draw(probs.log()[None], SamplingConfig(temperature=1.0, top_p=0.3), n=2000)
+    assert always_first[0] == 1.0  # p below the largest probability: that token alone
+
+
+def test_rows_sample_with_their_own_settings_and_generators():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    configs = [SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0, seed=5),
+               SamplingConfig(temperature=0.7, top_k=5, seed=9)]
+    ids = sample_rows(logits, configs, [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)])
+    assert ids[0] == int(logits[0].argmax())
+    alone = [int(sample_next(logits[i:i + 1], configs[i], torch.Generator().manual_seed(s))) for i, s in
+             ((1, 5), (2, 9))]
+    assert ids[1:] == alone  # the same token as a batch of one with the same seed
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(top_p=0), dict(top_p=1.5),
+                                 dict(top_k=0), dict(max_new_tokens=-1), dict(max_new_tokens=2.5), dict(seed="x"),
+                                 dict(stop="."), dict(temperature=math.inf)])
+def test_nonsensical_sampling_values_are_rejected(bad):
+    with pytest.raises(LmforgeError):
+        SamplingConfig(**bad)
+
+
+def test_text_stream_holds_back_what_may_become_a_stop_string(char):
+    stream = TextStream(char, ["the end"])
+    shown = "".join(stream.push(i) for i in char.encode("so it was. the en"))
+    assert shown == "so it was. "  # "the en" could still become "the end"
+    shown += "".join(stream.push(i) for i in char.encode("d and more"))
+    shown += stream.finish()
+    assert shown == "so it was. " and stream.stopped_by == "the end"
+
+
+def test_text_stream_never_splits_a_character():
+    bpe = train_tokenizer("bpe", ["naïve café " * 50], vocab_size=260)
+    ids = bpe.encode("café ☃ ok")
+    stream = TextStream(bpe, [])
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == "café ☃ ok" and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_greedy_engine_equals_recomputing_from_scratch(arch, char):
+    model = make(arch, char.vocab_size)
+    prompt = char.encode("Emma Wood")
+    engine = Engine(Decoder(model), char)
+    request = engine.submit(prompt, SamplingConfig(max_new_tokens=40, temperature=0))
+    engine.run()
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(40):  # the Transformer's 24-token context fills up on the way: windows then slide
+            window = seq[:, -model.max_context:] if model.max_context else seq
+            logits, _ = model(window)
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    expected = seq[0, len(prompt):].tolist()
+    if char.eos_id in expected:
+        expected = expected[:expected.index(char.eos_id)]
+    if arch == "transformer":  # the engine re-feeds 3/4 of a window when the cache fills, not a full window
+        expected, got = expected[:24 - len(prompt)], request.new_ids[:24 - len(prompt)]
+    else:
+        got = request.new_ids
+    assert got == expected
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gru"])
+def test_a_seeded_request_gives_the_same_text_alone_and_among_others(arch, char):
+    model = make(arch, char.vocab_size)
+    decoder = Decoder(model)
+    settings = dict(max_new_tokens=30, temperature=0.9, top_p=0.95)
+    alone = Engine(decoder, char)
+    solo = alone.submit(char.encode("Emma"), SamplingConfig(seed=11, **settings))
+    alone.run()
+
+    crowd = Engine(decoder, char, max_batch=4)
+    early = crowd.submit(char.encode("handsome, clever"), SamplingConfig(seed=1, **settings))
+    for _ in range(5):
+        crowd.step()  # the first request is 5 tokens in when the others arrive
+    ours = crowd.submit(char.encode("Emma"), SamplingConfig(seed=11, **settings))
+    late = crowd.submit(char.encode("a comfortable home and"), SamplingConfig(seed=2, temperature=0.0,
+                                                                           max_new_tokens=8))
+    crowd.run()
+    assert ours.new_ids == solo.new_ids and ours.text == solo.text
+    assert early.finished and late.finish_reason == "length" and len(late.new_ids) == 8
+
+
+def test_cancelled_requests_leave_the_batch_and_others_continue(char):
+    model = make("transformer", char.vocab_size)
+    engine = Engine(Decoder(model), char, max_batch=2)
+    a = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=20, temperature=0))
+    b = engine.submit(char.encode("rich"), SamplingConfig(max_new_tokens=20, temperature=0))
+    engine.step()
+    engine.step()
+    engine.cancel(a)
+    engine.step()
+    assert len(engine.running) == 1 and engine.running[0].request is b
+    engine.run()
+    alone = Engine(Decoder(model), char)
+    again = alone.submit(char.encode("rich"), SamplingConfig(max_new_tokens=20, temperature=0))
+    alone.run()
+    assert b.new_ids == again.new_ids
+
+
+def test_stop_strings_end_a_request_with_the_text_before_them(char):
+    model = make("transformer", char.vocab_size)
+    engine = Engine(Decoder(model), char)
+    free = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=40, temperature=0))
+    engine.run()
+    assert len(free.text) > 6
+    stop = free.text[3:5]
+    engine = Engine(Decoder(model), char)
+    stopped = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=40, temperature=0, stop=[stop]))
+    engine.run()
+    assert stopped.finish_reason == "stop" and stopped.stopped_by == stop
+    assert stopped.text == free.text[:free.text.index(stop)]
+    assert stopped.take() == stopped.text  # what was streamed is exactly the final text

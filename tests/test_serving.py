@@ -1,0 +1,194 @@
+"""`lmforge serve`: a real server on a loopback port, called through the official `openai` client and
+raw HTTP: seeded requests match `lmforge generate`, streams match whole answers, concurrent requests
+batch, and every bad request is a 4xx with an OpenAI-style body while the server keeps serving."""
+import json
+import threading
+import time
+
+import pytest
+
+import lmforge
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from lmforge.serving.app import Settings, create_app  # noqa: E402
+
+from conftest import KEY, Server  # noqa: E402
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[1].url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_and_health(served, client):
+    lm, server = served
+    assert [m.id for m in client.models.list().data] == ["austen"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["running"] == 0
+    info = httpx.get(server.url + "/info").json()
+    assert info["parameters"] == lm.num_params and info["decoding"] == lm.decoding
+    assert info["val_bits_per_byte"] == pytest.approx(lm.evaluate()["bits_per_byte"])
+
+
+def test_a_seeded_completion_is_what_lmforge_generate_prints(served, client):
+    lm, _ = served
+    answer = client.completions.create(model="austen", prompt="Emma Wood", max_tokens=40, temperature=0.9,
+                                       top_p=0.95, seed=7)
+    expected = lm.complete("Emma Wood", lmforge.generation.SamplingConfig(40, 0.9, None, 0.95, 7))
+    assert answer.choices[0].text == expected.text
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.prompt_tokens == len("Emma Wood") and answer.usage.completion_tokens == 40
+    assert answer.usage.total_tokens == len("Emma Wood") + 40
+
+
+def test_streaming_gives_the_same_text_piece_by_piece(client):
+    settings = dict(model="austen", prompt="Emma Wood", max_tokens=50, seed=3, temperature=0.8,
+                    extra_body={"ignore_eos": True})
+    whole = client.completions.create(**settings)
+    chunks = list(client.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text and len([c for c in chunks if c.choices and c.choices[0].text]) > 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 50
+
+
+def test_n_choices_echo_and_stop(served, client):
+    lm, _ = served
+    answer = client.completions.create(model="austen", prompt="Emma", max_tokens=20, n=2, seed=10, echo=True)
+    texts = [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
+    assert texts == ["Emma" + lm.generate("Emma", 20, temperature=1.0, seed=s) for s in (10, 11)]
+    greedy = lm.generate("Emma", 40, temperature=0)
+    stop = greedy[5:7]
+    stopped = client.completions.create(model="austen", prompt="Emma", max_tokens=40, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == greedy[:greedy.index(stop)] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_chat_uses_the_documented_transcript(served, client):
+    lm, _ = served
+    answer = client.chat.completions.create(model="austen", messages=[
+        {"role": "system", "content": "Austen"}, {"role": "user", "content": "Who is Emma?"}],
+        max_tokens=30, temperature=0)
+    prompt = "Austen\n\nUser: Who is Emma?\nAssistant:"
+    assert lm.chat_prompt([("system", "Austen"), ("user", "Who is Emma?")]) == (prompt, ["\nUser:"])
+    expected = lm.generate(prompt, 30, temperature=0, stop=["\nUser:"])
+    assert answer.choices[0].message.content == expected and answer.choices[0].message.role == "assistant"
+    streamed = client.chat.completions.create(model="austen", messages=[{"role": "user", "content": "Who is Emma?"}],
+                                              max_tokens=30, temperature=0, stream=True)
+    deltas = [c.choices[0].delta for c in streamed if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == lm.generate("User: Who is Emma?\nAssistant:", 30,
+                                                                    temperature=0, stop=["\nUser:"])
+
+
+def test_concurrent_requests_are_decoded_together_and_each_matches_its_solo_answer(served, client):
+    lm, server = served
+    results, peak = {}, []
+
+    def ask(i):
+        results[i] = client.completions.create(model="austen", prompt="Emma", max_tokens=120, seed=i,
+                                               temperature=0.8).choices[0].text
+
+    def watch():
+        while len(results) < 8:
+            peak.append(httpx.get(server.url + "/health").json()["running"])
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)] + [threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert max(peak) >= 4  # several requests shared the batch at once
+    for i in (0, 5):  # batched with others, each is what it would be alone (up to batched rounding)
+        solo = lm.generate("Emma", 120, temperature=0.8, seed=i)
+        assert results[i][:40] == solo[:40]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"prompt": "Emma", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "Emma", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "Emma", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": "Emma", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "Emma", "n": 99}, 400, "n"),
+    ({"prompt": "x" * 100}, 400, "context"),
+    ({"prompt": [999999]}, 400, "vocabulary"),
+    ({"prompt": "Emma", "model": "gpt-4"}, 404, "gpt-4"),
+    ({"prompt": "Emma", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": {"not": "text"}}, 400, "prompt"),
+    ({}, 400, "required"),
+])
+def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(served, body, status, needle):
+    _, server = served
+    payload = {"model": "austen", **body} if "model" not in body and body else body
+    response = httpx.post(server.url + "/v1/completions", json=payload, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"] and "Traceback" not in response.text
+    ok = httpx.post(server.url + "/v1/completions", json={"model": "austen", "prompt": "Emma", "max_tokens": 3},
+                    headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200
+
+
+def test_malformed_bodies_keys_and_sizes(served):
+    _, server = served
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bad_json = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=auth)
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    huge = httpx.post(server.url + "/v1/completions", content=b" " * (2 << 20), headers=auth)
+    assert huge.status_code == 413
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/").status_code == 200  # the playground page itself needs no key
+
+
+def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
+    run = served_run
+    lm = lmforge.load(run)
+    server = Server(create_app(lm, Settings("austen", max_batch=1, max_waiting=0, max_tokens=2000)))
+    try:
+        body = {"model": "austen", "prompt": "Emma", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", server.url + "/v1/completions", json=body) as first:
+                lines = first.iter_lines()
+                next(lines)  # the request is decoding (the iterator is kept: dropping it closes the stream)
+                busy = httpx.post(server.url + "/v1/completions", json={**body, "stream": False})
+                assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+                assert httpx.get(server.url + "/health").json()["active"] == 1
+            # the stream was closed mid-way: its slot frees at once, long before 2,000 tokens
+        deadline = time.time() + 5
+        while httpx.get(server.url + "/health").json()["active"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(server.url + "/health").json()["active"] == 0
+        again = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 5})
+        assert again.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_completion_run_chats_in_its_own_template(served_run, tmp_path):
+    run = served_run
+    rows = [{"prompt": f"say {i % 3}", "completion": "Emma " * (i % 3 + 1), "split": "val" if i < 4 else "train"}
+            for i in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    lmforge.finetune(run, [str(tmp_path / "pairs.jsonl")], tmp_path / "tuned", task="completion", max_steps=10,
+                     overrides=["train.threads=1", "train.progress=false",
+                                f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"], log=quiet)
+    lm = lmforge.load(tmp_path / "tuned")
+    server = Server(create_app(lm, Settings("tuned")))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        chat = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "say 1"}],
+                                              max_tokens=12, temperature=0)
+        completion = client.completions.create(model="tuned", prompt="say 1", max_tokens=12, temperature=0)
+        expected = lm.generate("say 1", 12, temperature=0)  # what `lmforge generate` and the API give
+        assert chat.choices[0].message.content == expected == completion.choices[0].text
+    finally:
+        server.stop()
