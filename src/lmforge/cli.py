@@ -130,11 +130,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from . import api
-    from .serving.app import Settings, create_app
-
     import uvicorn
 
+    from . import api
+    from .device import physical_cores, set_threads
+    from .serving.app import Settings, create_app
+
+    # the event loop needs a core of its own: with every core decoding, each streamed token waits for it
+    # (on 2 cores, one torch thread served 734 tokens/s to one client against 361 with two)
+    set_threads(args.threads or max(1, physical_cores() - 1))
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     name = args.name or lm.run_dir.name
     settings = Settings(name, api_key=args.api_key or None, max_batch=args.max_batch, max_waiting=args.max_waiting,
@@ -380,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048, help="the most new tokens a request may ask for")
     p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads for decoding (default: physical cores - 1)")
     p.add_argument("--log-level", default="warning", help="uvicorn's: warning (default), info, debug")
     p.set_defaults(func=cmd_serve)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -105,9 +104,8 @@ def bench_serve(run: str, clients: tuple = (1, 8, 32), duration: float = 20.0, m
     if not (Path(run) / "config.json").exists():
         raise LmforgeError(f"{run} is not a run folder; train one first (lmforge train --out runs/austen)")
     port = _free_port()
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(port), "--name", "bench",
-                               "--max-batch", "32", "--max-waiting", "64"], env=env,
+                               "--max-batch", "32", "--max-waiting", "64", *(["--threads", str(threads)] if threads else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
