@@ -1,4 +1,5 @@
 """Shared fixtures: the read-only corpora beside the project, and tiny texts for fast tests."""
+import os
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 NLTK_DATA = SHARED / "nltk_data"
-GUTENBERG = NLTK_DATA / "corpora" / "gutenberg"
 MORE = SHARED / "corpora" / "gutenberg-more"
 
 TINY_TEXT = (
@@ -17,17 +17,30 @@ TINY_TEXT = (
 ) * 20
 
 
+def _corpus_folder():
+    """An NLTK data folder holding the Gutenberg corpus: the user's NLTK_DATA first, then the shared copy."""
+    for folder in os.environ.get("NLTK_DATA", "").split(os.pathsep) + [str(NLTK_DATA)]:
+        if folder and (Path(folder) / "corpora" / "gutenberg").is_dir():
+            return Path(folder)
+    return None
+
+
+CORPUS = _corpus_folder()
+
+
 @pytest.fixture(autouse=True)
 def _offline_nltk(monkeypatch):
-    """Point NLTK at the local copy of the corpus; tests never download."""
-    monkeypatch.setenv("NLTK_DATA", str(NLTK_DATA))
+    """Point NLTK at a local copy of the corpus (the user's own NLTK_DATA, else the shared one); tests
+    never download. Without either, the tests that need the corpus skip."""
+    if CORPUS is not None:
+        monkeypatch.setenv("NLTK_DATA", str(CORPUS))
 
 
 @pytest.fixture
 def gutenberg_dir() -> Path:
-    if not GUTENBERG.is_dir():
-        pytest.skip("the shared Gutenberg corpus is not beside the project")
-    return GUTENBERG
+    if CORPUS is None:
+        pytest.skip("no Gutenberg corpus here: set NLTK_DATA to a folder holding corpora/gutenberg")
+    return CORPUS / "corpora" / "gutenberg"
 
 
 @pytest.fixture

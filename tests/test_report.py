@@ -31,10 +31,11 @@ def _train(tmp_path, source, tokenizer):
 @pytest.fixture(scope="module")
 def austen_file(tmp_path_factory):
     """60 kB of Emma: enough sentence starts and varied text for every metric to mean something."""
-    from conftest import GUTENBERG
+    from conftest import CORPUS
 
-    if not GUTENBERG.is_dir():
-        pytest.skip("the shared Gutenberg corpus is not beside the project")
+    if CORPUS is None:
+        pytest.skip("no Gutenberg corpus here: set NLTK_DATA to a folder holding corpora/gutenberg")
+    GUTENBERG = CORPUS / "corpora" / "gutenberg"
     text = (GUTENBERG / "austen-emma.txt").read_text(encoding="latin-1")[10_000:70_000]
     path = tmp_path_factory.mktemp("data") / "emma-slice.txt"
     path.write_text(text, encoding="utf-8")

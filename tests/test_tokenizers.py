@@ -16,10 +16,11 @@ def emma(gutenberg_dir_module):
 
 @pytest.fixture(scope="module")
 def gutenberg_dir_module():
-    from conftest import GUTENBERG
+    from conftest import CORPUS
 
-    if not GUTENBERG.is_dir():
-        pytest.skip("the shared Gutenberg corpus is not beside the project")
+    if CORPUS is None:
+        pytest.skip("no Gutenberg corpus here: set NLTK_DATA to a folder holding corpora/gutenberg")
+    GUTENBERG = CORPUS / "corpora" / "gutenberg"
     return GUTENBERG
 
 

@@ -53,7 +53,8 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(run):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] - 0.5
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
-                 "summary.json", "last/trainer_state.json", "last/optimizer0.safetensors"):
+                 "summary.json", "manifest.json", "checkpoints/step-00000030/trainer_state.json",
+                 "checkpoints/step-00000030/optimizer0.safetensors"):
         assert (result.run_dir / name).exists(), name
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert result.steps == 30 and summary["steps"] == 30
@@ -83,12 +84,12 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert result.interrupted and result.steps == 11
     assert not (tmp_path / "resumed" / "summary.json").exists()  # an interrupted run is not reported as done
     lmforge.train(None, out=tmp_path / "resumed", resume=True, log=quiet, final_eval=False)
-    for name in ("last/model.safetensors", "model.safetensors"):
+    for name in ("checkpoints/step-00000024/model.safetensors", "model.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    state = json.loads((tmp_path / "resumed" / "last" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000024" / "trainer_state.json").read_text())
     assert state["step"] == 24
 
     def rows(folder):  # the metrics log, without timings
@@ -142,7 +143,7 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(tmp_path):
     saved = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.equal(saved[k], snapshots[best][k]) for k in saved)
     assert best != evals[-1]["step"]  # the test is only worth something when the best is not the last
-    final = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    final = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000060" / "model.safetensors"))
     assert any(not torch.equal(saved[k], final[k]) for k in saved)
 
 
@@ -201,7 +202,7 @@ def test_muon_and_both_schedules_train(optimizer, schedule, tiny_file, tmp_path)
     lm, result = lmforge.train(config, out=tmp_path / "run", log=quiet)
     losses = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0] - 0.3
-    state = json.loads((result.run_dir / "last" / "trainer_state.json").read_text())
+    state = json.loads((result.run_dir / "checkpoints" / "step-00000020" / "trainer_state.json").read_text())
     assert len(state["optimizers"]) == (2 if optimizer == "muon" else 1)
     if optimizer == "muon":
         muon = state["optimizers"][0]["param_groups"][0]

@@ -168,11 +168,12 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
-    if cfg.finetune is not None:
-        job = finetune_job(cfg, tokenizer, resume=resume, log=log)
-    else:
-        job = language_model_job(cfg, tokenizer)
-    result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
+    with ckpt.RunLock(out):
+        if cfg.finetune is not None:  # weights come from the resume point if there is one, else the base
+            job = finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)), log=log)
+        else:
+            job = language_model_job(cfg, tokenizer)
+        result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
     lm = load(result.run_dir, device=cfg.train.device)
     if final_eval and not result.interrupted:
         result.extra.update(final_figures(lm, log))

@@ -1,17 +1,23 @@
-"""Run folders on disk: config JSON, safetensors weights, tokenizer, and the state to resume training.
+"""Run folders on disk: config JSON, safetensors weights, tokenizer, metrics and resume points.
 
-Everything is written to a temporary name and then renamed into place, so an interrupted write
-never leaves a half checkpoint, and nothing is ever unpickled on load.
+Every file is written whole or not at all (a temporary name, flushed to disk, renamed over the old
+one), so a killed process never leaves half a file; a resume point is a folder renamed into place
+as a unit. Every safetensors file carries a SHA-256 of its tensors in its own header, and every
+folder a manifest of its JSON files' checksums, so a truncated or bit-flipped file is named when
+it is read instead of producing garbage. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, read_json
@@ -22,38 +28,97 @@ from .tokenizers import load_tokenizer
 FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-RESUME = "last"  # folder with the latest weights, optimizer and trainer state
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"  # resume points: checkpoints/step-00000500/
+LEGACY_RESUME = "last"  # the single resume point of runs from before checkpoints/
+LOCK = "run.lock"  # held while a process trains into the folder
+CHECKSUM = "lmforge.sha256"  # safetensors metadata key: SHA-256 of the tensors
+
+
+# ---- writing and reading files ------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_error(path: Path, exc: OSError, after: str = "") -> LmforgeError:
+    """A one-line error for a failed write, saying what it means for what was already there."""
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return LmforgeError(f"cannot write {path}: {reason}{'; ' + after if after else ''}")
 
 
 def write_text(path: Path, text: str) -> None:
     """Write `path` whole or not at all: a temporary file, flushed to disk, renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc, f"the previous {path.name} is unchanged") from None
+    _fsync_dir(path.parent)
 
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """A safetensors file, written atomically, with the SHA-256 of its tensors in its header."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={**(metadata or {}), CHECKSUM: tensor_digest(tensors)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc, f"the previous {path.name} is unchanged") from None
+    except SafetensorError as exc:  # the Rust writer reports a full disk as its own error
+        tmp.unlink(missing_ok=True)
+        raise LmforgeError(f"cannot write {path}: {exc}; the previous {path.name} is unchanged") from None
+    _fsync_dir(path.parent)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked against the checksum in its header."""
+    path = Path(path)
     if not path.exists():
         raise LmforgeError(f"{path} is missing; the run folder is incomplete (re-run training)")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LmforgeError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); "
-                           f"re-run training or restore it from a copy") from None
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get(CHECKSUM)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LmforgeError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                           f"restore it from a copy or re-run training") from None
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise LmforgeError(f"{path} is damaged: its tensors do not match the checksum written with them "
+                           f"(flipped bits or a bad copy); restore it from a copy or re-run training")
+    return tensors
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,21 +128,92 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def write_manifest(folder: Path, names: list[str]) -> None:
+    """manifest.json: the SHA-256 and size of the named JSON files of `folder` (safetensors files
+    carry their own checksums)."""
+    files = {}
+    for name in names:
+        data = (folder / name).read_bytes()
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    write_json(folder / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
+
+
+def check_manifest(folder: Path) -> None:
+    """Fail in one line naming the file when a file the manifest lists is missing or changed."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return  # runs from before manifests
+    manifest = read_json(path, "manifest")
+    for name, entry in (manifest.get("files") or {}).items():
+        file = folder / name
+        if not file.exists():
+            raise LmforgeError(f"{file} is missing; the run folder is incomplete (restore it or re-run training)")
+        if not isinstance(entry, dict) or hashlib.sha256(file.read_bytes()).hexdigest() != entry.get("sha256"):
+            raise LmforgeError(f"{file} is damaged: it does not match its checksum in {MANIFEST}; restore it from "
+                               f"a copy or re-run training")
+
+
+# ---- run folders --------------------------------------------------------------------------------------
+
 def open_run_dir(out: Path, resume: bool) -> Path:
     """The run folder to train into: an existing run when resuming, else a new or empty folder."""
     out = Path(out)
     if resume:
         read_config(out)  # fails clearly when it is not a run
+        check_manifest(out)
         return out
     if (out / CONFIG).exists():
         raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise LmforgeError(f"{out} exists and is not an empty folder; choose another --out (nothing was written)")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lmforge-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
-        raise LmforgeError(f"cannot create the run folder {out}: {e.strerror or e}; choose another --out") from None
+        raise LmforgeError(f"cannot write the run folder {out}: {e.strerror or e}; choose another --out") from None
     return out
+
+
+class RunLock:
+    """An exclusive lock on a run folder (run.lock) while a process trains into it: a second process
+    is refused in one line instead of interleaving its writes. The lock goes with the process."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.file = Path(run_dir) / LOCK, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            return self
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another"
+            self.file.close()
+            raise LmforgeError(f"{self.path.parent} is in use by lmforge process {holder}; wait for it to finish "
+                               f"(or stop it), or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+        return False
 
 
 class MetricsLog:
@@ -90,20 +226,26 @@ class MetricsLog:
             return
         if path.exists():
             keep = []
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by an interrupted write
-                if isinstance(row, dict) and row.get("step", 0) <= after_step:
+                if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= after_step:
                     keep.append(line + "\n")
             write_text(path, "".join(keep))
-        self.file = open(path, "a")
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise write_error(path, e) from None
 
     def write(self, row: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise write_error(Path(self.file.name), e, "the rows before it are kept") from None
 
     def close(self) -> None:
         if self.file is not None:
@@ -118,16 +260,25 @@ def save_config(run_dir: Path, config: RunConfig, model_fields: dict, extra: dic
 
 
 def read_config(run_dir: Path) -> dict:
+    """A run's config.json, checked: the format this lmforge reads, and every section well formed."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LmforgeError(f"run folder {run_dir} does not exist; train one with `lmforge train --out {run_dir}`")
     if not (run_dir / CONFIG).exists():
-        raise LmforgeError(f"{run_dir} is not an lmforge run (no {CONFIG}); "
-                           f"point at a folder made by `lmforge train`")
+        raise LmforgeError(f"{run_dir} is not an lmforge run (no {CONFIG}); point at a folder made by `lmforge train`")
     data = read_json(run_dir / CONFIG, "run config")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise LmforgeError(f"{run_dir} has format_version {version}; this lmforge reads {FORMAT_VERSION}")
+        raise LmforgeError(f"{run_dir} was written by another lmforge (run format {version!r}; this lmforge reads "
+                           f"{FORMAT_VERSION}); use the lmforge that made it, or train it again")
+    model = data.get("model")
+    if not (isinstance(model, dict) and isinstance(model.get("arch"), str) and isinstance(model.get("options"), dict)):
+        raise LmforgeError(f"{run_dir / CONFIG} is damaged: its model section needs an arch and options")
+    sections = {k: v for k, v in data.items() if k in ("data", "tokenizer", "train", "finetune")}
+    try:
+        RunConfig.from_dict({**sections, "model": model}, f"{run_dir / CONFIG}")
+    except LmforgeError as e:
+        raise LmforgeError(f"{e} (the file is damaged or from another lmforge)") from None
     return data
 
 
@@ -139,6 +290,7 @@ def load_model(run_dir: Path, weights: Path | None = None) -> tuple[torch.nn.Mod
     """(model in eval mode on the CPU, tokenizer, config dict) from a run folder."""
     run_dir = Path(run_dir)
     data = read_config(run_dir)
+    check_manifest(run_dir)
     model = build_from_config(data)
     state = load_tensors(weights or run_dir / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -148,10 +300,13 @@ def load_model(run_dir: Path, weights: Path | None = None) -> tuple[torch.nn.Mod
     if not (run_dir / "tokenizer.json").exists():
         raise LmforgeError(f"{run_dir} has no tokenizer.json; the run folder is incomplete")
     tokenizer = load_tokenizer(run_dir)
+    if tokenizer.vocab_size != data["model"]["options"].get("vocab_size", tokenizer.vocab_size):
+        raise LmforgeError(f"{run_dir / 'tokenizer.json'} does not belong to this model (vocabulary "
+                           f"{tokenizer.vocab_size}, the model has {data['model']['options']['vocab_size']})")
     return model.eval(), tokenizer, data
 
 
-# ---- resume state -------------------------------------------------------------------------------
+# ---- resume points ------------------------------------------------------------------------------------
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Split an optimizer state_dict into tensors (for safetensors) and plain JSON."""
@@ -174,42 +329,81 @@ def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict) -> None:
-    """Write weights + optimizer + trainer state as one unit: a temp folder swapped into place."""
-    run_dir = Path(run_dir)
-    tmp, final, old = run_dir / (RESUME + ".tmp"), run_dir / RESUME, run_dir / (RESUME + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_tensors(tmp / WEIGHTS, model_state(model))
-    plain = []
-    for i, opt in enumerate(optimizers):
-        tensors, rest = _flatten_optimizer(opt)
-        save_tensors(tmp / f"optimizer{i}.safetensors", tensors)
-        plain.append(rest)
-    write_json(tmp / "trainer_state.json", {**trainer_state, "optimizers": plain})
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def resume_points(run_dir: Path) -> list[Path]:
+    """A run's resume point folders, newest first (checkpoints/step-N, or a legacy last/)."""
+    root = Path(run_dir) / CHECKPOINTS
+    points = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True) \
+        if root.is_dir() else []
+    legacy = Path(run_dir) / LEGACY_RESUME
+    return points + ([legacy] if legacy.is_dir() else [])
 
 
-def load_resume(run_dir: Path, model, optimizers: list, log=print) -> dict:
-    """Restore weights and optimizer state in place; return the trainer state. (Random draws are
-    functions of the seed and the step, so no generator state is saved.)"""
-    run_dir = Path(run_dir)
-    folder = run_dir / RESUME
-    if not folder.exists() and (run_dir / (RESUME + ".old")).exists():
-        folder = run_dir / (RESUME + ".old")  # interrupted between the two renames
-    if not folder.exists():
-        raise LmforgeError(f"{run_dir} has no resume state ({RESUME}/); it was not saved by `lmforge train`")
-    state = read_json(folder / "trainer_state.json", "trainer state")
-    model.load_state_dict(load_tensors(folder / WEIGHTS))
-    plain = state.pop("optimizers")
-    if len(plain) != len(optimizers):
-        raise LmforgeError(f"{run_dir} was trained with {len(plain)} optimizer(s), this config builds "
-                           f"{len(optimizers)}; resume with the run's own train.optimizer")
-    for i, opt in enumerate(optimizers):
-        tensors = load_tensors(folder / f"optimizer{i}.safetensors")
-        opt.load_state_dict(_unflatten_optimizer(tensors, plain[i]))
-    return state
+def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict, keep: int = 2) -> Path:
+    """Write weights, optimizer and trainer state as one resume point (a temporary folder renamed into
+    place), then drop all but the newest `keep`. Refuses weights that are not finite: a diverged model
+    never replaces a good resume point."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{trainer_state['step']:08d}"
+    tmp = root / f".tmp-{final.name}"
+    weights = model_state(model)
+    if not all_finite(weights):
+        raise LmforgeError(f"the weights at step {trainer_state['step']} are not finite (NaN or inf); they were not "
+                           f"saved, and the last resume point is intact: lower train.lr and resume")
+    previous = resume_points(run_dir)
+    try:
+        root.mkdir(exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_tensors(tmp / WEIGHTS, weights)
+        plain = []
+        for i, opt in enumerate(optimizers):
+            tensors, rest = _flatten_optimizer(opt)
+            save_tensors(tmp / f"optimizer{i}.safetensors", tensors)
+            plain.append(rest)
+        write_json(tmp / "trainer_state.json", {**trainer_state, "optimizers": plain})
+        write_manifest(tmp, ["trainer_state.json"])
+        if final.exists():  # the same step saved again (an interrupted run's last point)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except (OSError, LmforgeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the resume point {previous[0].name} is intact" if previous else "no earlier resume point exists"
+        reason = exc if isinstance(exc, LmforgeError) else write_error(final, exc)
+        raise LmforgeError(f"{reason} (while saving the resume point at step {trainer_state['step']}); {kept}; "
+                           f"free some space, then continue with lmforge train --resume {run_dir}") from None
+    for old in resume_points(run_dir)[max(1, keep):]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_resume(run_dir: Path, model, optimizers: list, log=print) -> dict | None:
+    """Restore weights and optimizer state from the newest good resume point, in place, and return its
+    trainer state; a damaged point is reported and the one before it is used. None when the run has
+    none (it was stopped before its first): it starts over. (Random draws are functions of the seed
+    and the step, so no generator state is saved.)"""
+    for point in resume_points(run_dir):
+        try:
+            check_manifest(point)
+            state = read_json(point / "trainer_state.json", "trainer state")
+            plain = state.pop("optimizers", None)
+            if not isinstance(plain, list):
+                raise LmforgeError(f"{point / 'trainer_state.json'} is damaged (no optimizer state)")
+            if len(plain) != len(optimizers):
+                raise LmforgeError(f"{point} was trained with {len(plain)} optimizer(s), this config builds "
+                                   f"{len(optimizers)}; resume with the run's own train.optimizer")
+            weights = load_tensors(point / WEIGHTS)
+            optimizer_states = [_unflatten_optimizer(load_tensors(point / f"optimizer{i}.safetensors"), plain[i])
+                                for i in range(len(optimizers))]
+            model.load_state_dict(weights)
+            for opt, sd in zip(optimizers, optimizer_states):
+                opt.load_state_dict(sd)
+        except (LmforgeError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            if "optimizer(s)" in str(exc):
+                raise
+            log(f"note: the resume point {point} cannot be used ({exc}); trying the one before it")
+            continue
+        return state
+    if resume_points(run_dir):
+        raise LmforgeError(f"no resume point of {run_dir} can be read; the run cannot continue: start a new one")
+    return None

@@ -93,7 +93,8 @@ def cmd_finetune(args) -> int:
             raise LmforgeError("finetune needs a base run and --data (or --resume RUN to continue one)")
         lm, result = api.finetune(
             args.base, args.data, args.out, task=args.task, mode=args.mode, lr=args.lr,
-            max_time=parse_duration(args.max_time), max_steps=args.max_steps, overrides=args.set,
+            max_time=parse_duration(args.max_time), max_steps=args.max_steps,
+            overrides=(args.set or []) + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors"}),
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
             lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
@@ -247,7 +248,7 @@ def cmd_bench(args) -> int:
                "new_tokens": args.new_tokens, "rounds": args.rounds, "model_fields": model_fields or None,
                "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None,
                "max_time": parse_duration(args.max_time) if args.max_time else None, "dtype": args.dtype,
-               "compile": args.compile or None}
+               "compile": args.compile or None, "vocab_size": args.vocab_size}
     if args.benchmark == "austen":  # trains through the normal config: pass overrides as they are
         options = {"max_time": options["max_time"], "overrides": args.overrides or None,
                    "device": args.device, "threads": args.threads}
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated module names (default: the model's lora_targets)")
     p.add_argument("--pooling", help="classify: mean or last (default mean)")
     p.add_argument("--template", help="completion: prompt template with {prompt}")
+    p.add_argument("--encoding", help="text encoding of the new data (default: the base run's, utf-8)")
+    p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
     p.add_argument("--set", action="append", metavar="train.KEY=VALUE", help="other train/data options")
     p.set_defaults(func=cmd_finetune)
 
@@ -445,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--warmup", type=int, help="untimed warm-up steps (train) or tokens (generate)")
         b.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
         b.add_argument("--rounds", type=int, help="generate: timed runs per case, cases taking turns (default 5)")
+        b.add_argument("--vocab-size", type=int, help="train/generate: random ids over this many (default: the "
+                                                      "Austen char tokenizer's vocabulary, 82)")
         b.add_argument("--device", help="cpu (default), cuda, mps, auto")
         b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
         b.add_argument("--max-time", help="austen: training time budget (default 300 s)")
@@ -493,6 +498,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Arguments that were not valid UTF-8 arrive with surrogate escapes: write them back as the bytes
+    # they were (stdout) or escaped (stderr), never fail on them.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
@@ -503,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the last line of defence: a file the library did not expect to fail
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

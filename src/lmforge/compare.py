@@ -166,7 +166,8 @@ def solve_width(params, target: int) -> int:
 def run_candidate(name: str, arch: str, tokenizer: str, args: list[str], out_dir: Path, prompt: str) -> dict:
     """Train one candidate in a child process; read back its summary, curve, peak memory and a sample."""
     log_path = out_dir / "logs" / f"{name}.log"
-    row = {"name": name, "arch": arch, "tokenizer": tokenizer, "command": "lmforge " + shlex.join(args),
+    rerun = [f"{a}-rerun" if i and args[i - 1] == "--out" else a for i, a in enumerate(args)]  # the row's folder is taken
+    row = {"name": name, "arch": arch, "tokenizer": tokenizer, "command": "lmforge " + shlex.join(rerun),
            "run_dir": str(out_dir / name), "log": str(log_path)}
     with open(log_path, "w") as log_file:
         code, peak = run_child([sys.executable, "-m", "lmforge.cli", *args], log_file)
@@ -267,7 +268,7 @@ def render_markdown(report: dict) -> str:
         f"{report['prompt']!r} at temperature {SAMPLE_TEMPERATURE}, seed {SAMPLE_SEED}. Peak memory is the "
         "training process's maximum resident set size. Time to best is training time (evaluation "
         "excluded) at the evaluation with the lowest validation loss. The rerun command repeats a row "
-        "exactly; give it another `--out` (or delete the row's folder) first.", "",
+        "exactly, into a folder of its own (`<row>-rerun`).", "",
         "| candidate | params | train tokens/s | val bits/byte | OOV rate | time to best | peak memory | sample | rerun |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]

@@ -86,6 +86,8 @@ class TrainConfig:
     keep_best: bool = True  # model.safetensors holds the weights with the best validation loss
     checkpoint_interval: int = 500  # steps between resume points...
     checkpoint_time: float = 120.0  # ...or seconds of training, whichever comes first
+    keep_checkpoints: int = 2  # resume points kept (the newest); an unreadable one falls back to the one before
+    on_nonfinite: str = "skip"  # a step with a NaN/inf loss or gradient: skip it (5 in a row stop) | stop
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
@@ -118,6 +120,10 @@ class TrainConfig:
             (self.eval_batches >= 1, "train.eval_batches must be at least 1"),
             (self.checkpoint_interval >= 1, "train.checkpoint_interval must be at least 1"),
             (self.checkpoint_time > 0, "train.checkpoint_time must be positive (seconds)"),
+            (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+            (self.on_nonfinite in ("skip", "stop"), f"train.on_nonfinite must be skip or stop, got {self.on_nonfinite!r}"),
+            (self.dtype != "float16", "train.dtype=float16 needs loss scaling, which lmforge does not do; use bfloat16 "
+                                      "(recent GPUs, CPUs with AVX512-BF16 or AMX), float32, or auto"),
             (self.threads is None or self.threads >= 1, "train.threads must be at least 1"),
             (self.sample_tokens >= 0, "train.sample_tokens must be 0 or more"),
             (self.grad_clip >= 0 and self.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0"),

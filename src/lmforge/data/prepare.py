@@ -150,10 +150,14 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
         "documents": document_meta(documents, train_texts, val_texts, train_spans, val_spans),
         "unknown": dict(unknown.most_common()),
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+    except OSError as exc:
+        raise LmforgeError(f"cannot write the data cache {folder.parent}: {exc.strerror or exc}; set LMFORGE_CACHE "
+                           f"(or data.cache_dir) to a writable folder") from None
+    try:
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         tok.save(tmp)

@@ -41,7 +41,9 @@ def read_folder(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     state = {}
     for f in files:
         state.update(ckpt.load_tensors(f))
-    return json.loads((directory / "config.json").read_text()), state
+    from ..config import read_json
+
+    return read_json(directory / "config.json", "Hugging Face config"), state
 
 
 def gpt2_fields(c: dict) -> dict:

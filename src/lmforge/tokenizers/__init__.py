@@ -89,6 +89,8 @@ def load_tokenizer(path) -> Tokenizer:
     except OSError as exc:
         raise LmforgeError(f"cannot read tokenizer {path}: {exc.strerror or exc}; "
                            "point at a folder holding tokenizer.json") from None
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{path} is not UTF-8 text (damaged); restore it or re-run `lmforge prepare`") from None
     try:
         data = json.loads(content)
     except json.JSONDecodeError as exc:

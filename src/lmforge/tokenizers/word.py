@@ -82,6 +82,10 @@ class WordTokenizer:
         if pieces is not None:
             return pieces
         source = text.lower() if self.options["lowercase"] else text
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (from JSON escapes or undecodable argv): spaCy can't take them
+            source = source.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         skip_stop = self.options["remove_stopwords"]
         pieces = []
         for doc in english().tokenizer.pipe(PARAGRAPH.split(source)):

@@ -83,15 +83,6 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def broadcast(obj):
-    """Rank 0's `obj` on every process (any picklable value; stays in memory, never touches a file)."""
-    if not active():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model as DistributedDataParallel: gradients are averaged over processes during backward."""
     from torch.nn.parallel import DistributedDataParallel

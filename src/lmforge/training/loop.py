@@ -2,8 +2,9 @@
 
 In: a RunConfig, a run folder and a Job — the model to train (built, with its starting weights and
 any frozen layers or adapters), its batches, its loss, and which files its weights go to. Out: the
-run folder: config.json, tokenizer.json, model.safetensors (best by validation), resume state in
-last/, metrics.jsonl and loss.png. Under torchrun each process trains its share of every batch.
+run folder: config.json, tokenizer.json, manifest.json, model.safetensors (best by validation),
+resume points in checkpoints/, metrics.jsonl and loss.png. Under torchrun each process trains its
+share of every batch.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..config import RunConfig
+from ..config import RunConfig, check_type
 from ..data.batches import Batches
 from ..device import resolve_device, resolve_dtype, set_threads
 from ..errors import LmforgeError
@@ -67,8 +68,12 @@ class TrainerState:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainerState":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The state saved in trainer_state.json, every field type-checked (a damaged file is one line)."""
+        known = {f.name: f for f in fields(cls)}
+        try:
+            return cls(**{k: check_type(f"trainer state {k}", v, known[k].type) for k, v in data.items() if k in known})
+        except LmforgeError as e:
+            raise LmforgeError(f"{e}: trainer_state.json is damaged") from None
 
 
 @dataclass
@@ -100,12 +105,16 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     model = job.model.to(device)
     optimizers = build_optimizers(model, cfg)
     state = TrainerState()
-    if resume:
-        state = TrainerState.from_dict(ckpt.load_resume(run_dir, model, optimizers, log=log))
+    saved = ckpt.load_resume(run_dir, model, optimizers, log=log) if resume else None
+    if saved is not None:
+        state = TrainerState.from_dict(saved)
         log(f"resuming {run_dir} at step {state.step}")
-    elif dist.is_main():
-        ckpt.save_config(run_dir, config, asdict(model.config))
+    elif resume:
+        log(f"note: {run_dir} stopped before its first resume point; training it from the start")
+    elif dist.is_main():  # the tokenizer first: config.json marks a folder as a run
         job.tokenizer.save(run_dir)
+        ckpt.save_config(run_dir, config, asdict(model.config))
+        ckpt.write_manifest(run_dir, [ckpt.CONFIG, "tokenizer.json"])
     forward = dist.wrap(model, device) if dist.world_size() > 1 else model
     forward = torch.compile(forward) if cfg.compile else forward
     log(describe(config, job, model, device, dtype, threads))
@@ -131,7 +140,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                 tokens_per_s = state.tokens / max(state.train_time, 1e-9)
                 bar.update(min(elapsed, max(0.0, bar.total - bar.n)) if cfg.max_time else 1)
                 if result.skipped:
-                    skipped_step(state, result, cfg, log)
+                    skipped_step(state, result, cfg, log, run_dir)
                 else:
                     state.skipped, last_loss = 0, result.loss
                     state.losses.append(result.loss)
@@ -211,18 +220,21 @@ def evaluate(model, job: Job, state: TrainerState, cfg, device, dtype, run_dir: 
     return val_bpb
 
 
-def skipped_step(state: TrainerState, result, cfg, log) -> None:
-    """A step whose loss or gradient was not finite changed nothing; several in a row stop the run."""
+def skipped_step(state: TrainerState, result, cfg, log, run_dir) -> None:
+    """A step whose loss or gradient was not finite changed nothing; with on_nonfinite=stop, or several
+    in a row, the run stops (the weights and resume points on disk are from before the trouble)."""
     state.skipped += 1
     what = "loss" if not math.isfinite(result.loss) else "gradient norm"
     log(f"\nstep {state.step}: the {what} is not finite; the step was skipped (weights unchanged)")
-    if state.skipped >= MAX_SKIPPED:
-        raise LmforgeError(f"{MAX_SKIPPED} steps in a row had a non-finite {what} (at step {state.step}); "
-                           f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps, then resume")
+    if cfg.on_nonfinite == "stop" or state.skipped >= MAX_SKIPPED:
+        raise LmforgeError(f"{state.skipped} step(s) in a row had a non-finite {what} (at step {state.step}); "
+                           f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps, then resume "
+                           f"(lmforge train --resume {run_dir})")
 
 
 def save_weights(run_dir: Path, files: dict[str, dict[str, torch.Tensor]]) -> None:
-    if dist.is_main():
+    """The run's weights (model.safetensors and, for fine-tunes, the adapter or head), never NaN ones."""
+    if dist.is_main() and all(ckpt.all_finite(tensors) for tensors in files.values()):
         for name, tensors in files.items():
             ckpt.save_tensors(run_dir / name, tensors)
 
@@ -230,7 +242,7 @@ def save_weights(run_dir: Path, files: dict[str, dict[str, torch.Tensor]]) -> No
 def save_resume_point(run_dir: Path, model, optimizers, state: TrainerState, cfg) -> None:
     state.checkpoint_time = state.train_time
     if dist.is_main():
-        ckpt.save_resume(run_dir, model, optimizers, asdict(state))
+        ckpt.save_resume(run_dir, model, optimizers, asdict(state), keep=cfg.keep_checkpoints)
     dist.barrier()
 
 
