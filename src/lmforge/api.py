@@ -5,6 +5,7 @@ The CLI and the server are thin shells over these functions, and every run folde
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     training time, and sizes the Transformer for it on this machine (training.sizing)."""
     from .finetuning.run import finetune_job
     from .tokenizers import load_tokenizer
+    from .training import distributed as dist
     from .training.jobs import check, language_model_job
     from .training.loop import train as run_loop
     from .training.sizing import size_for_budget
@@ -161,26 +163,39 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         cfg = build_config(config, preset, overrides)
         tokenizer = None
     check(cfg)
+    if dist.launched():  # under torchrun: join the group first; process 0 alone writes and prints
+        dist.start(resolve_device(cfg.train.device))
+        if not dist.is_main():
+            log = _quiet
     if budget is not None:
         if resume:
             raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
         cfg = size_for_budget(cfg, budget, log)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
-    with ckpt.RunLock(out):
-        if cfg.finetune is not None:  # weights come from the resume point if there is one, else the base
-            job = finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)), log=log)
-        else:
-            job = language_model_job(cfg, tokenizer)
+    if dist.is_main():
+        ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
+    with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
+        for turn in (True, False):  # process 0 prepares the data first; the others then read its cache
+            if dist.is_main() == turn:
+                if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
+                    job = finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)), log=log)
+                else:
+                    job = language_model_job(cfg, tokenizer)
+            dist.barrier()
         result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
-    lm = load(result.run_dir, device=cfg.train.device)
+    lm = load(result.run_dir, device=result.extra["device"])
     if final_eval and not result.interrupted:
         result.extra.update(final_figures(lm, log))
-        ckpt.write_json(result.run_dir / "summary.json", {
-            "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
-            "tokens_per_s": result.tokens_per_s, "best_val_bpb": result.best_val_bpb, **result.extra})
+        if dist.is_main():
+            ckpt.write_json(result.run_dir / "summary.json", {
+                "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
+                "tokens_per_s": result.tokens_per_s, "best_val_bpb": result.best_val_bpb, **result.extra})
     return lm, result
+
+
+def _quiet(*_) -> None:
+    pass
 
 
 def final_figures(lm: LanguageModel, log=print) -> dict:

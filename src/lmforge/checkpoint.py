@@ -121,13 +121,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of the unwrapped module (never a torch.compile or DDP wrapper's prefixed names)."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return model.state_dict()
-
-
 def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
 
@@ -168,7 +161,10 @@ def open_run_dir(out: Path, resume: bool) -> Path:
         return out
     if (out / CONFIG).exists():
         raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
+    # what a start killed before config.json was written leaves behind is not "a run": start again over it
+    leftovers = {LOCK, "tokenizer.json", ".lmforge-write-test"}
+    if out.exists() and (not out.is_dir() or any(p.name not in leftovers and not p.name.endswith(".tmp")
+                                                  for p in out.iterdir())):
         raise LmforgeError(f"{out} exists and is not an empty folder; choose another --out (nothing was written)")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -308,24 +304,23 @@ def load_model(run_dir: Path, weights: Path | None = None) -> tuple[torch.nn.Mod
 
 # ---- resume points ------------------------------------------------------------------------------------
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and plain JSON."""
-    sd = optimizer.state_dict()
+SEP = "|"  # between a parameter's name and a state key in an optimizer file ("blocks.0.attn.qkv.weight|exp_avg")
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and plain JSON."""
     tensors, scalars = {}, {}
-    for idx, entry in sd["state"].items():
+    for param, entry in state_dict["state"].items():
         for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+            (tensors if torch.is_tensor(value) else scalars)[f"{param}{SEP}{key}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
 
 
 def _unflatten_optimizer(tensors: dict, plain: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict = {}
     for name, value in list(tensors.items()) + list(plain["scalars"].items()):
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        param, key = name.rsplit(SEP, 1) if SEP in name else name.split(".", 1)  # "." in older files
+        state.setdefault(int(param) if param.isdigit() else param, {})[key] = value
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
@@ -338,14 +333,14 @@ def resume_points(run_dir: Path) -> list[Path]:
     return points + ([legacy] if legacy.is_dir() else [])
 
 
-def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict, keep: int = 2) -> Path:
-    """Write weights, optimizer and trainer state as one resume point (a temporary folder renamed into
-    place), then drop all but the newest `keep`. Refuses weights that are not finite: a diverged model
-    never replaces a good resume point."""
+def save_resume(run_dir: Path, weights: dict, optimizer_states: list[dict], trainer_state: dict,
+                keep: int = 2) -> Path:
+    """Write whole weights, optimizer states and trainer state as one resume point (a temporary folder
+    renamed into place), then drop all but the newest `keep`. Refuses weights that are not finite: a
+    diverged model never replaces a good resume point."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{trainer_state['step']:08d}"
     tmp = root / f".tmp-{final.name}"
-    weights = model_state(model)
     if not all_finite(weights):
         raise LmforgeError(f"the weights at step {trainer_state['step']} are not finite (NaN or inf); they were not "
                            f"saved, and the last resume point is intact: lower train.lr and resume")
@@ -356,8 +351,8 @@ def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict, kee
         tmp.mkdir()
         save_tensors(tmp / WEIGHTS, weights)
         plain = []
-        for i, opt in enumerate(optimizers):
-            tensors, rest = _flatten_optimizer(opt)
+        for i, state_dict in enumerate(optimizer_states):
+            tensors, rest = _flatten_optimizer(state_dict)
             save_tensors(tmp / f"optimizer{i}.safetensors", tensors)
             plain.append(rest)
         write_json(tmp / "trainer_state.json", {**trainer_state, "optimizers": plain})
@@ -377,33 +372,26 @@ def save_resume(run_dir: Path, model, optimizers: list, trainer_state: dict, kee
     return final
 
 
-def load_resume(run_dir: Path, model, optimizers: list, log=print) -> dict | None:
-    """Restore weights and optimizer state from the newest good resume point, in place, and return its
-    trainer state; a damaged point is reported and the one before it is used. None when the run has
-    none (it was stopped before its first): it starts over. (Random draws are functions of the seed
-    and the step, so no generator state is saved.)"""
+def load_resume(run_dir: Path, log=print) -> tuple[dict, list[dict], dict] | None:
+    """(weights, optimizer states, trainer state) of the newest readable resume point; a damaged point
+    is reported and the one before it is read. None when the run has none (it was stopped before its
+    first): it starts over. (Random draws are functions of the seed and the step, so no generator
+    state is saved.)"""
     for point in resume_points(run_dir):
         try:
             check_manifest(point)
             state = read_json(point / "trainer_state.json", "trainer state")
             plain = state.pop("optimizers", None)
-            if not isinstance(plain, list):
-                raise LmforgeError(f"{point / 'trainer_state.json'} is damaged (no optimizer state)")
-            if len(plain) != len(optimizers):
-                raise LmforgeError(f"{point} was trained with {len(plain)} optimizer(s), this config builds "
-                                   f"{len(optimizers)}; resume with the run's own train.optimizer")
+            if not isinstance(plain, list) or not all(isinstance(p, dict) and {"scalars", "param_groups"} <= set(p)
+                                                      for p in plain):
+                raise LmforgeError(f"{point / 'trainer_state.json'} is damaged (its optimizer state)")
             weights = load_tensors(point / WEIGHTS)
-            optimizer_states = [_unflatten_optimizer(load_tensors(point / f"optimizer{i}.safetensors"), plain[i])
-                                for i in range(len(optimizers))]
-            model.load_state_dict(weights)
-            for opt, sd in zip(optimizers, optimizer_states):
-                opt.load_state_dict(sd)
-        except (LmforgeError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-            if "optimizer(s)" in str(exc):
-                raise
+            optimizers = [_unflatten_optimizer(load_tensors(point / f"optimizer{i}.safetensors"), p)
+                          for i, p in enumerate(plain)]
+        except (LmforgeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             log(f"note: the resume point {point} cannot be used ({exc}); trying the one before it")
             continue
-        return state
+        return weights, optimizers, state
     if resume_points(run_dir):
         raise LmforgeError(f"no resume point of {run_dir} can be read; the run cannot continue: start a new one")
     return None

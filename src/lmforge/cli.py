@@ -51,6 +51,10 @@ def cmd_train(args) -> int:
         overrides.append("train.progress=false")
     lm, result = api.train(args.config, args.resume or args.out, preset=args.preset, overrides=overrides,
                            resume=args.resume is not None, budget=budget)
+    from .training import distributed as dist
+
+    if not dist.is_main():  # under torchrun, process 0 reports
+        return 130 if result.interrupted else 0
     print(f"run: {result.run_dir}  steps {result.steps}, {result.tokens:,} tokens in {result.train_time:.0f} s "
           f"({result.tokens_per_s:,.0f} tokens/s)")
     if result.interrupted:
@@ -171,7 +175,11 @@ def cmd_chat(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
+    from .device import resolve_device
+    from .training import distributed as dist
 
+    if dist.launched():  # torchrun -m lmforge eval: the processes share the scoring
+        args.device = str(dist.start(resolve_device(args.device)))
     lm = api.load(args.run, device=args.device)
     if args.report:
         from pathlib import Path
@@ -190,6 +198,8 @@ def cmd_eval(args) -> int:
         result = evaluate_documents(lm.model, lm.tokenizer, [(d.name, d.text) for d in documents], device=lm.device)
     else:
         result = lm.evaluate()
+    if not dist.is_main():
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -506,20 +516,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
-        return args.func(args) or 0
+        try:
+            return args.func(args) or 0
+        finally:
+            if "RANK" in os.environ:  # under torchrun: leave the process group cleanly (gloo aborts otherwise)
+                from .training import distributed
+
+                distributed.stop()
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to `head` or similar, which has stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # the last line of defence: a file the library did not expect to fail
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

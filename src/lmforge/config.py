@@ -91,7 +91,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None
-    compile: bool = False
+    compile: bool | None = None  # torch.compile; none = where it pays (CUDA GPUs)
+    parallel: str = "ddp"  # under torchrun: ddp (every process holds the model) | fsdp (shards it)
     sample_prompt: str = "Emma Woodhouse"
     sample_tokens: int = 200
     progress: bool = True
@@ -121,6 +122,9 @@ class TrainConfig:
             (self.checkpoint_interval >= 1, "train.checkpoint_interval must be at least 1"),
             (self.checkpoint_time > 0, "train.checkpoint_time must be positive (seconds)"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+            (self.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {self.parallel!r}"),
+            (not (self.parallel == "fsdp" and self.optimizer == "muon"),
+             "train.optimizer=muon orthogonalises whole matrices, which FSDP splits; use train.parallel=ddp or adamw"),
             (self.on_nonfinite in ("skip", "stop"), f"train.on_nonfinite must be skip or stop, got {self.on_nonfinite!r}"),
             (self.dtype != "float16", "train.dtype=float16 needs loss scaling, which lmforge does not do; use bfloat16 "
                                       "(recent GPUs, CPUs with AVX512-BF16 or AMX), float32, or auto"),

@@ -72,8 +72,10 @@ def _windows(n: int, window: int, stride: int):
 
 
 @torch.inference_mode()
-def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int = 8, chunk: int = 1024) -> Score:
-    """Score `ids` given a leading `bos` token: predictions for every id, each exactly once."""
+def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int = 8, chunk: int = 1024,
+              part: tuple[int, int] = (0, 1)) -> Score:
+    """Score `ids` given a leading `bos` token: predictions for every id, each exactly once. With
+    part=(rank, world) a bounded-context model scores only that process's share of the windows."""
     seq = torch.tensor([bos] + list(ids), dtype=torch.long, device=device)
     n = seq.numel()
     total = Score()
@@ -90,7 +92,7 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
             total += _score_positions(logits[0], y)
         return total
     window, stride = limit + 1, max(1, limit // 2)  # window+1 tokens give `limit` predictions
-    spans = list(_windows(n, window, stride))
+    spans = list(_windows(n, window, stride))[part[0]::part[1]]
     for i in range(0, len(spans), batch_windows):
         group = spans[i:i + batch_windows]
         lengths = {end - start for start, end, _ in group}
@@ -104,20 +106,38 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
     return total
 
 
-def evaluate_text(model, tokenizer, text: str, *, device="cpu") -> Score:
+def evaluate_text(model, tokenizer, text: str, *, device="cpu", part: tuple[int, int] = (0, 1)) -> Score:
     ids = tokenizer.encode(text)
-    score = score_ids(model, ids, tokenizer.eos_id, device=device)
-    score.bytes = len(text.encode("utf-8"))
-    unk = getattr(tokenizer, "unk_id", None)
-    score.unknown = sum(1 for i in ids if i == unk) if unk is not None else 0
+    score = score_ids(model, ids, tokenizer.eos_id, device=device, part=part)
+    if part[0] == 0:  # the text's own counts, once
+        score.bytes = len(text.encode("utf-8"))
+        unk = getattr(tokenizer, "unk_id", None)
+        score.unknown = sum(1 for i in ids if i == unk) if unk is not None else 0
     return score
 
 
 def evaluate_documents(model, tokenizer, documents: list[tuple[str, str]], *, device="cpu") -> dict:
-    """Overall and per-document scores for (name, text) pairs; the overall numbers pool all bytes."""
+    """Overall and per-document scores for (name, text) pairs; the overall numbers pool all bytes.
+    Under torchrun the processes share the work (a bounded-context model's windows, or whole documents
+    for the others) and add up their sums, so every process gets the single-process figures."""
+    from ..training import distributed as dist
+
+    rank, world = dist.rank(), dist.world_size()
+    scores = []
+    for i, (_, text) in enumerate(documents):
+        if model.max_context is not None:
+            scores.append(evaluate_text(model, tokenizer, text, device=device, part=(rank, world)))
+        elif i % world == rank:
+            scores.append(evaluate_text(model, tokenizer, text, device=device))
+        else:
+            scores.append(Score())
+    if world > 1:
+        fields = ("nats", "tokens", "bytes", "correct1", "correct5", "unknown")
+        table = torch.tensor([[getattr(s, f) for f in fields] for s in scores], dtype=torch.float64)
+        table = torch.tensor(dist.sum_floats(table.flatten().tolist()), dtype=torch.float64).view(len(scores), -1)
+        scores = [Score(row[0].item(), *(int(v) for v in row[1:].tolist())) for row in table]
     total, per_doc = Score(), {}
-    for name, text in documents:
-        score = evaluate_text(model, tokenizer, text, device=device)
+    for (name, _), score in zip(documents, scores):
         per_doc[name] = score.summary()
         total += score
     return {**total.summary(), "documents": per_doc}

@@ -52,6 +52,8 @@ class Classifier(nn.Module):
         self.lm = lm
         self.classifier = ClassifierHead(lm.hidden_size, n_classes, pad_id, pooling)
         self.config, self.arch = lm.config, lm.arch
+        for p in lm.parameter_groups()["head"]:  # next-token logits are not used: the head stays as it was
+            p.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.lm.hidden(tokens)

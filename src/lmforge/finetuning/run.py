@@ -84,9 +84,9 @@ def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=pr
         batches = classification_data(config, tokenizer, context_len, log)
     adapt(lm, ft)
     if ft.task != "classify":
-        return Job(lm, tokenizer, batches, weights=lambda model: weight_files(model, ft))
+        return Job(lm, tokenizer, batches, weights=lambda state: weight_files(state, ft))
     model = Classifier(lm, len(ft.labels), tokenizer.eos_id, ft.pooling)
-    return Job(model, tokenizer, batches, ClassifyLoss(), weights=lambda model: weight_files(model, ft))
+    return Job(model, tokenizer, batches, ClassifyLoss(), weights=lambda state: weight_files(state, ft))
 
 
 def base_weights(base: Path) -> dict[str, torch.Tensor]:
@@ -101,14 +101,14 @@ def adapt(model, ft) -> None:
         apply_lora(model, ft.lora_targets, ft.lora_rank, ft.lora_alpha, ft.lora_dropout)
 
 
-def weight_files(model, ft) -> dict[str, dict[str, torch.Tensor]]:
+def weight_files(state: dict[str, torch.Tensor], ft) -> dict[str, dict[str, torch.Tensor]]:
     """model.safetensors loadable by the plain model (LoRA merged into it); the adapter and the
-    classifier head in files of their own."""
+    classifier head in files of their own. `state` is the trained module's (a Classifier's: lm.*,
+    classifier.*)."""
     files = {}
-    if isinstance(model, Classifier):
-        files[CLASSIFIER] = ckpt.model_state(model.classifier)
-        model = model.lm
-    state = ckpt.model_state(model)
+    if ft.task == "classify":
+        files[CLASSIFIER] = {k.removeprefix("classifier."): v for k, v in state.items() if k.startswith("classifier.")}
+        state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
     if ft.mode == "lora":
         files[ADAPTER] = adapter_state(state)
         state = merge_state(state, ft.lora_alpha / ft.lora_rank)

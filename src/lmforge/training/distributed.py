@@ -73,9 +73,30 @@ def sum_float(value: float) -> float:
     return float(t.item())
 
 
+def sum_floats(values: list[float]) -> list[float]:
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
 def any_true(flag: bool) -> bool:
     """True on every process when it is True on any (a stop requested by one process stops all)."""
     return sum_int(int(flag)) > 0 if active() else flag
+
+
+def on_main(fn, *args) -> None:
+    """Run `fn(*args)` on process 0 only (a file write); if it fails there, every process stops with
+    the error, instead of the others waiting for it forever."""
+    error = None
+    if is_main():
+        try:
+            fn(*args)
+        except LmforgeError as e:
+            error = e
+    if any_true(error is not None):
+        raise error or LmforgeError("process 0 stopped the run (its message says why)")
 
 
 def barrier() -> None:
@@ -88,6 +109,69 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: every block's parameters, gradients and optimizer state sharded over the processes
+    (gathered for each block's forward and backward), then the rest at the root. In place."""
+    from torch.distributed.fsdp import fully_shard
+
+    body = getattr(model, "lm", model)  # a classifier's language model
+    for block in getattr(body, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+_FULL = None
+
+
+def _full_options():
+    global _FULL
+    if _FULL is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return _FULL
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight, whole, by name: gathered from the shards of an FSDP model (all processes must call
+    it), else the module's own state_dict (no copy)."""
+    if sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options())
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model).state_dict()
+
+
+def full_optimizer_states(model: torch.nn.Module, optimizers: list) -> list[dict]:
+    """Each optimizer's state keyed by parameter name (not position), whole: the same for one process,
+    DDP or FSDP, so a run can resume with any number of processes."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return [get_optimizer_state_dict(model, opt, options=_full_options()) for opt in optimizers]
+
+
+def load_full_states(model: torch.nn.Module, optimizers: list, weights: dict, optimizer_states: list[dict]) -> None:
+    """Put whole weights and name-keyed optimizer states back into a model (sharded or not)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    for opt, state in zip(optimizers, optimizer_states):
+        if all(isinstance(k, int) for k in state["state"]):  # resume points from before name keys
+            opt.load_state_dict(state)
+        else:
+            set_optimizer_state_dict(model, opt, state, options=options)
 
 
 def no_sync(forward):

@@ -36,16 +36,17 @@ EVALS_PER_TIME_BUDGET = 10  # under a time budget, evaluate every max_time / 10 
 MAX_SKIPPED = 5  # consecutive steps with a non-finite loss or gradient before the run stops
 
 
-def plain_weights(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    return {ckpt.WEIGHTS: ckpt.model_state(model)}
+def plain_weights(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {ckpt.WEIGHTS: state}
 
 
 @dataclass
 class Job:
     """What a run trains. Pretraining, full, frozen and LoRA fine-tuning, classification and prompt ->
     completion differ only here: the model (which parameters train, which head), the batches and the
-    loss. `weights(model)` maps file names to the tensors saved as the run's weights (a LoRA run
-    merges its adapters into model.safetensors and keeps them alone in adapter.safetensors)."""
+    loss. `weights(state)` maps the trained module's whole state dict to the files saved as the run's
+    weights (a LoRA run merges its adapters into model.safetensors and keeps them alone in
+    adapter.safetensors)."""
     model: nn.Module
     tokenizer: object
     batches: Batches
@@ -101,13 +102,17 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         device = dist.start(device)
     dtype = resolve_dtype(cfg.dtype, device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else None
-    run_dir = ckpt.open_run_dir(Path(out), resume)
+    run_dir = ckpt.open_run_dir(Path(out), resume) if dist.is_main() else Path(out)
+    dist.barrier()
     model = job.model.to(device)
+    fsdp = cfg.parallel == "fsdp" and dist.world_size() > 1
+    if fsdp:
+        dist.shard(model)  # before the optimizer: it must hold the sharded parameters
     optimizers = build_optimizers(model, cfg)
     state = TrainerState()
-    saved = ckpt.load_resume(run_dir, model, optimizers, log=log) if resume else None
+    saved = ckpt.load_resume(run_dir, log=log) if resume else None
     if saved is not None:
-        state = TrainerState.from_dict(saved)
+        state = restore(model, optimizers, *saved, run_dir)
         log(f"resuming {run_dir} at step {state.step}")
     elif resume:
         log(f"note: {run_dir} stopped before its first resume point; training it from the start")
@@ -115,8 +120,9 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         job.tokenizer.save(run_dir)
         ckpt.save_config(run_dir, config, asdict(model.config))
         ckpt.write_manifest(run_dir, [ckpt.CONFIG, "tokenizer.json"])
-    forward = dist.wrap(model, device) if dist.world_size() > 1 else model
-    forward = torch.compile(forward) if cfg.compile else forward
+    forward = dist.wrap(model, device) if dist.world_size() > 1 and not fsdp else model
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":  # auto: where compiling pays
+        forward = torch.compile(forward)
     log(describe(config, job, model, device, dtype, threads))
 
     metrics = ckpt.MetricsLog(run_dir / "metrics.jsonl", after_step=state.step, write=dist.is_main())
@@ -131,6 +137,8 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                 set_lr(optimizers, lr_factor(state.step, done, cfg))
                 micro = [job.batches.sample(state.step * cfg.grad_accum + m, dist.rank(), dist.world_size())
                          for m in range(cfg.grad_accum)]
+                if device.type == "cuda":  # page-locked, so the copies to the GPU overlap the work
+                    micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
                 result = train_step(model, forward, optimizers, micro, job.loss, device=device, dtype=dtype,
                                     grad_clip=cfg.grad_clip)
                 state.step += 1
@@ -169,7 +177,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         evaluate(model, job, state, cfg, device, dtype, run_dir, metrics)  # the final weights always get a score
     save_resume_point(run_dir, model, optimizers, state, cfg)
     if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
-        save_weights(run_dir, job.weights(model))
+        save_weights(run_dir, job.weights(dist.full_state(model)))
     metrics.close()
     if dist.is_main():
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -178,7 +186,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                        tokens_per_s=state.tokens / max(state.train_time, 1e-9),
                        best_val_bpb=None if best is None else best * job.batches.val_tokens_per_byte / math.log(2),
                        interrupted=interrupted,
-                       extra={"params": count_params(model), "device": device.type, "threads": threads,
+                       extra={"params": count_params(model), "device": str(device), "threads": threads,
                               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                               "dtype": str(dtype).removeprefix("torch."), "processes": dist.world_size()})
 
@@ -213,7 +221,7 @@ def evaluate(model, job: Job, state: TrainerState, cfg, device, dtype, run_dir: 
     if math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
         state.best_val_loss = val_loss
         if cfg.keep_best:
-            save_weights(run_dir, job.weights(model))
+            save_weights(run_dir, job.weights(dist.full_state(model)))
     state.evals += 1
     state.last_eval_step = state.step
     metrics.write({"step": state.step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time": state.train_time})
@@ -234,16 +242,27 @@ def skipped_step(state: TrainerState, result, cfg, log, run_dir) -> None:
 
 def save_weights(run_dir: Path, files: dict[str, dict[str, torch.Tensor]]) -> None:
     """The run's weights (model.safetensors and, for fine-tunes, the adapter or head), never NaN ones."""
-    if dist.is_main() and all(ckpt.all_finite(tensors) for tensors in files.values()):
-        for name, tensors in files.items():
-            ckpt.save_tensors(run_dir / name, tensors)
+    if all(ckpt.all_finite(tensors) for tensors in files.values()):
+        dist.on_main(lambda: [ckpt.save_tensors(run_dir / name, tensors) for name, tensors in files.items()])
 
 
 def save_resume_point(run_dir: Path, model, optimizers, state: TrainerState, cfg) -> None:
     state.checkpoint_time = state.train_time
-    if dist.is_main():
-        ckpt.save_resume(run_dir, model, optimizers, asdict(state), keep=cfg.keep_checkpoints)
-    dist.barrier()
+    weights, optimizer_states = dist.full_state(model), dist.full_optimizer_states(model, optimizers)
+    dist.on_main(ckpt.save_resume, run_dir, weights, optimizer_states, asdict(state), cfg.keep_checkpoints)
+
+
+def restore(model, optimizers, weights: dict, optimizer_states: list, trainer_state: dict, run_dir: Path):
+    """Put a resume point back into the model and optimizers; its trainer state."""
+    if len(optimizer_states) != len(optimizers):
+        raise LmforgeError(f"{run_dir} was trained with {len(optimizer_states)} optimizer(s), this config builds "
+                           f"{len(optimizers)}; resume with the run's own train.optimizer")
+    try:
+        dist.load_full_states(model, optimizers, weights, optimizer_states)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise LmforgeError(f"the resume point of {run_dir} does not fit this run's model "
+                           f"({str(e).splitlines()[0][:200]}); resume with the run's own config") from None
+    return TrainerState.from_dict(trainer_state)
 
 
 class StopSignals:

@@ -25,6 +25,7 @@ from ..data import prepare_data
 from ..device import resolve_device, resolve_dtype, set_threads
 from ..errors import LmforgeError
 from ..models import build_model, count_params
+from . import distributed as dist
 from .optim import build_optimizers
 from .step import lm_loss, train_step
 
@@ -99,6 +100,7 @@ def size_for_budget(config: RunConfig, seconds: float, log=print) -> RunConfig:
     if device.type == "cpu":
         set_threads(cfg.threads)
     tokens_per_s, flops = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device))
+    tokens_per_s = dist.sum_float(tokens_per_s)  # under torchrun every process trains its share
     compute = flops * tokens_per_s * seconds
     size, table = choose(options, compute)
     log(f"budget {seconds:.0f} s: this machine trains the d_model {DEFAULT_D_MODEL} model at {tokens_per_s:,.0f} "

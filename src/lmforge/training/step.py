@@ -83,13 +83,19 @@ def train_step(model, forward, optimizers, micro_batches, loss, *, device, dtype
 @torch.no_grad()
 def evaluate_loss(forward, batches, loss, device, dtype) -> float:
     """Mean loss per target over `batches` ([(x, y)], CPU); with several processes each scores its
-    share and the sums are added."""
+    share and the sums are added (a sharded model's processes run their forwards in step: one with
+    fewer batches repeats its last, uncounted)."""
     was_training = forward.training
     forward.eval()
     total, count = 0.0, 0
-    for x, y in batches[dist.rank()::dist.world_size()]:
+    mine = batches[dist.rank()::dist.world_size()]
+    rounds = -(-len(batches) // dist.world_size()) if dist.sharded(forward) else len(mine)
+    for i in range(rounds):
+        x, y = mine[min(i, len(mine) - 1)] if mine else batches[0]
         with autocast(device, dtype):
-            total += float(loss(forward, x.to(device), y.to(device)))
-        count += loss.count(y)
+            summed = float(loss(forward, x.to(device), y.to(device)))
+        if i < len(mine):
+            total += summed
+            count += loss.count(y)
     forward.train(was_training)
     return dist.sum_float(total) / max(dist.sum_int(count), 1)

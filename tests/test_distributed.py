@@ -1,0 +1,100 @@
+"""Several processes with torchrun (gloo on the CPU): DDP and FSDP2 end where one process ends with the
+same global batch, a run killed under torchrun resumes under torchrun or alone, and a 2-process
+evaluation gives the single-process bits per byte."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmforge
+from lmforge.cli import main
+
+STEPS = 16
+SETTINGS = ["--arch", "transformer", "--tokenizer", "char", "--no-progress", "model.d_model=32", "model.n_layers=2",
+            "model.n_heads=2", "model.context_len=32", "model.dropout=0.0", "train.batch_size=8", "train.grad_accum=2",
+            "train.eval_interval=8", "train.checkpoint_interval=4", "train.threads=1", "train.dtype=\"float32\"",
+            "train.sample_tokens=0", "train.warmup_steps=4"]
+
+
+def torchrun(*args, processes=2, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={processes}", "-m", "lmforge", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finish(child: subprocess.Popen, timeout=180) -> str:
+    out, err = child.communicate(timeout=timeout)
+    assert child.returncode == 0, err[:3000]
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import TINY_TEXT
+
+    folder = tmp_path_factory.mktemp("dist")
+    (folder / "tiny.txt").write_text(TINY_TEXT * 3)
+    common = ["--data", str(folder / "tiny.txt"), *SETTINGS, f"data.cache_dir={json.dumps(str(folder / 'cache'))}"]
+    main(["train", "--out", str(folder / "single"), "--max-steps", str(STEPS), *common])
+    return folder, common
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_end_where_one_does(setup, parallel):
+    folder, common = setup
+    out = folder / f"two-{parallel}"
+    text = finish(torchrun("train", "--out", str(out), "--max-steps", str(STEPS), *common,
+                           f"train.parallel=\"{parallel}\""))
+    assert text.count("run: ") == 1  # process 0 alone reports
+    single = load_file(str(folder / "single" / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+    two = load_file(str(out / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+    assert max_diff(single, two) < 1e-4
+    a = json.loads((folder / "single" / "summary.json").read_text())["val"]["bits_per_byte"]
+    b = json.loads((out / "summary.json").read_text())["val"]["bits_per_byte"]
+    assert abs(a - b) < 1e-4
+    state = json.loads((out / "checkpoints" / f"step-{STEPS:08d}" / "trainer_state.json").read_text())
+    assert state["tokens"] == STEPS * 2 * 8 * 32  # the global batch: 2 micro-batches of 8 x 32 tokens
+
+
+def test_a_two_process_evaluation_equals_one(setup):
+    folder, _ = setup
+    text = finish(torchrun("eval", str(folder / "single"), "--json"))
+    two = json.loads(text)
+    one = lmforge.load(folder / "single").evaluate()
+    assert two["bits_per_byte"] == pytest.approx(one["bits_per_byte"], rel=1e-9)
+    assert two["tokens"] == one["tokens"] and two["bytes"] == one["bytes"]
+
+
+def test_a_killed_torchrun_resumes_under_torchrun_and_alone(setup, tmp_path):
+    folder, common = setup
+    out = tmp_path / "run"
+    child = torchrun("train", "--out", str(out), "--max-steps", str(STEPS), *common, "train.checkpoint_interval=2",
+                     start_new_session=True)
+    deadline = time.time() + 120
+    while not any((out / "checkpoints").glob("step-0000000[6-9]")) if (out / "checkpoints").exists() else True:
+        assert time.time() < deadline and child.poll() is None
+        time.sleep(0.05)
+    import os
+
+    os.killpg(child.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    child.communicate()
+    import shutil
+
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone)
+    finish(torchrun("train", "--resume", str(out)))
+    assert main(["train", "--resume", str(alone)]) == 0
+    single = load_file(str(folder / "single" / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+    for run in (out, alone):
+        resumed = load_file(str(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+        assert max_diff(single, resumed) < 1e-4
