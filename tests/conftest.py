@@ -28,6 +28,20 @@ def _corpus_folder():
 CORPUS = _corpus_folder()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """The tests' own cache folder (prepared data, the machine probe), so they never touch the user's:
+    a session-wide folder, shared by the child processes some tests start."""
+    folder = tmp_path_factory.mktemp("lmforge-cache")
+    previous = os.environ.get("LMFORGE_CACHE")
+    os.environ["LMFORGE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["LMFORGE_CACHE"]
+    else:
+        os.environ["LMFORGE_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _offline_nltk(monkeypatch):
     """Point NLTK at a local copy of the corpus (the user's own NLTK_DATA, else the shared one); tests

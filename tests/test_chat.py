@@ -2,6 +2,7 @@
 answer without leaving, Ctrl-D leaves."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,11 @@ pexpect = pytest.importorskip("pexpect")
 
 
 def test_chat_in_a_terminal(served_run, tmp_path):
+    import shutil
+
     lm = lmforge.load(served_run)
+    (tmp_path / "cache").mkdir()
+    shutil.copy(Path(os.environ["LMFORGE_CACHE"]) / "probe.json", tmp_path / "cache")  # measured once already
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(served_run), "--max-new-tokens", "40"],
                           env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))

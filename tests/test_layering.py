@@ -12,7 +12,7 @@ LAYERS = [
     {"tokenizers", "models"},
     {"data", "checkpoint"},
     {"training", "generation"},
-    {"evaluation"},
+    {"evaluation", "probe"},
     {"finetuning", "interop"},
     {"api"},
     {"compare", "bench", "serving", "chat"},

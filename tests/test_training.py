@@ -272,3 +272,18 @@ def test_budget_rule_grows_the_model_with_compute():
     assert picks == sorted(picks) and picks[0] == 128 and picks[-1] == LADDER[-1]
     assert choose(options, ANCHOR_COMPUTE)[0] == {"d_model": 256, "n_layers": 4, "n_heads": 4}  # the anchor itself
     assert choose(options, ANCHOR_COMPUTE / 3)[0]["d_model"] == 192  # measured best after 100 s
+
+
+def test_adaptive_evaluation_learns_from_what_it_has_scored_and_leaves_the_model_alone(run):
+    from lmforge.finetuning.adaptive import AdaptSettings, adaptive_score
+
+    lm, _ = run
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    novel = "Quiet zebras juggle amber lanterns under violet skies. " * 12  # unlike the training text
+    static = lm.evaluate(novel)
+    adapted = adaptive_score(lm.model, lm.tokenizer, novel, AdaptSettings(lr=3e-3))
+    assert adapted.tokens == static["tokens"] and adapted.bytes == static["bytes"]  # every token scored once
+    assert adapted.bits_per_byte < 0.8 * static["bits_per_byte"]  # the repeats got cheap as it learned them
+    lora = adaptive_score(lm.model, lm.tokenizer, novel, AdaptSettings(lr=3e-2, lora=True))
+    assert lora.bits_per_byte < static["bits_per_byte"]
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())

@@ -137,7 +137,13 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto") -> Langua
     model, tokenizer, config = ckpt.load_model(Path(run))
     dev = resolve_device(device)
     model = model.to(dev)
-    weights = default_weights(model, dev) if decoding == "auto" else decoding
+    weights = decoding
+    if decoding == "auto":
+        weights = default_weights(model, dev)
+        if weights != "fp32":  # a CPU Transformer: the format the probe measured fastest here
+            from .probe import choices
+
+            weights = choices(dev)["decoding"]
     return LanguageModel(model, tokenizer, config, Path(run), dev, Decoder(model, weights))
 
 
@@ -167,6 +173,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         dist.start(resolve_device(cfg.train.device))
         if not dist.is_main():
             log = _quiet
+    cfg = with_measured_choices(cfg, log)
     if budget is not None:
         if resume:
             raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
@@ -196,6 +203,21 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
 
 def _quiet(*_) -> None:
     pass
+
+
+def with_measured_choices(cfg: RunConfig, log=print) -> RunConfig:
+    """`cfg` with train.dtype and train.attention "auto" replaced by what the probe measured fastest on
+    this machine (so the run's config.json records the choice)."""
+    if cfg.train.dtype != "auto" and cfg.train.attention != "auto":
+        return cfg
+    from .probe import choices
+
+    picked = choices(resolve_device(cfg.train.device), log=log)
+    raw = cfg.to_dict()
+    for key in ("dtype", "attention"):
+        if raw["train"][key] == "auto":
+            raw["train"][key] = picked[key]
+    return RunConfig.from_dict(raw)
 
 
 def final_figures(lm: LanguageModel, log=print) -> dict:

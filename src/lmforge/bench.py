@@ -14,14 +14,14 @@ import time
 import torch
 
 from .config import TrainConfig
-from .device import resolve_device, resolve_dtype, set_threads
+from .device import measure_peak_flops, resolve_device, resolve_dtype, set_threads, synchronize as _sync
 from .errors import LmforgeError
 from .generation import Decoder, Engine, SamplingConfig, default_weights
 from .models import MODELS, build_model, config_class, count_params
 from .training.optim import build_optimizers
 from .training.step import lm_loss, train_step
 
-PEAK_MATMUL_SIZE = 2048  # the square matmul that measures the machine's attainable FLOP/s
+PEAK_MATMUL_SIZE = 2048  # the square matmul that measures a CPU's attainable FLOP/s
 # The standard training shape (the reference systems were measured at it): 4 layers, 4 heads, d_model 256,
 # a 256-token context, batch 16, no dropout, over the Austen character vocabulary.
 TRAIN_SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "context_len": 256, "dropout": 0.0}
@@ -37,11 +37,6 @@ def austen_char_vocab() -> int:
     return prepare(AUSTEN, tokenizer="char").tokenizer.vocab_size
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _family_fields(arch: str, model_fields: dict, vocab_size: int) -> dict:
     """The overrides that `arch` has a field for (model.d_hidden means nothing to a Transformer)."""
     names = config_class(arch).__dataclass_fields__
@@ -53,22 +48,6 @@ def _archs(archs: list[str] | None) -> list[str]:
     for arch in archs:
         config_class(arch)  # fails in one line for an unknown name
     return archs
-
-
-def measure_peak_flops(device: torch.device, size: int = PEAK_MATMUL_SIZE, repeats: int = 10,
-                       dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of the fastest of `repeats` (size × size) @ (size × size) matmuls in `dtype`, after one warm-up."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - tic)
-    return 2 * size**3 / best
 
 
 def train_step_times(model, batch_size: int, steps: int, warmup: int, dev: torch.device, cfg: TrainConfig,

@@ -198,17 +198,54 @@ def cmd_eval(args) -> int:
         result = evaluate_documents(lm.model, lm.tokenizer, [(d.name, d.text) for d in documents], device=lm.device)
     else:
         result = lm.evaluate()
+    if args.adapt:
+        result = adapt_figures(lm, args, result)
     if not dist.is_main():
         return 0
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     rows = [("all", result)] + list(result["documents"].items())
-    print(f"{'text':<28} {'bits/byte':>10} {'ppl/token':>10} {'top-1':>7} {'top-5':>7} {'tokens':>9} {'bytes':>10}")
+    adaptive = f" {'adaptive':>10}" if args.adapt else ""
+    print(f"{'text':<28} {'bits/byte':>10}{adaptive} {'ppl/token':>10} {'top-1':>7} {'top-5':>7} {'tokens':>9} "
+          f"{'bytes':>10}")
     for name, r in rows:
-        print(f"{name[-28:]:<28} {r['bits_per_byte']:>10.4f} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
+        extra = f" {r.get('adaptive_bits_per_byte', float('nan')):>10.4f}" if args.adapt else ""
+        print(f"{name[-28:]:<28} {r['bits_per_byte']:>10.4f}{extra} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
               f"{r['top5_accuracy']:>7.1%} {r['tokens']:>9,} {r['bytes']:>10,}")
+    if "ppmd8_bits_per_byte" in result:
+        print(f"PPMd order 8, after the run's training text: {result['ppmd8_bits_per_byte']:.4f} bits per byte")
     return 0
+
+
+def adapt_figures(lm, args, static: dict) -> dict:
+    """eval --adapt: the static figures, the adaptive ones beside them, and PPMd order 8 given the
+    run's training text (the classical compressor that adapts as it codes)."""
+    from .data import prepare_data, read_sources
+    from .evaluation.baselines import compressor_bits_per_byte
+    from .evaluation.likelihood import Score
+    from .finetuning.adaptive import AdaptSettings, adaptive_score
+
+    if args.text:
+        documents = [(d.name, d.text) for d in read_sources([args.text], jsonl_field=args.jsonl_field,
+                                                             encoding=args.encoding, errors=args.errors)]
+    else:
+        documents = lm.validation_documents()
+    settings = AdaptSettings(lr=args.adapt_lr, lora=args.adapt_lora)
+    total = Score()
+    for name, text in documents:
+        score = adaptive_score(lm.model, lm.tokenizer, text, settings, device=lm.device)
+        static["documents"][name]["adaptive_bits_per_byte"] = score.bits_per_byte
+        total += score
+    static["adaptive_bits_per_byte"] = total.bits_per_byte
+    static["adaptive"] = {"lr": settings.lr, "lora": settings.lora, "steps_per_window": settings.steps}
+    try:
+        train = prepare_data(lm.run_config(), lm.tokenizer).train_text.encode("utf-8")
+        text = "".join(t for _, t in documents).encode("utf-8")
+        static["ppmd8_bits_per_byte"] = compressor_bits_per_byte(train, text, "ppmd")
+    except LmforgeError:  # no pyppmd, or the training text is not at hand: no yardstick
+        pass
+    return static
 
 
 def cmd_prepare(args) -> int:
@@ -269,6 +306,27 @@ def cmd_bench(args) -> int:
                    "duration": parse_duration(args.duration) if args.duration else None,
                    "max_tokens": args.max_tokens, "threads": args.threads}
     print(json.dumps(bench.run(args.benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from .probe import report
+
+    result = report(refresh=args.refresh)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m, c = result["machine"], result["choices"]
+    print(f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['capability']}, bf16 units: "
+          f"{'yes' if m['bf16_units'] else 'no'}); torch {m['torch']}")
+    print(f"training dtype: {c['dtype']}   CPU attention under bf16: {c['attention']}   decoding weights: "
+          f"{c['decoding']}")
+    for what, key, unit in (("training step", "train_step_ms", "ms"), ("decoding step", "decode_step_us", "µs")):
+        if key in c:
+            print(f"  {what}: " + ", ".join(f"{k} {v:,} {unit}" for k, v in c[key].items()))
+    if "cuda" in result:
+        print(f"GPU: {result['cuda']['device']}: training dtype {result['cuda']['dtype']}, decoding fp32")
+    print(f"(probed in {result['probe_s']} s; cached in {result['cache']}; lmforge doctor --refresh probes again)")
     return 0
 
 
@@ -420,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8", help="--text: its encoding")
     p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--adapt", action="store_true", help="also score adaptively: the model learns from each window "
+                                                         "after scoring it (dynamic evaluation), beside PPMd")
+    p.add_argument("--adapt-lr", type=float, help="--adapt: learning rate (default 1e-4; LoRA 1e-3)")
+    p.add_argument("--adapt-lora", action="store_true", help="--adapt: learn LoRA adapters only")
     p.add_argument("--report", metavar="DIR", help="write a full report (report.md, report.json, plots) to DIR")
     p.add_argument("--prompts", type=int, default=100, help="continuation prompts for the report (default 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -473,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--duration", help="serve: time per client count (default 20 s)")
             b.add_argument("--max-tokens", type=int, help="serve: new tokens per request (default 64)")
         b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("doctor", help="what this machine runs fastest: training dtype, decoding weights (a probe)")
+    p.add_argument("--refresh", action="store_true", help="probe again instead of reading the cached result")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("import", help="import a Hugging Face GPT-2 / Llama folder as a run")
     p.add_argument("format", help="hf")

@@ -89,7 +89,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # resume points kept (the newest); an unreadable one falls back to the one before
     on_nonfinite: str = "skip"  # a step with a NaN/inf loss or gradient: skip it (5 in a row stop) | stop
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # float32 | bfloat16 (autocast) | auto: the faster on this machine, as the probe measured
+    attention: str = "auto"  # on a CPU under bf16 autocast: float32 | native | auto (the probe's choice)
     threads: int | None = None
     compile: bool | None = None  # torch.compile; none = where it pays (CUDA GPUs)
     parallel: str = "ddp"  # under torchrun: ddp (every process holds the model) | fsdp (shards it)
@@ -123,6 +124,8 @@ class TrainConfig:
             (self.checkpoint_time > 0, "train.checkpoint_time must be positive (seconds)"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (self.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {self.parallel!r}"),
+            (self.attention in ("auto", "float32", "native"),
+             f"train.attention must be auto, float32 or native, got {self.attention!r}"),
             (not (self.parallel == "fsdp" and self.optimizer == "muon"),
              "train.optimizer=muon orthogonalises whole matrices, which FSDP splits; use train.parallel=ddp or adamw"),
             (self.on_nonfinite in ("skip", "stop"), f"train.on_nonfinite must be skip or stop, got {self.on_nonfinite!r}"),

@@ -81,6 +81,48 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+class ThreadTuner:
+    """Keeps the intra-op thread count that runs this process's repeated work fastest, and re-checks it
+    as the machine's load changes.
+
+    Torch's threads wait for each other at every operation. On a quiet 2-core machine two threads are
+    fastest; with one other busy process on it, the second thread waits for the busy core and the
+    steps can become several times slower than with one thread. So every `period` units of work
+    (training steps, decoding steps) the tuner runs `trial` of them with the other candidate count and
+    keeps whichever had the lower median time. On a GPU it does nothing. Thread counts do not change
+    results here (the same bits with 1 or 2 threads), only speed."""
+
+    def __init__(self, threads: int, period: int = 40, trial: int = 4, enabled: bool = True):
+        self.candidates = sorted({threads, max(1, threads // 2)}, reverse=True)
+        self.enabled = enabled and len(self.candidates) > 1
+        self.current, self.period, self.trial = threads, period, trial
+        self.recent: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.count, self.trying = 0, None  # units since the last check; the count on trial
+
+    def record(self, seconds: float) -> None:
+        """The time one unit of work took with the current thread count; may change the count."""
+        if not self.enabled:
+            return
+        used = torch.get_num_threads()
+        self.recent.setdefault(used, []).append(seconds)
+        self.recent[used] = self.recent[used][-self.trial:]
+        self.count += 1
+        if self.trying is None and self.count >= self.period:
+            self.trying = next(c for c in self.candidates if c != self.current)
+            self.count = 0
+            torch.set_num_threads(self.trying)
+        elif self.trying is not None and self.count >= self.trial:
+            faster = _median(self.recent[self.trying]) < 0.95 * _median(self.recent[self.current])
+            self.current = self.trying if faster else self.current
+            self.trying, self.count = None, 0
+            torch.set_num_threads(self.current)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("inf")
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to reuse freed blocks instead of returning them to the OS. A CPU training step frees
     and reallocates megabyte activations; by default each comes back as fresh pages, zeroed by the
@@ -100,6 +142,31 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap...
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...which is not trimmed back to the OS (an int: 2 GiB)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose work is done when a call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 10,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest of `repeats` (size × size) @ (size × size) matmuls in `dtype`, after one
+    warm-up: what this device attains in practice, the denominator of MFU."""
+    import time
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * size**3 / best
 
 
 def seed_everything(seed: int) -> None:

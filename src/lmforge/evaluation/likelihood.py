@@ -7,10 +7,13 @@ window of history; recurrent and convolutional models carry their state through 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..device import ThreadTuner
 
 
 
@@ -93,7 +96,9 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
         return total
     window, stride = limit + 1, max(1, limit // 2)  # window+1 tokens give `limit` predictions
     spans = list(_windows(n, window, stride))[part[0]::part[1]]
+    tuner = ThreadTuner(torch.get_num_threads(), period=20, trial=3, enabled=seq.device.type == "cpu")
     for i in range(0, len(spans), batch_windows):
+        tic = time.perf_counter()
         group = spans[i:i + batch_windows]
         lengths = {end - start for start, end, _ in group}
         if len(lengths) == 1:  # full windows: one batched forward
@@ -103,6 +108,7 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
             logits = [model(seq[start:end - 1][None])[0][0] for start, end, _ in group]
         for row, (start, end, first) in enumerate(group):
             total += _score_positions(logits[row][first - start - 1:end - start - 1], seq[first:end])
+        tuner.record(time.perf_counter() - tic)
     return total
 
 

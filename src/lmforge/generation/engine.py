@@ -6,12 +6,14 @@ text, piece by piece, and why it ended. Every generation in lmforge runs through
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..device import ThreadTuner
 from .decoder import Decoder
 from .sampling import SamplingConfig, sample_rows
 from .text import TextStream
@@ -68,6 +70,7 @@ class Engine:
     def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32):
         self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
+        self.tuner = ThreadTuner(torch.get_num_threads(), enabled=decoder.device.type == "cpu")
         self.waiting: deque[Request] = deque()
         self.running: list[_Row] = []
         self.state = None
@@ -112,7 +115,9 @@ class Engine:
         if not self.running:
             return
         tokens = torch.tensor([row.pending for row in self.running])
+        tic = time.perf_counter()
         logits, self.state = self.decoder.step(tokens, self.state)
+        self.tuner.record((time.perf_counter() - tic) / len(self.running))
         for row in self.running:
             row.length += 1
         ids = sample_rows(logits, [r.request.sampling for r in self.running], [r.generator for r in self.running])

@@ -207,6 +207,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.upcast = True  # on a CPU under bf16 autocast, attend in fp32 (Transformer.set_attention_upcast)
 
     def forward(self, x, rope, cache: tuple[torch.Tensor, torch.Tensor] | None = None, window: _Window | None = None):
         """x (B, T, D) -> (B, T, D). `cache`: this layer's key and value buffers, written at `window`."""
@@ -236,9 +237,9 @@ class Attention(nn.Module):
             mask, causal = window.mask, window.causal
         attend = partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=causal,
                          dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 (46 against 37 ms forward
-            # and backward per layer at the standard training shape: +8% tokens/s for the whole step)
+        if self.upcast and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # PyTorch's CPU flash-attention kernel can be slower in bf16 than in fp32 (on a Zen 4: 46 against
+            # 37 ms forward and backward per layer at the standard training shape); the probe decides
             with torch.autocast("cpu", enabled=False):
                 y = attend(q.float(), k.float(), v.float())
         else:
@@ -332,6 +333,11 @@ class Transformer(nn.Module):
     @property
     def max_context(self) -> int:
         return self.config.context_len
+
+    def set_attention_upcast(self, upcast: bool) -> None:
+        """Whether attention runs in fp32 under CPU bf16 autocast (a speed choice, measured by the probe)."""
+        for block in self.blocks:
+            block.attn.upcast = upcast
 
     @property
     def hidden_size(self) -> int:

@@ -33,6 +33,11 @@ def rank() -> int:
     return tdist.get_rank() if active() else 0
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
+
+
 def is_main() -> bool:
     return rank() == 0
 

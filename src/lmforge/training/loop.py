@@ -23,7 +23,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import RunConfig, check_type
 from ..data.batches import Batches
-from ..device import resolve_device, resolve_dtype, set_threads
+from ..device import ThreadTuner, measure_peak_flops, physical_cores, resolve_device, resolve_dtype, set_threads
 from ..errors import LmforgeError
 from ..models import count_params
 from . import distributed as dist
@@ -101,10 +101,15 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     if dist.launched():
         device = dist.start(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    threads = set_threads(cfg.threads) if device.type == "cpu" else None
+    # on a CPU each process of a torchrun job takes its share of the cores
+    threads = set_threads(cfg.threads or max(1, physical_cores() // dist.local_world_size())) \
+        if device.type == "cpu" else None
+    tuner = ThreadTuner(threads or 1, enabled=device.type == "cpu" and cfg.threads is None)
     run_dir = ckpt.open_run_dir(Path(out), resume) if dist.is_main() else Path(out)
     dist.barrier()
     model = job.model.to(device)
+    if hasattr(getattr(model, "lm", model), "set_attention_upcast"):  # a CPU speed choice (lmforge.probe)
+        getattr(model, "lm", model).set_attention_upcast(cfg.attention != "native")
     fsdp = cfg.parallel == "fsdp" and dist.world_size() > 1
     if fsdp:
         dist.shard(model)  # before the optimizer: it must hold the sharded parameters
@@ -124,6 +129,8 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     if cfg.compile if cfg.compile is not None else device.type == "cuda":  # auto: where compiling pays
         forward = torch.compile(forward)
     log(describe(config, job, model, device, dtype, threads))
+    # a GPU's progress line shows MFU against the matmul peak this GPU reaches in the training dtype
+    peak = measure_peak_flops(device, 4096, dtype=dtype) * dist.world_size() if device.type == "cuda" else None
 
     metrics = ckpt.MetricsLog(run_dir / "metrics.jsonl", after_step=state.step, write=dist.is_main())
     bar = progress_bar(cfg, state)
@@ -144,6 +151,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                 state.step += 1
                 state.tokens += job.batches.tokens_per_batch * cfg.grad_accum
                 elapsed = time.perf_counter() - tic
+                tuner.record(elapsed)
                 state.train_time += elapsed
                 tokens_per_s = state.tokens / max(state.train_time, 1e-9)
                 bar.update(min(elapsed, max(0.0, bar.total - bar.n)) if cfg.max_time else 1)
@@ -157,10 +165,10 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                                    "lr": lr_factor(state.step - 1, done, cfg), "tokens": state.tokens,
                                    "train_time": state.train_time, "tokens_per_s": tokens_per_s})
                     state.losses = []
-                    bar.set_postfix_str(f"loss {last_loss:.3f} {tokens_per_s:,.0f} tok/s")
+                    bar.set_postfix_str(f"loss {last_loss:.3f} {speed(tokens_per_s, model, peak)}")
                 if evaluation_due(state, cfg):
                     val_bpb = evaluate(model, job, state, cfg, device, dtype, run_dir, metrics)
-                    bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {tokens_per_s:,.0f} tok/s")
+                    bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {speed(tokens_per_s, model, peak)}")
                 if (state.step % cfg.checkpoint_interval == 0
                         or state.train_time - state.checkpoint_time >= cfg.checkpoint_time):
                     save_resume_point(run_dir, model, optimizers, state, cfg)
@@ -194,6 +202,11 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one step (dropout masks): a function of the run's seed, the step and the process."""
     return int(np.random.SeedSequence([seed, step, rank, 7]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def speed(tokens_per_s: float, model, peak: float | None) -> str:
+    mfu = f" MFU {tokens_per_s * model.flops_per_token() / peak:.0%}" if peak else ""
+    return f"{tokens_per_s:,.0f} tok/s{mfu}"
 
 
 def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threads) -> str:

@@ -1,0 +1,152 @@
+"""What runs fastest on this machine, measured instead of assumed from CPU flags.
+
+A CPU with bf16 units may still multiply bf16 matrices slower than fp32 ones; an int8 kernel may be
+slower than fp16 on another. So a short probe (about a second) times the choices on the machine at
+hand — a training step in fp32 and in bf16 autocast (with attention in fp32 or bf16), and a decoding
+step with int8, fp16 and fp32 weights — taking turns, medians kept. The result is cached per machine
+and torch version in the cache folder (re-run when either changes, or with `lmforge doctor
+--refresh`). `lmforge train` and `lmforge.load` use it for their "auto" choices, and a run's
+config.json records what was chosen. On a GPU nothing is probed: bf16 autocast where it is
+supported, and the fp32 modules for decoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from .checkpoint import write_json
+from .config import TrainConfig
+from .data.prepare import cache_root
+from .errors import LmforgeError
+from .device import cpu_has_bf16
+from .generation import Decoder
+from .generation.cpu_step import int8_matmul_available
+from .models import build_model
+from .training.optim import build_optimizers
+from .training.step import lm_loss, train_step
+
+PROBE_VERSION = 1
+SHAPE = {"vocab_size": 4096, "d_model": 256, "n_layers": 2, "n_heads": 4, "context_len": 128, "dropout": 0.0}
+BATCH = 8
+ROUNDS = 3  # each choice timed this many times, the choices taking turns
+BF16_MARGIN = 1.10  # bf16 must be this much faster than fp32 to be chosen: it rounds, fp32 does not
+INT8_MARGIN = 1.05  # the same for int8 over fp16 weights when decoding
+
+
+def machine() -> dict:
+    """What the probe's answer depends on: the CPU, the cores, and this torch build."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_units": cpu_has_bf16(), "probe_version": PROBE_VERSION}
+
+
+def cache_file():
+    return cache_root(None) / "probe.json"
+
+
+def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
+    """{"dtype", "attention", "decoding"} for `device`, and the timings behind them (CPU)."""
+    if device.type != "cpu":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return {"dtype": "bfloat16" if bf16 else "float32", "attention": "native", "decoding": "fp32",
+                "why": f"{device.type}: not probed"}
+    facts = machine()
+    path = cache_file()
+    if not refresh and path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("machine") == facts:
+                return cached["choices"]
+        except (OSError, ValueError, KeyError):
+            pass
+    if log is not None:
+        log("probing this machine's fastest training dtype and decoding weights (once; about a second)")
+    result = {"machine": facts, "choices": measure()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
+    except (OSError, LmforgeError):  # a read-only cache folder: probe again next time
+        pass
+    return result["choices"]
+
+
+def measure() -> dict:
+    train = _train_times()
+    fp32, bf16 = train["float32"], min(train.get("bfloat16 attention float32", 1e9), train.get("bfloat16", 1e9))
+    dtype = "bfloat16" if fp32 / bf16 >= BF16_MARGIN else "float32"
+    attention = "float32" if train.get("bfloat16 attention float32", 1e9) <= train.get("bfloat16", 1e9) else "native"
+    decode = _decode_times()
+    decoding = min(decode, key=decode.get)
+    if decoding == "int8" and decode["fp16"] / decode["int8"] < INT8_MARGIN:
+        decoding = "fp16"
+    return {"dtype": dtype, "attention": attention, "decoding": decoding,
+            "train_step_ms": {k: round(v * 1e3, 2) for k, v in train.items()},
+            "decode_step_us": {k: round(v * 1e6, 1) for k, v in decode.items()}}
+
+
+def _train_times() -> dict[str, float]:
+    """Median seconds per training step of a small Transformer, per dtype / attention precision."""
+    device = torch.device("cpu")
+    variants = {"float32": (torch.float32, True)}
+    if cpu_has_bf16():
+        variants.update({"bfloat16 attention float32": (torch.bfloat16, True), "bfloat16": (torch.bfloat16, False)})
+    torch.manual_seed(0)
+    model = build_model("transformer", **SHAPE).train()
+    optimizers = build_optimizers(model, TrainConfig(max_steps=1))
+    batch = torch.randint(SHAPE["vocab_size"], (BATCH, SHAPE["context_len"] + 1), generator=torch.Generator().manual_seed(0))
+    micro = [(batch[:, :-1], batch[:, 1:])]
+    times = {name: [] for name in variants}
+    for round_ in range(ROUNDS + 1):  # the first round warms up
+        for name, (dtype, upcast) in variants.items():
+            model.set_attention_upcast(upcast)
+            tic = time.perf_counter()
+            train_step(model, model, optimizers, micro, lm_loss, device=device, dtype=dtype, grad_clip=1.0)
+            if round_:
+                times[name].append(time.perf_counter() - tic)
+    model.set_attention_upcast(True)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def _decode_times(steps: int = 48) -> dict[str, float]:
+    """Median seconds per single-token decoding step at batch 1, per weight format."""
+    torch.manual_seed(0)
+    model = build_model("transformer", **{**SHAPE, "n_layers": 4}).eval()
+    formats = ["fp32", "fp16"] + (["int8"] if int8_matmul_available() else [])
+    decoders = {w: Decoder(model, w) for w in formats}
+    times = {w: [] for w in formats}
+    tokens = torch.zeros(1, dtype=torch.long)
+    for round_ in range(ROUNDS + 1):
+        for w, decoder in decoders.items():
+            _, state = decoder.prefill(torch.zeros(1, 1, dtype=torch.long))
+            tic = time.perf_counter()
+            for _ in range(steps):
+                _, state = decoder.step(tokens, state)
+            if round_:
+                times[w].append((time.perf_counter() - tic) / steps)
+    return {w: statistics.median(t) for w, t in times.items()}
+
+
+def report(refresh: bool = False) -> dict:
+    """What `lmforge doctor` prints: the machine, the choices and the timings behind them."""
+    tic = time.perf_counter()
+    picked = choices(torch.device("cpu"), refresh=refresh)
+    out = {"machine": machine(), "choices": picked, "probe_s": round(time.perf_counter() - tic, 2),
+           "cache": str(cache_file()), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["cuda"] = {"device": torch.cuda.get_device_name(), **choices(torch.device("cuda"))}
+    return out
+
