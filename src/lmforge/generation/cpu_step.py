@@ -158,11 +158,10 @@ class TransformerStep:
         return all(type(m) is nn.Linear for m in linears)
 
     def fresh(self, model: nn.Module) -> bool:
-        """Whether `model` still has the parameters this step was built from, unchanged (an optimizer
-        step or load_state_dict changes their stamps; LoRA adds parameters)."""
-        params = list(model.parameters())
-        return (len(params) == len(self.sources) and all(p is q for p, q in zip(params, self.sources))
-                and [_stamp(p) for p in params] == self.stamps)
+        """Whether `model` still has the weights this step was built from, unchanged (an optimizer step
+        or load_state_dict changes their stamps) and still the plain layers it covers (LoRA wraps them).
+        Checked every step, so it looks only at what can change: a few dozen stamps and layer types."""
+        return [_stamp(p) for p in self.sources] == self.stamps and self.covers(model)
 
     def _normed(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # x̂ = x · rsqrt(Σx² + D·eps): RMSNorm without its gain and √D, which are in the next weight
