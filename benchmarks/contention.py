@@ -1,6 +1,6 @@
 """A fair half: how fast lmforge trains, evaluates and decodes while another busy process shares the CPU.
 
-    python benchmarks/contention.py            # about 4 minutes on 2 cores; run it on an otherwise quiet machine
+    python benchmarks/contention.py            # about 8 minutes on 2 cores; run it on an otherwise quiet machine
 
 For each kind of work — training steps of the default Transformer (through the loop's own thread
 tuner), scoring a text (evaluation), and decoding 300 tokens at batch 1 — it measures throughput on
@@ -32,7 +32,7 @@ def matmul(stop) -> None:
         a @ a
 
 
-def work(kind: str, tuned: bool, seconds: float = 12.0) -> float:
+def work(kind: str, tuned: bool, seconds: float = 30.0) -> float:
     """Units per second of one kind of work, run for about `seconds`."""
     import torch
 
@@ -50,7 +50,7 @@ def work(kind: str, tuned: bool, seconds: float = 12.0) -> float:
     model = build_model("transformer", vocab_size=4096, dropout=0.0)
     done, tic = 0, time.perf_counter()
     if kind == "train":
-        tuner = ThreadTuner(cores, period=10, trial=3, enabled=tuned)
+        tuner = ThreadTuner(cores, enabled=tuned)  # as the training loop sets it up
         optimizers = build_optimizers(model, TrainConfig(max_steps=1))
         batch = torch.randint(4096, (16, 129))
         while time.perf_counter() - tic < seconds:

@@ -34,7 +34,7 @@ def test_the_thread_tuner_follows_the_faster_count():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        tuner = ThreadTuner(2, period=5, trial=2)
+        tuner = ThreadTuner(2, period=5, trial=2, first=2)
         cost = {2: 3.0, 1: 1.0}  # a busy machine: one thread is three times faster
         for _ in range(20):
             tuner.record(cost[torch.get_num_threads()])

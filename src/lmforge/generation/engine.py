@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..device import ThreadTuner
+from ..device import ThreadTuner, configured_threads
 from .decoder import Decoder
 from .sampling import SamplingConfig, sample_rows
 from .text import TextStream
@@ -70,7 +70,7 @@ class Engine:
     def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32):
         self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
-        self.tuner = ThreadTuner(torch.get_num_threads(), enabled=decoder.device.type == "cpu")
+        self.tuner = ThreadTuner(configured_threads(), enabled=decoder.device.type == "cpu")
         self.waiting: deque[Request] = deque()
         self.running: list[_Row] = []
         self.state = None
