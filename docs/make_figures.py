@@ -31,11 +31,14 @@ from pathlib import Path
 GUIDE = Path(__file__).resolve().parent / "guide"
 CHAPTERS = sorted(p for p in GUIDE.glob("[0-9][0-9]-*.md"))
 BLOCK = re.compile(r"```(bash|python)\n(.*?)```\n(?:\n?<!-- output -->\n.*?<!-- /output -->\n)?", re.S)
-QUICK = [  # (pattern, replacement): training budgets shrunk to seconds or steps
-    (r"--max-time \S+", "--max-time 2s"), (r"--budget \S+", "--budget 3s"), (r"--max-steps \d+", "--max-steps 4"),
-    (r"max_time=[\d.]+", "max_time=2"), (r"max_steps=\d+", "max_steps=4"), (r"--prompts \d+", "--prompts 4"),
-    (r"train\.max_time=\S+", "train.max_time=2"), (r"--duration \S+", "--duration 2s"),
+QUICK = [  # (pattern, replacement): training budgets shrunk to a few steps (a time budget of a few
+    # seconds would evaluate after every step, as a tenth of its budget is under one step)
+    (r"--max-time \S+", "--max-steps 3"), (r"--budget \S+", "--budget 0 --max-steps 3"),
+    (r"--max-steps \d+", "--max-steps 4"), (r"max_time=[\d.]+", "max_steps=3"), (r"max_steps=\d+", "max_steps=4"),
+    (r"--prompts \d+", "--prompts 4"), (r"train\.max_time=\S+", "train.max_steps=3"), (r"--duration \S+", "--duration 2s"),
     (r"--clients [\d,]+", "--clients 1,2"), (r"--new-tokens \d+", "--new-tokens 20"), (r"--rounds \d+", "--rounds 1"),
+    (r"\[:150_000\]", "[:3_000]"), (r"PASSAGES = \d+", "PASSAGES = 12"),
+    (r"in \(0\.1, 0\.3, 1\.0\)", "in (0.1,)"),  # one point of the transfer curve
 ]
 
 

@@ -93,7 +93,7 @@ def test_lora_starts_as_the_base_and_merging_preserves_outputs(arch, fields):
 
 
 def test_only_adapter_parameters_get_gradients():
-    model = build_model("transformer", vocab_size=40, **TINY_MODEL)
+    model = build_model("transformer", vocab_size=40, **TINY_MODEL, tie_embeddings=False)
     apply_lora(model, ["qkv", "lm_head"], rank=2)
     x = torch.randint(0, 40, (2, 12))
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
     (["--mode", "partial"], ["mode 'partial'", "full, freeze, lora"]),
     (["--task", "summarise"], ["task 'summarise'"]),
     (["--mode", "freeze", "--freeze-layers", "9"], ["--freeze-layers"]),
-    (["--mode", "lora", "--lora-targets", "tok_emb"], ["tok_emb", "lm_head"]),
+    (["--mode", "lora", "--lora-targets", "tok_emb"], ["tok_emb", "qkv"]),
     (["--task", "classify"], [".jsonl"]),
     (["--set", "model.d_model=8"], ["--set"]),
     (["--set", "train.lr=abc"], ["train.lr", "a number", "abc"]),

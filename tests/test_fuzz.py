@@ -144,7 +144,7 @@ def tiny_run(tmp_path_factory):
 
 
 FILES = ["config.json", "model.safetensors", "tokenizer.json", "manifest.json", "checkpoints/step-00000004/model.safetensors",
-         "checkpoints/step-00000004/trainer_state.json"]
+         "checkpoints/step-00000004/trainer_state.json", "checkpoints/step-00000004/average.safetensors"]
 
 
 @settings(max_examples=examples(120), **FUZZ)

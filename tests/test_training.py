@@ -16,7 +16,8 @@ from lmforge.training.step import lm_loss, train_step
 
 
 def tiny_config(text_file, cache_dir, arch="transformer", tokenizer="char", steps=30, **train):
-    model = {"transformer": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_len": 32, "dropout": 0.1},
+    model = {"transformer": {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_len": 32, "dropout": 0.1,
+                             "tie_embeddings": False},  # a 32-wide head learns faster untied in 30 steps
              "lstm": {"d_model": 32, "d_hidden": 32, "n_layers": 1, "context_len": 32},
              "gru": {"d_model": 32, "d_hidden": 32, "n_layers": 1, "context_len": 32},
              "cnn": {"d_model": 32, "n_layers": 2, "context_len": 32}}[arch]
@@ -129,7 +130,7 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(tmp_path):
     text = TINY_TEXT * 2 + "zq xj vk " * 80
     (tmp_path / "text.txt").write_text(text)
     config = build_config(tiny_config(tmp_path / "text.txt", tmp_path / "cache", steps=60, eval_interval=5,
-                                      lr=0.01, warmup_steps=0, decay_fraction=0.0))
+                                      lr=0.01, warmup_steps=0, decay_fraction=0.0, ema=0.0))
     job = language_model_job(config)
     snapshots = {}
 
@@ -145,6 +146,32 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(tmp_path):
     assert best != evals[-1]["step"]  # the test is only worth something when the best is not the last
     final = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000060" / "model.safetensors"))
     assert any(not torch.equal(saved[k], final[k]) for k in saved)
+
+
+def test_the_saved_model_is_the_moving_average_of_the_weights(tiny_file, tmp_path):
+    from lmforge.api import build_config
+    from lmforge.training.average import WARM_IN
+    from lmforge.training.jobs import language_model_job
+    from lmforge.training.loop import train as run_loop
+
+    config = build_config(tiny_config(tiny_file, tmp_path / "cache", steps=20, keep_best=False, ema=0.8))
+    job = language_model_job(config)
+    names = [n for n, p in job.model.named_parameters()]
+    average = {n: p.detach().clone() for n, p in job.model.named_parameters()}
+
+    def fold(step):
+        decay = min(0.8, (1 + step) / (WARM_IN + step))
+        for n, p in job.model.named_parameters():
+            average[n].lerp_(p.detach(), 1 - decay)
+
+    run_loop(config, tmp_path / "run", job, log=quiet, on_step=fold)
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    raw = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000020" / "model.safetensors"))
+    kept = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000020" / "average.safetensors"))
+    for n in names:
+        torch.testing.assert_close(saved[n], average[n], rtol=0, atol=1e-6)
+        assert torch.equal(kept[n], saved[n])
+    assert any(not torch.equal(saved[n], raw[n]) for n in names)  # training went on with the raw weights
 
 
 def _clone_pair(dropout=0.0):
@@ -272,6 +299,11 @@ def test_budget_rule_grows_the_model_with_compute():
     assert picks == sorted(picks) and picks[0] == 128 and picks[-1] == LADDER[-1]
     assert choose(options, ANCHOR_COMPUTE)[0] == {"d_model": 256, "n_layers": 4, "n_heads": 4}  # the anchor itself
     assert choose(options, ANCHOR_COMPUTE / 3)[0]["d_model"] == 192  # measured best after 100 s
+    from lmforge.training.sizing import ANCHOR_TOKENS
+
+    # on the anchor's own text, more time buys more passes, not a larger model
+    assert choose(options, ANCHOR_COMPUTE * 16, tokens=ANCHOR_TOKENS)[0]["d_model"] == 256
+    assert choose(options, ANCHOR_COMPUTE * 16, tokens=ANCHOR_TOKENS * 20)[0]["d_model"] > 256
 
 
 def test_adaptive_evaluation_learns_from_what_it_has_scored_and_leaves_the_model_alone(run):

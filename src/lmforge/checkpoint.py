@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +30,7 @@ FORMAT_VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+AVERAGE = "average.safetensors"  # a resume point's weight average (train.ema)
 CHECKPOINTS = "checkpoints"  # resume points: checkpoints/step-00000500/
 LEGACY_RESUME = "last"  # the single resume point of runs from before checkpoints/
 LOCK = "run.lock"  # held while a process trains into the folder
@@ -334,10 +336,10 @@ def resume_points(run_dir: Path) -> list[Path]:
 
 
 def save_resume(run_dir: Path, weights: dict, optimizer_states: list[dict], trainer_state: dict,
-                keep: int = 2) -> Path:
-    """Write whole weights, optimizer states and trainer state as one resume point (a temporary folder
-    renamed into place), then drop all but the newest `keep`. Refuses weights that are not finite: a
-    diverged model never replaces a good resume point."""
+                keep: int = 2, average: dict | None = None) -> Path:
+    """Write whole weights, optimizer states, trainer state and the weight average (if the run keeps
+    one) as one resume point (a temporary folder renamed into place), then drop all but the newest
+    `keep`. Refuses weights that are not finite: a diverged model never replaces a good resume point."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{trainer_state['step']:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -355,7 +357,9 @@ def save_resume(run_dir: Path, weights: dict, optimizer_states: list[dict], trai
             tensors, rest = _flatten_optimizer(state_dict)
             save_tensors(tmp / f"optimizer{i}.safetensors", tensors)
             plain.append(rest)
-        write_json(tmp / "trainer_state.json", {**trainer_state, "optimizers": plain})
+        if average is not None:
+            save_tensors(tmp / AVERAGE, average)
+        write_json(tmp / "trainer_state.json", {**trainer_state, "optimizers": plain, "average": average is not None})
         write_manifest(tmp, ["trainer_state.json"])
         if final.exists():  # the same step saved again (an interrupted run's last point)
             shutil.rmtree(final)
@@ -372,26 +376,34 @@ def save_resume(run_dir: Path, weights: dict, optimizer_states: list[dict], trai
     return final
 
 
-def load_resume(run_dir: Path, log=print) -> tuple[dict, list[dict], dict] | None:
-    """(weights, optimizer states, trainer state) of the newest readable resume point; a damaged point
-    is reported and the one before it is read. None when the run has none (it was stopped before its
-    first): it starts over. (Random draws are functions of the seed and the step, so no generator
-    state is saved.)"""
+class ResumePoint(NamedTuple):
+    weights: dict
+    optimizers: list[dict]
+    state: dict  # the trainer state
+    average: dict | None  # the weight average, for runs that keep one
+
+
+def load_resume(run_dir: Path, log=print) -> ResumePoint | None:
+    """The newest readable resume point; a damaged point is reported and the one before it is read.
+    None when the run has none (it was stopped before its first): it starts over. (Random draws are
+    functions of the seed and the step, so no generator state is saved.)"""
     for point in resume_points(run_dir):
         try:
             check_manifest(point)
             state = read_json(point / "trainer_state.json", "trainer state")
             plain = state.pop("optimizers", None)
+            averaged = state.pop("average", False)
             if not isinstance(plain, list) or not all(isinstance(p, dict) and {"scalars", "param_groups"} <= set(p)
                                                       for p in plain):
                 raise LmforgeError(f"{point / 'trainer_state.json'} is damaged (its optimizer state)")
             weights = load_tensors(point / WEIGHTS)
             optimizers = [_unflatten_optimizer(load_tensors(point / f"optimizer{i}.safetensors"), p)
                           for i, p in enumerate(plain)]
+            average = load_tensors(point / AVERAGE) if averaged else None
         except (LmforgeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             log(f"note: the resume point {point} cannot be used ({exc}); trying the one before it")
             continue
-        return weights, optimizers, state
+        return ResumePoint(weights, optimizers, state, average)
     if resume_points(run_dir):
         raise LmforgeError(f"no resume point of {run_dir} can be read; the run cannot continue: start a new one")
     return None

@@ -101,6 +101,7 @@ def cmd_finetune(args) -> int:
             overrides=(args.set or []) + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors"}),
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
+            from_scratch=args.from_scratch or None,
             lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
     print(f"run: {result.run_dir}  {result.steps} steps, {result.extra['trainable_params']:,} trainable parameters")
     for key in ("val_bits_per_byte", "accuracy", "macro_f1"):
@@ -141,10 +142,10 @@ def cmd_serve(args) -> int:
     from .device import physical_cores, set_threads
     from .serving.app import Settings, create_app
 
-    # the event loop needs a core of its own: with every core decoding, each streamed token waits for it
-    # (on 2 cores, one torch thread served 734 tokens/s to one client against 361 with two)
-    set_threads(args.threads or max(1, physical_cores() - 1))
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
+    if lm.device.type == "cpu":  # the event loop needs a core of its own: with every core decoding, each streamed
+        # token waits for it (on 2 cores, one torch thread served 734 tokens/s to one client against 361 with two)
+        set_threads(args.threads or max(1, physical_cores() - 1))
     name = args.name or lm.run_dir.name
     settings = Settings(name, api_key=args.api_key or None, max_batch=args.max_batch, max_waiting=args.max_waiting,
                         max_tokens=args.max_tokens)
@@ -289,7 +290,8 @@ def cmd_bench(args) -> int:
     from . import bench
     from .config import parse_duration, parse_overrides
 
-    model_fields = parse_overrides(args.overrides, sections=("model",)).get("model", {})
+    # train and generate take model fields only; austen trains through the normal config (any section)
+    model_fields = {} if args.benchmark == "austen" else parse_overrides(args.overrides, sections=("model",)).get("model", {})
     options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
                "warmup": args.warmup, "device": args.device, "threads": args.threads,
                "new_tokens": args.new_tokens, "rounds": args.rounds, "model_fields": model_fields or None,
@@ -423,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", help="comma-separated module names (default: the model's lora_targets)")
     p.add_argument("--pooling", help="classify: mean or last (default mean)")
     p.add_argument("--template", help="completion: prompt template with {prompt}")
+    p.add_argument("--from-scratch", action="store_true", help="the control: the base's architecture and tokenizer "
+                                                               "from random weights")
     p.add_argument("--encoding", help="text encoding of the new data (default: the base run's, utf-8)")
     p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
     p.add_argument("--set", action="append", metavar="train.KEY=VALUE", help="other train/data options")

@@ -84,6 +84,7 @@ class TrainConfig:
     eval_interval: int = 200  # steps between evaluations under a step budget (a time budget evaluates 10 times)
     eval_batches: int = 16  # periodic evaluation uses this many batches of the validation split
     keep_best: bool = True  # model.safetensors holds the weights with the best validation loss
+    ema: float = 0.99  # evaluate and save an exponential moving average of the weights with this decay; 0: off
     checkpoint_interval: int = 500  # steps between resume points...
     checkpoint_time: float = 120.0  # ...or seconds of training, whichever comes first
     keep_checkpoints: int = 2  # resume points kept (the newest); an unreadable one falls back to the one before
@@ -118,6 +119,7 @@ class TrainConfig:
             (0 <= self.decay_fraction <= 1, "train.decay_fraction must be in [0, 1]"),
             (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
             (self.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
+            (0 <= self.ema < 1, "train.ema must be in [0, 1) (0 turns the weight average off; 0.99 is the default)"),
             (self.eval_interval >= 1, "train.eval_interval must be at least 1"),
             (self.eval_batches >= 1, "train.eval_batches must be at least 1"),
             (self.checkpoint_interval >= 1, "train.checkpoint_interval must be at least 1"),

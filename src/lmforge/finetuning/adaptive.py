@@ -22,7 +22,7 @@ from ..errors import LmforgeError
 from ..evaluation.likelihood import Score, _score_positions, _windows
 from .lora import apply_lora
 
-DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}  # measured on Persuasion's validation text (docs/benchmarks.md)
+DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}  # starting points, not tuned per text: --adapt-lr overrides
 
 
 @dataclass

@@ -8,6 +8,7 @@ share of every batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -27,6 +28,7 @@ from ..device import ThreadTuner, measure_peak_flops, physical_cores, resolve_de
 from ..errors import LmforgeError
 from ..models import count_params
 from . import distributed as dist
+from .average import WeightAverage
 from .optim import build_optimizers, lr_factor, progress, set_lr
 from .plots import plot_losses
 from .step import evaluate_loss, lm_loss, train_step
@@ -114,10 +116,11 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     if fsdp:
         dist.shard(model)  # before the optimizer: it must hold the sharded parameters
     optimizers = build_optimizers(model, cfg)
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
     state = TrainerState()
     saved = ckpt.load_resume(run_dir, log=log) if resume else None
     if saved is not None:
-        state = restore(model, optimizers, *saved, run_dir)
+        state = restore(model, optimizers, average, saved, run_dir)
         log(f"resuming {run_dir} at step {state.step}")
     elif resume:
         log(f"note: {run_dir} stopped before its first resume point; training it from the start")
@@ -160,6 +163,8 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                 else:
                     state.skipped, last_loss = 0, result.loss
                     state.losses.append(result.loss)
+                    if average is not None:
+                        average.update(state.step)
                 if state.step % LOG_INTERVAL == 0 and state.losses:
                     metrics.write({"step": state.step, "loss": sum(state.losses) / len(state.losses),
                                    "lr": lr_factor(state.step - 1, done, cfg), "tokens": state.tokens,
@@ -167,11 +172,11 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                     state.losses = []
                     bar.set_postfix_str(f"loss {last_loss:.3f} {speed(tokens_per_s, model, peak)}")
                 if evaluation_due(state, cfg):
-                    val_bpb = evaluate(model, job, state, cfg, device, dtype, run_dir, metrics)
+                    val_bpb = evaluate(model, job, state, cfg, device, dtype, run_dir, metrics, average)
                     bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {speed(tokens_per_s, model, peak)}")
                 if (state.step % cfg.checkpoint_interval == 0
                         or state.train_time - state.checkpoint_time >= cfg.checkpoint_time):
-                    save_resume_point(run_dir, model, optimizers, state, cfg)
+                    save_resume_point(run_dir, model, optimizers, state, cfg, average)
                 if on_step is not None:
                     on_step(state.step)
                 if dist.any_true(stop.requested):
@@ -182,10 +187,11 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     finally:
         bar.close()
     if not interrupted and state.last_eval_step != state.step:
-        evaluate(model, job, state, cfg, device, dtype, run_dir, metrics)  # the final weights always get a score
-    save_resume_point(run_dir, model, optimizers, state, cfg)
+        evaluate(model, job, state, cfg, device, dtype, run_dir, metrics, average)  # the final weights get a score
+    save_resume_point(run_dir, model, optimizers, state, cfg, average)
     if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
-        save_weights(run_dir, job.weights(dist.full_state(model)))
+        with average.swapped_in() if average is not None else contextlib.nullcontext():
+            save_weights(run_dir, job.weights(dist.full_state(model)))
     metrics.close()
     if dist.is_main():
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -227,14 +233,17 @@ def evaluation_due(state: TrainerState, cfg) -> bool:
     return state.step % cfg.eval_interval == 0
 
 
-def evaluate(model, job: Job, state: TrainerState, cfg, device, dtype, run_dir: Path, metrics) -> float:
-    """Score the validation batches; keep the weights when they are the best so far. Returns bits per byte."""
-    val_loss = evaluate_loss(model, job.batches.val, job.loss, device, dtype)
-    val_bpb = val_loss * job.batches.val_tokens_per_byte / math.log(2)
-    if math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
-        state.best_val_loss = val_loss
-        if cfg.keep_best:
-            save_weights(run_dir, job.weights(dist.full_state(model)))
+def evaluate(model, job: Job, state: TrainerState, cfg, device, dtype, run_dir: Path, metrics,
+             average: WeightAverage | None = None) -> float:
+    """Score the validation batches (with the averaged weights, when the run keeps an average); keep
+    those weights when they are the best so far. Returns bits per byte."""
+    with average.swapped_in() if average is not None else contextlib.nullcontext():
+        val_loss = evaluate_loss(model, job.batches.val, job.loss, device, dtype)
+        val_bpb = val_loss * job.batches.val_tokens_per_byte / math.log(2)
+        if math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
+            state.best_val_loss = val_loss
+            if cfg.keep_best:
+                save_weights(run_dir, job.weights(dist.full_state(model)))
     state.evals += 1
     state.last_eval_step = state.step
     metrics.write({"step": state.step, "val_loss": val_loss, "val_bpb": val_bpb, "train_time": state.train_time})
@@ -259,14 +268,17 @@ def save_weights(run_dir: Path, files: dict[str, dict[str, torch.Tensor]]) -> No
         dist.on_main(lambda: [ckpt.save_tensors(run_dir / name, tensors) for name, tensors in files.items()])
 
 
-def save_resume_point(run_dir: Path, model, optimizers, state: TrainerState, cfg) -> None:
+def save_resume_point(run_dir: Path, model, optimizers, state: TrainerState, cfg,
+                      average: WeightAverage | None = None) -> None:
     state.checkpoint_time = state.train_time
     weights, optimizer_states = dist.full_state(model), dist.full_optimizer_states(model, optimizers)
-    dist.on_main(ckpt.save_resume, run_dir, weights, optimizer_states, asdict(state), cfg.keep_checkpoints)
+    averaged = average.state() if average is not None else None
+    dist.on_main(ckpt.save_resume, run_dir, weights, optimizer_states, asdict(state), cfg.keep_checkpoints, averaged)
 
 
-def restore(model, optimizers, weights: dict, optimizer_states: list, trainer_state: dict, run_dir: Path):
-    """Put a resume point back into the model and optimizers; its trainer state."""
+def restore(model, optimizers, average: WeightAverage | None, point: ckpt.ResumePoint, run_dir: Path):
+    """Put a resume point back into the model, optimizers and weight average; its trainer state."""
+    weights, optimizer_states = point.weights, point.optimizers
     if len(optimizer_states) != len(optimizers):
         raise LmforgeError(f"{run_dir} was trained with {len(optimizer_states)} optimizer(s), this config builds "
                            f"{len(optimizers)}; resume with the run's own train.optimizer")
@@ -275,7 +287,13 @@ def restore(model, optimizers, weights: dict, optimizer_states: list, trainer_st
     except (RuntimeError, KeyError, ValueError) as e:
         raise LmforgeError(f"the resume point of {run_dir} does not fit this run's model "
                            f"({str(e).splitlines()[0][:200]}); resume with the run's own config") from None
-    return TrainerState.from_dict(trainer_state)
+    if average is not None:
+        try:
+            average.load(point.average if point.average is not None else dist.full_state(model))
+        except (RuntimeError, KeyError, ValueError) as e:  # an older point without one starts from the weights
+            raise LmforgeError(f"the weight average in the resume point of {run_dir} does not fit this run's "
+                               f"model ({str(e).splitlines()[0][:200]}); resume with the run's own config") from None
+    return TrainerState.from_dict(point.state)
 
 
 class StopSignals:

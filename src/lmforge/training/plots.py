@@ -26,10 +26,11 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_bpb" in r]
-    if not train:
+    if not train and not val:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
+    if train:  # a run shorter than one logging interval has only its validation points
+        left.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
     if val:
         left.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation loss")
     left.set_xlabel("step")

@@ -7,7 +7,7 @@ machine's training speed at the default size; the compute of the whole budget th
 
 N ∝ C^0.5 is the compute-optimal scaling measured by Hoffmann et al. (2022). The anchor (N0, C0) is
 counted in FLOPs, not seconds, so it holds on any machine: on the Austen split the default size
-(d_model 256, 4 layers, 5.25M parameters with BPE-4096) was the best of the sizes tried at C0, and
+(d_model 256, 4 layers; 5.25M parameters with BPE-4096 and an untied head) was the best of the sizes tried at C0, and
 d_model 192 was best at C0 / 3, which the rule also picks. Sizes come from one ladder with
 64-wide heads and as many layers as heads; the rung whose parameter count is nearest to N (on a
 log scale) wins. Larger budgets and faster machines get larger models.
@@ -32,11 +32,12 @@ from .step import lm_loss, train_step
 LADDER = (128, 192, 256, 384, 512, 768, 1024)  # d_model; n_heads = n_layers = d_model / 64 (2 at least)
 DEFAULT_D_MODEL = 256
 SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
-# The anchor: on the Austen split, the default model (5.25M parameters with BPE-4096, d_model 256,
-# 4 layers) was the best of the sizes tried after 300 s of fp32 training at 3,873 tokens/s with batch
-# 16 x 128 tokens, i.e. after this many training FLOPs (docs/benchmarks.md has the measurements).
-ANCHOR_PARAMS = 5_250_000
+# The anchor: on the Austen split, the default rung (d_model 256, 4 layers; 5.25M parameters with
+# BPE-4096 and an untied head) was the best of the sizes tried after 300 s of fp32 training at 3,873
+# tokens/s with batch 16 x 128 tokens, i.e. after this many training FLOPs (docs/benchmarks.md has
+# the measurements). Sizes scale from the default rung's parameter count under the run's own options.
 ANCHOR_COMPUTE = 26_738_688 * 3873 * 300
+ANCHOR_TOKENS = 320_399  # the Austen split's training tokens with BPE-4096, which that run read about six times
 
 
 def rung(d_model: int) -> dict:
@@ -44,15 +45,19 @@ def rung(d_model: int) -> dict:
     return {"d_model": d_model, "n_layers": heads, "n_heads": heads}
 
 
-def best_params(compute: float) -> float:
-    return ANCHOR_PARAMS * math.sqrt(compute / ANCHOR_COMPUTE)
+def best_params(anchor: float, compute: float, tokens: int | None = None) -> float:
+    """N0 · sqrt(C / C0) for the anchor's N0 parameters, and no more than the data supports: past the
+    anchor's six passes over its text, more passes over the same tokens buy overfitting, not a model
+    that can use more parameters, so the size is capped at N0 · D / D0 for D training tokens."""
+    target = anchor * math.sqrt(compute / ANCHOR_COMPUTE)
+    return target if tokens is None else min(target, anchor * tokens / ANCHOR_TOKENS)
 
 
-def choose(options: dict, compute: float) -> tuple[dict, dict]:
-    """The ladder rung for `compute` FLOPs, and a table of every rung's parameter count."""
-    target = best_params(compute)
+def choose(options: dict, compute: float, tokens: int | None = None) -> tuple[dict, dict]:
+    """The ladder rung for `compute` FLOPs on `tokens` training tokens, and every rung's parameter count."""
     with torch.device("meta"):  # shapes only: the largest rung would otherwise allocate 0.8 GB to be counted
         counts = {d: count_params(build_model("transformer", **{**options, **rung(d)})) for d in LADDER}
+    target = best_params(counts[DEFAULT_D_MODEL], compute, tokens)
     d_model = min(LADDER, key=lambda d: abs(math.log(counts[d] / target)))
     return rung(d_model), {"target_params": target, "params": counts}
 
@@ -95,18 +100,19 @@ def size_for_budget(config: RunConfig, seconds: float, log=print) -> RunConfig:
         raise LmforgeError(f"--budget picks the model size, but model.{', model.'.join(taken)} is set; "
                            f"drop it, or use --max-time to keep your size")
     cfg = config.train
-    options = {**config.model.options, "vocab_size": prepare_data(config).tokenizer.vocab_size}
+    prepared = prepare_data(config)
+    options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         set_threads(cfg.threads)
     tokens_per_s, flops = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device))
     tokens_per_s = dist.sum_float(tokens_per_s)  # under torchrun every process trains its share
     compute = flops * tokens_per_s * seconds
-    size, table = choose(options, compute)
+    size, table = choose(options, compute, len(prepared.train))
     log(f"budget {seconds:.0f} s: this machine trains the d_model {DEFAULT_D_MODEL} model at {tokens_per_s:,.0f} "
-        f"tokens/s, so the budget buys {compute:.2e} FLOPs; best size about {table['target_params'] / 1e6:.1f}M "
-        f"parameters -> d_model {size['d_model']}, {size['n_layers']} layers, {size['n_heads']} heads "
-        f"({table['params'][size['d_model']] / 1e6:.2f}M)")
+        f"tokens/s, so the budget buys {compute:.2e} FLOPs on {len(prepared.train):,} training tokens; best size "
+        f"about {table['target_params'] / 1e6:.1f}M parameters -> d_model {size['d_model']}, {size['n_layers']} layers, "
+        f"{size['n_heads']} heads ({table['params'][size['d_model']] / 1e6:.2f}M)")
     raw = config.to_dict()
     raw["model"]["options"] = {**config.model.options, **size}
     raw["train"]["max_time"] = seconds
