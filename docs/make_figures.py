@@ -92,7 +92,7 @@ def run_chapter(path: Path, work: Path, quick: bool, env: dict, stamp: str) -> t
         print(f"  {path.name}: {kind} block ran in {time.time() - tic:.0f} s", file=sys.stderr)
         pieces.append(text[at:match.start()])
         block = f"```{kind}\n{code}```\n"
-        shown = output.strip()
+        shown = output.strip("\n").rstrip()  # keep the first line's indentation (aligned columns)
         if shown:
             markdown = shown.startswith("|")  # a table prints as Markdown
             body = shown if markdown else f"```text\n{shown}\n```"
