@@ -3,6 +3,7 @@
     python docs/make_figures.py            # full: the published figures, outputs and tables (an hour or two)
     python docs/make_figures.py --quick    # every block at a tiny budget, in a scratch folder (CI: minutes)
     python docs/make_figures.py --notebook # also write docs/guide.ipynb from the same source
+    python docs/make_figures.py --notebook-only  # only that (a test checks the committed one is current)
 
 Each chapter is Markdown whose ```bash and ```python blocks run in one working folder (docs/guide/work/
 in full mode), python blocks sharing one namespace per chapter, as a learner who copies them in
@@ -123,12 +124,23 @@ def notebook(chapters: list[tuple[Path, str, list]]) -> dict:
                          "language_info": {"name": "python"}}}
 
 
+NOTEBOOK = GUIDE.parent / "guide.ipynb"
+
+
+def write_notebook(chapters: list[tuple[Path, str, list]]) -> None:
+    NOTEBOOK.write_text(json.dumps(notebook(chapters), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny budgets, a scratch folder, nothing published")
     p.add_argument("--notebook", action="store_true", help="also write docs/guide.ipynb")
+    p.add_argument("--notebook-only", action="store_true", help="write docs/guide.ipynb from the chapters, run nothing")
     p.add_argument("--only", help="run only chapters whose file name contains this")
     args = p.parse_args()
+    if args.notebook_only:
+        write_notebook([(c, c.read_text(encoding="utf-8"), []) for c in CHAPTERS])
+        return
     chapters = [c for c in CHAPTERS if not args.only or args.only in c.name]
     scratch = Path(tempfile.mkdtemp(prefix="lmforge-guide-")) if args.quick else GUIDE / "work"
     work = scratch
@@ -156,7 +168,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"figures referenced but not made: {sorted(missing)}")
         if args.notebook:
-            (GUIDE.parent / "guide.ipynb").write_text(json.dumps(notebook(done), indent=1) + "\n", encoding="utf-8")
+            write_notebook(done)
         print(json.dumps({"chapters": len(done), "blocks": sum(len(c) for _, _, c in done), "figures": len(figures),
                           "seconds": round(time.time() - tic), "quick": args.quick}))
     finally:

@@ -33,6 +33,8 @@ def test_the_notebook_comes_from_the_same_source():
     blocks = sum(len(make_figures.BLOCK.findall(text)) for _, text, _ in chapters)
     assert len(code) == blocks and book["nbformat"] == 4
     assert any("lmforge train" in "".join(c["source"]) for c in code)
+    committed = json.loads(make_figures.NOTEBOOK.read_text(encoding="utf-8"))
+    assert committed == book, "docs/guide.ipynb is stale: python docs/make_figures.py --notebook-only"
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/guide.md"])

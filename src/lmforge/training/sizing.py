@@ -7,8 +7,9 @@ machine's training speed at the default size; the compute of the whole budget th
 
 N ∝ C^0.5 is the compute-optimal scaling measured by Hoffmann et al. (2022). The anchor (N0, C0) is
 counted in FLOPs, not seconds, so it holds on any machine: on the Austen split the default size
-(d_model 256, 4 layers; 5.25M parameters with BPE-4096 and an untied head) was the best of the sizes tried at C0, and
-d_model 192 was best at C0 / 3, which the rule also picks. Sizes come from one ladder with
+(d_model 256, 4 layers; 5.25M parameters with BPE-4096 and an untied head) was the best of the
+sizes tried at C0, and d_model 192 was best at C0 / 3, which the rule also picks. Since then the
+size is also capped by the training tokens there are (best_params). Sizes come from one ladder with
 64-wide heads and as many layers as heads; the rung whose parameter count is nearest to N (on a
 log scale) wins. Larger budgets and faster machines get larger models.
 """
