@@ -126,6 +126,11 @@ def test_changed_json_files_and_other_versions_are_named(straight, tmp_path, cap
     with pytest.raises(LmforgeError, match="tokenizer.json is damaged"):
         lmforge.load(run)
     shutil.copy(straight / "run" / "tokenizer.json", run / "tokenizer.json")
+    text = (run / "config.json").read_text()  # damage that happens to hide the format version is damage
+    (run / "config.json").write_text(text.replace('"format_version"', '"format_ver2ion"'))
+    with pytest.raises(LmforgeError, match="config.json is damaged"):
+        lmforge.load(run)
+    shutil.copy(straight / "run" / "config.json", run / "config.json")
     config = json.loads((run / "config.json").read_text())
     for change, needle in [({"format_version": 99}, "another lmforge"), ({"model": {"arch": "transformer"}}, "model"),
                            ({"train": "fast"}, "train")]:

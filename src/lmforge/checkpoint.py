@@ -287,8 +287,8 @@ def build_from_config(data: dict) -> torch.nn.Module:
 def load_model(run_dir: Path, weights: Path | None = None) -> tuple[torch.nn.Module, object, dict]:
     """(model in eval mode on the CPU, tokenizer, config dict) from a run folder."""
     run_dir = Path(run_dir)
+    check_manifest(run_dir)  # first: a damaged config.json is damage, not a run from another lmforge
     data = read_config(run_dir)
-    check_manifest(run_dir)
     model = build_from_config(data)
     state = load_tensors(weights or run_dir / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
