@@ -141,12 +141,13 @@ def write_outputs(out: Path, rows: list[dict], base_summary: dict, steps: int) -
 
 
 def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, threads: int | None = None,
-                adapter_time: float = 75.0, log=print) -> dict:
+                adapter_time: float = 60.0, adapter_mode: str = "full", log=print) -> dict:
     """Author attribution with the transfer base, three ways, against bag-of-words: a classification head
     on the pretrained body (full fine-tune), the same from scratch, and the language model's own
-    likelihood: one LoRA adapter per author trained on that author's training passages, a test passage
-    going to the author whose adapter codes it in the fewest bits per byte (all six adapters and the
-    scoring within 10 minutes). Accuracy and macro-F1 on the test regions; writes authors.md into `out`."""
+    likelihood: one copy of the base fine-tuned per author (`adapter_mode` full, or lora for small
+    adapters) on that author's training passages, a test passage going to the author whose model codes it
+    in the fewest bits per byte (the fine-tunes and the scoring within 10 minutes). Accuracy and macro-F1
+    on the test regions; writes authors.md into `out`."""
     import time
 
     from lmforge.finetuning.classify import scores
@@ -172,9 +173,9 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
     for author in labels:
         text = work / f"author-{author}.txt"
         text.write_text("\n\n".join(r["text"] for r in rows if r["label"] == author and r["split"] == "train"))
-        run = work / f"authors-lora-{author}"
+        run = work / f"authors-{adapter_mode}-{author}"
         if not (run / "summary.json").exists():
-            lmforge.finetune(work / "base", [str(text)], run, mode="lora", max_time=adapter_time, log=log,
+            lmforge.finetune(work / "base", [str(text)], run, mode=adapter_mode, max_time=adapter_time, log=log,
                              overrides=quiet)
         adapters[author] = lmforge.load(run)
     test = [r for r in rows if r["split"] == "test"]
@@ -189,12 +190,12 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
              f"{len(labels)} authors ({', '.join(labels)}); passages of ~600 characters cut from each book's first 80% "
              f"(train, {sum(r['split'] == 'train' for r in rows)}), next 10% (val) and last 10% (test, "
              f"{sum(r['split'] == 'test' for r in rows)}). Head runs: {steps} steps, mean pooling, first 128 "
-             f"tokens of each passage. Likelihood: one LoRA adapter per author ({adapter_time:.0f} s each on that "
-             f"author's training passages), the lowest bits per byte wins; adapters and scoring took "
+             f"tokens of each passage. Likelihood: the base fine-tuned per author ({adapter_mode}, {adapter_time:.0f} s "
+             f"each on that author's training passages), the lowest bits per byte wins; fine-tunes and scoring took "
              f"{results['likelihood']['wall_time_s'] / 60:.1f} minutes. Data: `lmforge data authors`. The base's "
              "pretraining text held these books (all but Emma and Persuasion) unlabelled, test regions included.", "",
              "| model | test accuracy | macro-F1 |", "|---|---:|---:|"]
-    names = {"likelihood": "pretrained base, one LoRA adapter per author, lowest bits per byte",
+    names = {"likelihood": f"pretrained base fine-tuned per author ({adapter_mode}), lowest bits per byte",
              "pretrained": "pretrained base + classification head (full fine-tune)",
              "scratch": "same architecture from scratch + head", "bag of words": "bag-of-words linear (log counts, 5k words)"}
     for key, label in names.items():

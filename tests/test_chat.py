@@ -23,8 +23,10 @@ def test_chat_in_a_terminal(served_run, tmp_path):
     try:
         child.expect("Ctrl-D leaves")
         child.expect("you>")
+        # Each command's reply, not its echo on the prompt line ("you> /max ..."), is awaited before the next
+        # line is typed: the prompt is redrawn as a line is typed, so "you>" alone can match too early.
         child.send("/temperature 0\r")
-        child.expect("temperature 0")
+        child.expect(r"(?<!/)temperature 0")
         child.expect("you>")
         expected = lm.generate("Emma", 40, temperature=0)
         first_line = expected.split("\n")[0][:20]
@@ -34,10 +36,10 @@ def test_chat_in_a_terminal(served_run, tmp_path):
         child.expect("you>")
 
         child.send("/max 100000\r")  # a long answer, to interrupt
-        child.expect("max 100000")
+        child.expect(r"(?<!/)max 100000")
         child.expect("you>")
         child.send("/eos off\r")  # and no end-of-text to end it early
-        child.expect("eos off")
+        child.expect(r"(?<!/)eos off")
         child.expect("you>")
         child.send("Emma\r")
         child.expect_exact("\x1b[?2004lEmma")  # the prompt has returned the line: the answer is being written

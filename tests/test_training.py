@@ -281,6 +281,26 @@ def test_sliding_windows_score_each_position_exactly_once():
         assert scored == list(range(1, n))
 
 
+def test_windowed_scoring_equals_scoring_each_window_in_full():
+    import torch.nn.functional as F
+
+    from lmforge.evaluation.likelihood import _windows, score_ids
+
+    torch.manual_seed(0)
+    model = build_model("transformer", vocab_size=50, d_model=32, n_layers=2, n_heads=2, context_len=16).eval()
+    ids = torch.randint(1, 50, (150,)).tolist()
+    score = score_ids(model, ids, bos=0, batch_windows=3)
+    seq = torch.tensor([0] + ids)
+    nats, correct = 0.0, 0
+    with torch.no_grad():
+        for start, end, first in _windows(len(seq), window=17, stride=8):
+            logits = model(seq[start:end - 1][None])[0][0][first - start - 1:]  # every position, then the kept ones
+            nats += F.cross_entropy(logits, seq[first:end], reduction="sum").item()
+            correct += int((logits.argmax(-1) == seq[first:end]).sum())
+    assert score.tokens == len(ids) and score.correct1 == correct
+    assert math.isclose(score.nats, nats, rel_tol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["lstm", "gru", "cnn"])
 def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
     lm, result = lmforge.train(tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=25),
