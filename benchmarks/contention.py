@@ -1,6 +1,7 @@
 """A fair half: how fast lmforge trains, evaluates and decodes while another busy process shares the CPU.
 
     python benchmarks/contention.py            # about 8 minutes on 2 cores; run it on an otherwise quiet machine
+    python benchmarks/contention.py decode     # one kind of work (train, eval, decode): about 3 minutes
 
 For each kind of work — training steps of the default Transformer (through the loop's own thread
 tuner), scoring a text (evaluation), and decoding 300 tokens at batch 1 — it measures throughput on
@@ -83,11 +84,16 @@ def measure(kind: str, tuned: bool) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kinds", nargs="*", choices=["train", "eval", "decode"], default=["train", "eval", "decode"])
+    kinds = p.parse_args().kinds
     ctx = multiprocessing.get_context("spawn")
     from lmforge.probe import machine
 
     results = {"benchmark": "contention", "cpu": machine()["cpu"], "logical_cpus": os.cpu_count()}
-    for kind in ("train", "eval", "decode"):
+    for kind in kinds:
         row = {"quiet": statistics.median(measure(kind, True) for _ in range(2))}
         for busy_name, busy in (("spin", spin), ("matmul", matmul)):
             for tuned in (True, False):

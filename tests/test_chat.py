@@ -19,11 +19,11 @@ def test_chat_in_a_terminal(served_run, tmp_path):
     (tmp_path / "cache").mkdir()
     shutil.copy(Path(os.environ["LMFORGE_CACHE"]) / "probe.json", tmp_path / "cache")  # measured once already
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    # Ctrl-C as in a terminal, even when these tests run where SIGINT is ignored (a shell's background job),
-    # which the child would otherwise inherit.
+    # Started with SIGINT ignored, as a shell's background job starts its commands: the chat still
+    # promises that Ctrl-C stops an answer, so it must take Ctrl-C back.
     child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(served_run), "--max-new-tokens", "40"],
                           env=env, encoding="utf-8", timeout=60, dimensions=(40, 200),
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         child.expect("Ctrl-D leaves")
         child.expect("you>")

@@ -51,7 +51,16 @@ def test_train_generate_eval_end_to_end(cli_run, capsys):
     assert result["bits_per_byte"] == pytest.approx(lm.evaluate()["bits_per_byte"], rel=1e-9)
     assert result["documents"].keys() == {str(cli_run / "tiny.txt")}
     assert main(["eval", run]) == 0
-    assert f"{result['bits_per_byte']:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{result['bits_per_byte']:.4f}" in out
+    name = str(cli_run / "tiny.txt")
+    assert (name if len(name) <= 60 else "…" + name[-59:]) in out  # the document's row names it whole
+    deep = cli_run / ("long-folder-name-" * 4) / "austen-emma-chapter-one.txt"
+    deep.parent.mkdir()
+    deep.write_text((cli_run / "tiny.txt").read_text())
+    assert main(["eval", run, "--text", str(deep)]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("…") and row.split()[0].endswith("/austen-emma-chapter-one.txt"), row
 
 
 def test_prepare_reports_and_reuses_its_cache(tmp_path, tiny_file, capsys):

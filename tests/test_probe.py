@@ -46,3 +46,17 @@ def test_the_thread_tuner_follows_the_faster_count():
         assert not ThreadTuner(1).enabled  # one thread: nothing to choose
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_thread_tuner_hands_back_the_count_it_kept_when_the_work_pauses():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as earlier work (or a trial it was in the middle of) left it
+        tuner = ThreadTuner(2, trial=3, first=1)
+        assert torch.get_num_threads() == 2  # a tuner starts from the count it is given
+        tuner.record(1.0)  # the first check is due: a trial with one thread begins
+        assert tuner.trying == 1 and torch.get_num_threads() == 1
+        tuner.settle()  # the work paused mid-trial: whatever runs next gets the count kept
+        assert tuner.trying is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

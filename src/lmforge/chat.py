@@ -9,6 +9,7 @@ completion run answers each message in its template, and `/mode chat` keeps a co
 """
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import replace
 
@@ -124,6 +125,10 @@ def run(lm, sampling: SamplingConfig, history_file=None) -> None:
             history = FileHistory(str(history_file))
         except OSError:
             pass  # an unwritable cache: history for this session only
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started where Ctrl-C is ignored (a shell's background job, nohup): Python keeps that, and
+        # Ctrl-C could then never stop an answer, which is what this loop promises it does
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     session = PromptSession(history=history, multiline=True, key_bindings=keys)
     chat = Chat(lm, sampling)
     name = lm.run_dir.name if lm.run_dir else "model"

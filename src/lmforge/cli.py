@@ -208,11 +208,14 @@ def cmd_eval(args) -> int:
         return 0
     rows = [("all", result)] + list(result["documents"].items())
     adaptive = f" {'adaptive':>10}" if args.adapt else ""
-    print(f"{'text':<28} {'bits/byte':>10}{adaptive} {'ppl/token':>10} {'top-1':>7} {'top-5':>7} {'tokens':>9} "
+    width = min(60, max(28, *(len(name) for name, _ in rows)))
+    print(f"{'text':<{width}} {'bits/byte':>10}{adaptive} {'ppl/token':>10} {'top-1':>7} {'top-5':>7} {'tokens':>9} "
           f"{'bytes':>10}")
     for name, r in rows:
         extra = f" {r.get('adaptive_bits_per_byte', float('nan')):>10.4f}" if args.adapt else ""
-        print(f"{name[-28:]:<28} {r['bits_per_byte']:>10.4f}{extra} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
+        if len(name) > width:  # a long path keeps its end, the file's own name, and shows what it lost
+            name = "…" + name[-(width - 1):]
+        print(f"{name:<{width}} {r['bits_per_byte']:>10.4f}{extra} {r['perplexity']:>10.2f} {r['accuracy']:>7.1%} "
               f"{r['top5_accuracy']:>7.1%} {r['tokens']:>9,} {r['bytes']:>10,}")
     if "ppmd8_bits_per_byte" in result:
         print(f"PPMd order 8, after the run's training text: {result['ppmd8_bits_per_byte']:.4f} bits per byte")

@@ -112,6 +112,15 @@ class ThreadTuner:
         self.recent: dict[int, list[float]] = {c: [] for c in self.candidates}
         self.count, self.due, self.trying = 0, first, None  # units since the last check; when the next is due
         self.checked = time.perf_counter()
+        if self.enabled:  # start from the given count, whatever work before this left set
+            torch.set_num_threads(threads)
+
+    def settle(self) -> None:
+        """The work has paused: end a trial under way and go back to the count kept, so that whatever runs
+        next (another request, other code in this process) does not inherit the trial's count."""
+        if self.enabled and self.trying is not None:
+            self.trying, self.count = None, 0
+            torch.set_num_threads(self.current)
 
     def record(self, seconds: float) -> None:
         """The time one unit of work took with the current thread count; may change the count."""

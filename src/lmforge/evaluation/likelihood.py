@@ -113,6 +113,7 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
         for row, (start, end, first) in enumerate(group):
             total += _score_positions(logits[row][first - start - 1 - skip:end - start - 1 - skip], seq[first:end])
         tuner.record(time.perf_counter() - tic)
+    tuner.settle()
     return total
 
 

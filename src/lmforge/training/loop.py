@@ -186,6 +186,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         log(f"\ninterrupted at step {state.step}; continue with: lmforge train --resume {run_dir}")
     finally:
         bar.close()
+        tuner.settle()
     if not interrupted and state.last_eval_step != state.step:
         evaluate(model, job, state, cfg, device, dtype, run_dir, metrics, average)  # the final weights get a score
     save_resume_point(run_dir, model, optimizers, state, cfg, average)
