@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -179,10 +180,16 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
                              overrides=quiet)
         adapters[author] = lmforge.load(run)
     test = [r for r in rows if r["split"] == "test"]
-    guesses = [min(labels, key=lambda a: adapters[a].evaluate(r["text"])["bits_per_byte"]) for r in test]
-    results["likelihood"] = scores([labels.index(r["label"]) for r in test], [labels.index(g) for g in guesses],
-                                   len(labels))
+    gold = [labels.index(r["label"]) for r in test]
+    bits = [[adapters[a].evaluate(r["text"])["bits_per_byte"] * len(r["text"].encode()) for a in labels]
+            for r in test]
+    results["likelihood"] = scores(gold, [min(range(len(labels)), key=row.__getitem__) for row in bits], len(labels))
     results["likelihood"]["wall_time_s"] = time.time() - tic
+    # the head's log-probability of each author plus that author's model's log-likelihood (-bits · ln 2)
+    probs = lmforge.load(work / "authors-pretrained").classify([r["text"] for r in test])
+    both = [max(range(len(labels)), key=lambda j: math.log(p[labels[j]]) - row[j] * math.log(2))
+            for p, row in zip(probs, bits)]
+    results["both"] = scores(gold, both, len(labels))
     pick = [(r["text"], labels.index(r["label"])) for r in rows]
     results["bag of words"] = bag_of_words([p for p, r in zip(pick, rows) if r["split"] == "train"],
                                            [p for p, r in zip(pick, rows) if r["split"] == "test"], len(labels))
@@ -197,6 +204,7 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
              "| model | test accuracy | macro-F1 |", "|---|---:|---:|"]
     names = {"likelihood": f"pretrained base fine-tuned per author ({adapter_mode}), lowest bits per byte",
              "pretrained": "pretrained base + classification head (full fine-tune)",
+             "both": "both: the head's log-probability plus each author model's log-likelihood",
              "scratch": "same architecture from scratch + head", "bag of words": "bag-of-words linear (log counts, 5k words)"}
     for key, label in names.items():
         lines.append(f"| {label} | {results[key]['accuracy']:.1%} | {results[key]['macro_f1']:.3f} |")

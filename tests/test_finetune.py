@@ -168,7 +168,7 @@ def test_completion_runs_generate_with_their_template_through_cli_and_api(base, 
     assert untemplated != api_text
 
 
-def test_classification_head_learns_a_separable_task(base):
+def test_classification_head_learns_a_separable_task(base, capsys):
     rows = [{"text": ("Emma handsome " if i % 2 else "rich world ") * (1 + i % 3), "label": "ab"[i % 2],
              "split": "test" if i < 12 else "val" if i < 20 else "train"} for i in range(80)]
     (base / "labels.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -180,6 +180,27 @@ def test_classification_head_learns_a_separable_task(base):
     from lmforge.finetuning.run import evaluate_classifier
 
     assert evaluate_classifier(body)["accuracy"] == 1.0
+    probs = body.classify(["Emma handsome Emma handsome", "rich world"])  # what a user calls on new text
+    assert [max(p, key=p.get) for p in probs] == ["b", "a"]
+    assert all(set(p) == {"a", "b"} and abs(sum(p.values()) - 1) < 1e-5 for p in probs)
+    with pytest.raises(LmforgeError, match="empty"):
+        body.classify(["Emma", ""])
+    with pytest.raises(LmforgeError, match="not a classification run"):
+        lmforge.load(base / "base").classify(["Emma"])
+    capsys.readouterr()  # the same from the command line: texts as arguments, or a file of them
+    assert main(["classify", str(run), "Emma handsome Emma handsome", "rich world", "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in printed] == ["b", "a"] and printed[1]["text"] == "rich world"
+    (base / "texts.txt").write_text("rich world rich world\n\nEmma handsome\n")
+    assert main(["classify", str(run), "--file", str(base / "texts.txt")]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["a", "b"]
+    (base / "texts.jsonl").write_text(json.dumps({"passage": "Emma handsome"}) + "\n")
+    assert main(["classify", str(run), "--file", str(base / "texts.jsonl")]) == 2
+    assert "no string field 'text'; name the field with --jsonl-field" in capsys.readouterr().err
+    assert main(["classify", str(run), "--file", str(base / "texts.jsonl"), "--jsonl-field", "passage"]) == 0
+    assert capsys.readouterr().out.startswith("b\t")
+    assert main(["classify", str(run)]) == 2
+    assert capsys.readouterr().err == "error: nothing to classify; give texts after the run, or --file FILE\n"
 
 
 def test_author_split_has_no_overlap(gutenberg_dir):

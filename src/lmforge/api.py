@@ -1,5 +1,5 @@
 """The Python API: `lmforge.train(...)`, `lmforge.finetune(...)`, `lmforge.load(run)`, then
-`.generate()`, `.stream()` and `.evaluate()`.
+`.generate()`, `.stream()`, `.evaluate()` and, for a classification run, `.classify()`.
 
 The CLI and the server are thin shells over these functions, and every run folder starts here.
 """
@@ -124,6 +124,13 @@ class LanguageModel:
 
         docs = [("text", text)] if text is not None else self.validation_documents()
         return evaluate_documents(self.model, self.tokenizer, docs, device=self.device)
+
+    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+        """For a classification run (`lmforge finetune --task classify`): each text's probability for
+        every label, as {label: probability}."""
+        from .finetuning.run import class_probabilities
+
+        return class_probabilities(self, texts)
 
     @property
     def num_params(self) -> int:

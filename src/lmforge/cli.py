@@ -222,6 +222,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    from pathlib import Path
+
+    from . import api
+    from .data.sources import json_lines
+
+    texts = list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise LmforgeError(f"--file {path} is not a file; give a text file (one text per line) or a .jsonl")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LmforgeError(f"{path}: byte {exc.start} is not valid UTF-8; save it as UTF-8") from None
+        if path.suffix == ".jsonl":
+            for number, row in json_lines(content, path):
+                if not isinstance(row, dict) or not isinstance(row.get(args.jsonl_field), str):
+                    raise LmforgeError(f"{path}:{number}: no string field {args.jsonl_field!r}; "
+                                       "name the field with --jsonl-field")
+                texts.append(row[args.jsonl_field])
+        else:
+            texts += [line for line in content.splitlines() if line.strip()]
+    if not texts:
+        raise LmforgeError("nothing to classify; give texts after the run, or --file FILE")
+    lm = api.load(args.run, device=args.device)
+    for text, probs in zip(texts, lm.classify(texts)):
+        label = max(probs, key=probs.get)
+        if args.json:
+            print(json.dumps({"text": text, "label": label, "probabilities": probs}))
+        else:
+            shown = " ".join(text.split())
+            print(f"{label}\t{probs[label]:.3f}\t{shown[:70] + '…' if len(shown) > 70 else shown}")
+    return 0
+
+
 def adapt_figures(lm, args, static: dict) -> dict:
     """eval --adapt: the static figures, the adaptive ones beside them, and PPMd order 8 given the
     run's training text (the classical compressor that adapts as it codes)."""
@@ -494,6 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("classify", help="label texts with a classification run (finetune --task classify)")
+    p.add_argument("run")
+    p.add_argument("texts", nargs="*", help="texts to label")
+    p.add_argument("--file", help="more texts: one per line, or a .jsonl with one object per line")
+    p.add_argument("--jsonl-field", default="text", help="--file .jsonl: the field holding each text")
+    p.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("compare", help="train several families under one budget and write a side-by-side report")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every candidate (model.* where the "

@@ -18,7 +18,7 @@ from .. import checkpoint as ckpt
 from ..config import RunConfig, as_raw, merge, parse_overrides
 from ..data import lm_batches, prepare_data
 from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, completion_batches, encode_pair, held_out,
-                             read_jsonl)
+                             pad, read_jsonl)
 from ..device import seed_everything
 from ..errors import LmforgeError
 from ..models import build_model
@@ -190,6 +190,23 @@ def load_classifier(lm) -> Classifier:
     model = Classifier(lm.model, len(ft["labels"]), lm.tokenizer.eos_id, ft["pooling"])
     model.classifier.load_state_dict(ckpt.load_tensors(Path(lm.run_dir) / CLASSIFIER))
     return model.to(lm.device).eval()
+
+
+@torch.no_grad()
+def class_probabilities(lm, texts: list[str], batch_size: int = 32) -> list[dict[str, float]]:
+    """Each text's probability for every label of a classification run (the first context_len tokens
+    of a text, as in training and evaluation)."""
+    model = load_classifier(lm)
+    labels = lm.config["finetune"]["labels"]
+    ids = [lm.tokenizer.encode(t)[:model.config.context_len] for t in texts]
+    if not all(ids):
+        raise LmforgeError(f"text {next(i for i, x in enumerate(ids, 1) if not x)} is empty after tokenizing; "
+                           "classify texts with at least one token")
+    out = []
+    for i in range(0, len(ids), batch_size):
+        x = pad(ids[i:i + batch_size], lm.tokenizer.eos_id).to(lm.device)
+        out += torch.softmax(model(x).float(), -1).tolist()
+    return [dict(zip(labels, p)) for p in out]
 
 
 def evaluate_classifier(lm, data=None) -> dict:
