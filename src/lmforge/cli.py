@@ -226,25 +226,18 @@ def cmd_classify(args) -> int:
     from pathlib import Path
 
     from . import api
-    from .data.sources import json_lines
+    from .data.sources import read_file
 
     texts = list(args.texts)
     if args.file:
         path = Path(args.file)
         if not path.is_file():
             raise LmforgeError(f"--file {path} is not a file; give a text file (one text per line) or a .jsonl")
-        try:
-            content = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise LmforgeError(f"{path}: byte {exc.start} is not valid UTF-8; save it as UTF-8") from None
+        documents = read_file(path, jsonl_field=args.jsonl_field, encoding=args.encoding, errors=args.errors)
         if path.suffix == ".jsonl":
-            for number, row in json_lines(content, path):
-                if not isinstance(row, dict) or not isinstance(row.get(args.jsonl_field), str):
-                    raise LmforgeError(f"{path}:{number}: no string field {args.jsonl_field!r}; "
-                                       "name the field with --jsonl-field")
-                texts.append(row[args.jsonl_field])
+            texts += [d.text for d in documents]
         else:
-            texts += [line for line in content.splitlines() if line.strip()]
+            texts += [line for line in documents[0].text.splitlines() if line.strip()]
     if not texts:
         raise LmforgeError("nothing to classify; give texts after the run, or --file FILE")
     lm = api.load(args.run, device=args.device)
@@ -536,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", help="texts to label")
     p.add_argument("--file", help="more texts: one per line, or a .jsonl with one object per line")
     p.add_argument("--jsonl-field", default="text", help="--file .jsonl: the field holding each text")
+    p.add_argument("--encoding", default="utf-8", help="--file: its encoding")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"])
     p.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_classify)
