@@ -311,6 +311,26 @@ def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
     assert lm.generate("Emma", max_new_tokens=10, seed=0) == lm.generate("Emma", max_new_tokens=10, seed=0)
 
 
+@pytest.mark.parametrize("arch, lr", [("transformer", 1.5e-3), ("lstm", 3e-3), ("cnn", 3e-3)])
+def test_an_unset_learning_rate_is_the_familys_own_and_the_run_records_it(arch, lr, tiny_file, tmp_path):
+    config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=2)
+    del config["train"]["lr"]
+    _, result = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)
+    assert json.loads((result.run_dir / "config.json").read_text())["train"]["lr"] == lr
+    model = build_model(arch, **{k: v for k, v in config["model"].items() if k != "arch"}, vocab_size=40)
+    assert [g["base_lr"] for g in build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups] == [lr, lr]
+    config["train"]["lr"] = 2e-3  # a learning rate given is kept
+    _, result = lmforge.train(config, out=tmp_path / "given", log=quiet, final_eval=False)
+    assert json.loads((result.run_dir / "config.json").read_text())["train"]["lr"] == 2e-3
+
+
+def test_none_on_the_command_line_unsets_an_optional_field():
+    config = lmforge.build_config(overrides=["train.lr=none", "train.threads=None", "train.max_steps=null"])
+    assert (config.train.lr, config.train.threads, config.train.max_steps) == (None, None, None)
+    with pytest.raises(LmforgeError, match="train.batch_size must be a whole number, got 'none'"):
+        lmforge.build_config(overrides=["train.batch_size=none"])
+
+
 def test_budget_rule_grows_the_model_with_compute():
     from lmforge.training.sizing import ANCHOR_COMPUTE, LADDER, choose
 
