@@ -61,8 +61,8 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # family fields: d_model, n_layers, ...
 
 
-# Peak learning rates by model family (AdamW). On the Austen split the Transformer's best is far below
-# the recurrent and convolutional families': 1.5e-3 against 3e-3 (docs/benchmarks.md, 1 December).
+# Peak learning rates by model family (AdamW). On the Austen split the Transformer's best is half the
+# recurrent and convolutional families': 1.5e-3 against 3e-3 (docs/benchmarks.md, 1 December).
 FAMILY_LR = {"transformer": 1.5e-3}
 DEFAULT_LR = 3e-3
 
