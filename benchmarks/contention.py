@@ -87,8 +87,10 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kinds", nargs="*", choices=["train", "eval", "decode"], default=["train", "eval", "decode"])
-    kinds = p.parse_args().kinds
+    p.add_argument("kinds", nargs="*", metavar="KIND", help="train, eval or decode (default: all three)")
+    kinds = p.parse_args().kinds or ["train", "eval", "decode"]
+    if not set(kinds) <= {"train", "eval", "decode"}:
+        p.error(f"unknown kind in {' '.join(kinds)}; choose from train, eval, decode")
     ctx = multiprocessing.get_context("spawn")
     from lmforge.probe import machine
 

@@ -48,6 +48,54 @@ def test_the_thread_tuner_follows_the_faster_count():
         torch.set_num_threads(before)
 
 
+def _threads_used(tuner, costs, units):
+    """Feed `units` units to a tuner (each takes costs[thread count]); the thread count of each unit."""
+    used = []
+    for _ in range(units):
+        n = torch.get_num_threads()
+        used.append(n)
+        tuner.record(costs[n])
+    return used
+
+
+def test_the_thread_tuner_checks_a_quiet_machine_less_and_less_often():
+    before = torch.get_num_threads()
+    try:
+        quiet = {2: 0.5, 1: 1.0}
+        used = _threads_used(ThreadTuner(2), quiet, 1000)
+        # a trial of 3 units after 3 units, then after gaps of 40, 80, 160 and 320 at most: 6 checks, not 23
+        starts = [i for i, n in enumerate(used) if n == 1 and (i == 0 or used[i - 1] == 2)]
+        assert starts == [3, 43, 123, 283, 603, 923] and used.count(1) == 18
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_tuner_checks_at_once_when_the_load_changes():
+    before = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2)
+        _threads_used(tuner, {2: 0.5, 1: 1.0}, 700)  # the next scheduled check is at 923
+        used = _threads_used(tuner, {2: 3.0, 1: 1.0}, 20)  # another process starts: two threads crawl
+        assert tuner.current == 1 and used[-10:] == [1] * 10
+        used = _threads_used(tuner, {2: 0.5, 1: 0.6}, 20)  # it stops: the one thread speeds up, so check
+        assert tuner.current == 2 and used[-10:] == [2] * 10
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_resumed_thread_tuner_tries_the_same_units_as_an_uninterrupted_one():
+    # on some CPUs the thread count changes a result's last bits: a resumed run must try the same steps
+    before = torch.get_num_threads()
+    try:
+        quiet = {2: 0.5, 1: 1.0}
+        straight = _threads_used(ThreadTuner(2), quiet, 400)
+        for stop in (44, 45, 100, 123):  # 44 and 45: inside the trial of units 44-46
+            resumed = _threads_used(ThreadTuner(2, start=stop), quiet, 400 - stop)
+            assert resumed == straight[stop:], stop
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_thread_tuner_hands_back_the_count_it_kept_when_the_work_pauses():
     before = torch.get_num_threads()
     try:

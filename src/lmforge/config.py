@@ -94,7 +94,9 @@ class TrainConfig:
     eval_interval: int = 200  # steps between evaluations under a step budget (a time budget evaluates 10 times)
     eval_batches: int = 16  # periodic evaluation uses this many batches of the validation split
     keep_best: bool = True  # model.safetensors holds the weights with the best validation loss
-    ema: float = 0.99  # evaluate and save an exponential moving average of the weights with this decay; 0: off
+    # evaluate and save an exponential moving average of the weights; 0: off. The decay after step n is
+    # (1 + n) / (10 + n) until it reaches this cap (0.99 from step 890 on, 0.995 from step 1790 on)
+    ema: float = 0.99
     checkpoint_interval: int = 500  # steps between resume points...
     checkpoint_time: float = 120.0  # ...or seconds of training, whichever comes first
     keep_checkpoints: int = 2  # resume points kept (the newest); an unreadable one falls back to the one before

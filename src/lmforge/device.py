@@ -98,28 +98,73 @@ class ThreadTuner:
 
     Torch's threads wait for each other at every operation. On a quiet 2-core machine two threads are
     fastest; with one other busy process on it, the second thread waits for the busy core and the
-    steps become slower than with one thread (measured: 1,500 against 2,550 training tokens/s). So
-    after the first `first` units of work (training steps, decoding steps, scoring windows), and then
-    every `period` units or `period_s` seconds, the tuner runs `trial` units with the other candidate
-    count and keeps whichever had the lower median time. On a GPU it does nothing. Thread counts do
-    not change results here (the same bits with 1 or 2 threads), only speed."""
+    steps become slower than with one thread (measured: 1,500 against 2,550 training tokens/s). A
+    check runs `trial` units of work (training steps, decoding steps, scoring windows) with the other
+    candidate count and keeps whichever had the lower median time.
 
-    def __init__(self, threads: int, period: int = 40, trial: int = 3, first: int = 3, period_s: float = 15.0,
-                 enabled: bool = True):
+    Checks cost the trial's slower units, so a quiet machine is checked less and less often: after
+    `first` units, then after gaps of `period`, twice that, four times, up to `max_gap` units (on a
+    quiet Intel Xeon, a check every 40 training steps cost 6% of the tokens). A change of load shows
+    in the times themselves: when the median of the last `trial` units strays by more than `drift`
+    (a factor) from what the kept count took at the last check, a check runs at once. `period_s`
+    optionally bounds the seconds between checks, for work whose units vary in size.
+
+    The scheduled checks sit at fixed positions in the work, counted from its start: `start` units
+    already done when a run resumes. Some CPUs round a result differently with one and two threads
+    (fp32 matrix products on an Intel Xeon differ in the last bits), so a trial's steps at the other
+    count change the run's numbers a little; at fixed positions a repeated run, and a resumed one,
+    take the same trials on a quiet machine and end with the same bits. On a GPU it does nothing."""
+
+    def __init__(self, threads: int, period: int = 40, trial: int = 3, first: int = 3,
+                 max_gap: int | None = None, drift: float | None = 1.3, period_s: float | None = None,
+                 start: int = 0, enabled: bool = True):
         self.candidates = sorted({threads, max(1, threads // 2)}, reverse=True)
         self.enabled = enabled and len(self.candidates) > 1
-        self.current, self.trial, self.period, self.period_s = threads, trial, period, period_s
+        self.current, self.trial, self.period, self.first = threads, trial, period, first
+        self.max_gap, self.drift, self.period_s = max_gap or 8 * period, drift, period_s
         self.recent: dict[int, list[float]] = {c: [] for c in self.candidates}
-        self.count, self.due, self.trying = 0, first, None  # units since the last check; when the next is due
+        self.units, self.trying, self.left, self.reference = start, None, 0, None
         self.checked = time.perf_counter()
+        self.due = self._next_check(start)
+        last = self._last_check(start)
         if self.enabled:  # start from the given count, whatever work before this left set
             torch.set_num_threads(threads)
+            if last is not None and start < last + trial:  # resumed inside a trial: finish it
+                self._begin(last + trial - start)
+
+    def _checks(self):
+        position, gap = self.first, self.period
+        while True:
+            yield position
+            position, gap = position + gap, min(2 * gap, self.max_gap)
+
+    def _next_check(self, units: int) -> int:
+        return next(p for p in self._checks() if p > units)
+
+    def _last_check(self, units: int) -> int | None:
+        last = None
+        for p in self._checks():
+            if p > units:
+                return last
+            last = p
+
+    def _begin(self, units: int) -> None:
+        self.trying = next((c for c in self.candidates if c != self.current), None)
+        self.left = units
+        torch.set_num_threads(self.trying)
+
+    def _drifted(self) -> bool:
+        times = self.recent[self.current]
+        if self.drift is None or self.reference is None or len(times) < self.trial:
+            return False
+        ratio = _median(times) / self.reference
+        return not 1 / self.drift <= ratio <= self.drift
 
     def settle(self) -> None:
         """The work has paused: end a trial under way and go back to the count kept, so that whatever runs
         next (another request, other code in this process) does not inherit the trial's count."""
         if self.enabled and self.trying is not None:
-            self.trying, self.count = None, 0
+            self.trying = None
             torch.set_num_threads(self.current)
 
     def record(self, seconds: float) -> None:
@@ -129,19 +174,22 @@ class ThreadTuner:
         used = torch.get_num_threads()
         self.recent.setdefault(used, []).append(seconds)
         self.recent[used] = self.recent[used][-self.trial:]
-        self.count += 1
+        self.units += 1
         if self.trying is None:
-            overdue = time.perf_counter() - self.checked >= self.period_s and self.count >= self.trial
-            if self.count >= self.due or overdue:
-                self.trying = next((c for c in self.candidates if c != self.current), None)
-                self.count = 0
-                if self.trying is not None:
-                    torch.set_num_threads(self.trying)
-        elif self.count >= self.trial:
-            faster = _median(self.recent[self.trying]) < 0.95 * _median(self.recent[self.current])
-            self.current = self.trying if faster else self.current
-            self.trying, self.count, self.due, self.checked = None, 0, self.period, time.perf_counter()
-            torch.set_num_threads(self.current)
+            overdue = self.period_s is not None and time.perf_counter() - self.checked >= self.period_s
+            if self.units >= self.due or self._drifted() or overdue:
+                self._begin(self.trial)
+            return
+        self.left -= 1
+        if self.left > 0:
+            return
+        kept = self.recent[self.current]  # none after a resume inside a trial: nothing to compare, keep
+        if kept and _median(self.recent[self.trying]) < 0.95 * _median(kept):
+            self.current = self.trying
+        self.trying, self.checked = None, time.perf_counter()
+        self.reference = _median(self.recent[self.current]) if self.recent[self.current] else None
+        self.due = self._next_check(self.units)
+        torch.set_num_threads(self.current)
 
 
 def _median(values: list[float]) -> float:

@@ -72,8 +72,9 @@ class Engine:
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         # A decoding step takes a millisecond or two: re-checking the thread count every 40 steps, as for
         # training steps, spent 2-3% of the tokens on trials at the slower count. Every 200 steps (or 2 s)
-        # a wrong choice (a trial misled by noise) still lasts only a fraction of a second.
-        self.tuner = ThreadTuner(configured_threads(), period=200, period_s=2.0,
+        # a wrong choice (a trial misled by noise) still lasts only a fraction of a second. Step times
+        # follow the batch size and context length, not only the load, so they do not trigger checks.
+        self.tuner = ThreadTuner(configured_threads(), period=200, max_gap=200, drift=None, period_s=2.0,
                                  enabled=decoder.device.type == "cpu")
         self.waiting: deque[Request] = deque()
         self.running: list[_Row] = []

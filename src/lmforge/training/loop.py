@@ -106,7 +106,6 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     # on a CPU each process of a torchrun job takes its share of the cores
     threads = set_threads(cfg.threads or max(1, physical_cores() // dist.local_world_size())) \
         if device.type == "cpu" else None
-    tuner = ThreadTuner(threads or 1, enabled=device.type == "cpu" and cfg.threads is None)
     run_dir = ckpt.open_run_dir(Path(out), resume) if dist.is_main() else Path(out)
     dist.barrier()
     model = job.model.to(device)
@@ -128,6 +127,8 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         job.tokenizer.save(run_dir)
         ckpt.save_config(run_dir, config, asdict(model.config))
         ckpt.write_manifest(run_dir, [ckpt.CONFIG, "tokenizer.json"])
+    # its checks fall on the same steps in a resumed run as in an uninterrupted one
+    tuner = ThreadTuner(threads or 1, start=state.step, enabled=device.type == "cpu" and cfg.threads is None)
     forward = dist.wrap(model, device) if dist.world_size() > 1 and not fsdp else model
     if cfg.compile if cfg.compile is not None else device.type == "cuda":  # auto: where compiling pays
         forward = torch.compile(forward)
