@@ -1,7 +1,8 @@
 """Run the guide: every command and code block of docs/guide/, in order, and every figure and table.
 
     python docs/make_figures.py            # full: the published figures, outputs and tables (an hour or two)
-    python docs/make_figures.py --quick    # every block at a tiny budget, in a scratch folder (CI: minutes)
+    python docs/make_figures.py --quick    # every block at a tiny budget, in a scratch folder (~8 minutes)
+    python docs/make_figures.py --quick --only 01,06  # those chapters only
     python docs/make_figures.py --notebook # also write docs/guide.ipynb from the same source
     python docs/make_figures.py --notebook-only  # only that (a test checks the committed one is current)
 
@@ -136,12 +137,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets, a scratch folder, nothing published")
     p.add_argument("--notebook", action="store_true", help="also write docs/guide.ipynb")
     p.add_argument("--notebook-only", action="store_true", help="write docs/guide.ipynb from the chapters, run nothing")
-    p.add_argument("--only", help="run only chapters whose file name contains this")
+    p.add_argument("--only", help="run only the chapters whose file names contain one of these comma-separated "
+                   "parts (e.g. 01,02,06); a chapter that reuses an earlier one's run needs that chapter too")
     args = p.parse_args()
     if args.notebook_only:
         write_notebook([(c, c.read_text(encoding="utf-8"), []) for c in CHAPTERS])
         return
-    chapters = [c for c in CHAPTERS if not args.only or args.only in c.name]
+    parts = [part for part in (args.only or "").split(",") if part]
+    chapters = [c for c in CHAPTERS if not parts or any(part in c.name for part in parts)]
+    if not chapters:
+        raise SystemExit(f"--only {args.only}: no chapter matches; chapters are {[c.name for c in CHAPTERS]}")
     scratch = Path(tempfile.mkdtemp(prefix="lmforge-guide-")) if args.quick else GUIDE / "work"
     work = scratch
     work.mkdir(parents=True, exist_ok=True)
