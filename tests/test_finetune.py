@@ -56,7 +56,11 @@ def test_frozen_parameters_do_not_change(base):
     frozen = [k for k in before if k.startswith(("tok_emb.", "blocks.0."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
-    assert json.loads((run / "config.json").read_text())["finetune"]["freeze_layers"] == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["finetune"]["freeze_layers"] == 1
+    # the base pretrained with the Transformer's heavy decay; fine-tuning decays lightly, towards zero
+    assert json.loads((base / "base" / "config.json").read_text())["train"]["weight_decay"] == 0.6
+    assert config["train"]["weight_decay"] == 0.1
     assert summary["trainable_params"] == sum(v.numel() for k, v in before.items() if k not in frozen)
 
 

@@ -311,17 +311,22 @@ def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
     assert lm.generate("Emma", max_new_tokens=10, seed=0) == lm.generate("Emma", max_new_tokens=10, seed=0)
 
 
-@pytest.mark.parametrize("arch, lr", [("transformer", 1.5e-3), ("lstm", 3e-3), ("cnn", 3e-3)])
-def test_an_unset_learning_rate_is_the_familys_own_and_the_run_records_it(arch, lr, tiny_file, tmp_path):
+@pytest.mark.parametrize("arch, lr, decay", [("transformer", 1.5e-3, 0.6), ("lstm", 3e-3, 0.1), ("cnn", 3e-3, 0.1)])
+def test_an_unset_learning_rate_and_decay_are_the_familys_own_and_the_run_records_them(arch, lr, decay, tiny_file,
+                                                                                     tmp_path):
     config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=2)
     del config["train"]["lr"]
+    config["train"].pop("weight_decay", None)
     _, result = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)
-    assert json.loads((result.run_dir / "config.json").read_text())["train"]["lr"] == lr
+    recorded = json.loads((result.run_dir / "config.json").read_text())["train"]
+    assert (recorded["lr"], recorded["weight_decay"]) == (lr, decay)
     model = build_model(arch, **{k: v for k, v in config["model"].items() if k != "arch"}, vocab_size=40)
-    assert [g["base_lr"] for g in build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups] == [lr, lr]
-    config["train"]["lr"] = 2e-3  # a learning rate given is kept
+    groups = build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups
+    assert [(g["base_lr"], g["weight_decay"]) for g in groups] == [(lr, decay), (lr, 0.0)]  # norms never decay
+    config["train"].update(lr=2e-3, weight_decay=0.3)  # values given are kept
     _, result = lmforge.train(config, out=tmp_path / "given", log=quiet, final_eval=False)
-    assert json.loads((result.run_dir / "config.json").read_text())["train"]["lr"] == 2e-3
+    recorded = json.loads((result.run_dir / "config.json").read_text())["train"]
+    assert (recorded["lr"], recorded["weight_decay"]) == (2e-3, 0.3)
 
 
 def test_none_on_the_command_line_unsets_an_optional_field():

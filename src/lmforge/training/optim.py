@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..config import TrainConfig, default_lr
+from ..config import TrainConfig, default_lr, default_weight_decay
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -25,16 +25,18 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     vectors = [p for p in named if p.dim() < 2]  # norms and biases: never decayed
     # fused: one kernel for the whole update instead of a dozen per parameter (CPU and CUDA)
     adam_kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
-    lr = cfg.lr if cfg.lr is not None else default_lr(getattr(model, "arch", ""))
+    arch = getattr(model, "arch", "")
+    lr = cfg.lr if cfg.lr is not None else default_lr(arch)
+    decay = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(arch)
     if cfg.optimizer == "muon" and matrices:
         muon = torch.optim.Muon([{"params": matrices, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                                weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+                                weight_decay=decay, adjust_lr_fn="match_rms_adamw")
         adam = torch.optim.AdamW(
-            [g for g in ({"params": others_2d, "weight_decay": cfg.weight_decay, "base_lr": lr},
+            [g for g in ({"params": others_2d, "weight_decay": decay, "base_lr": lr},
                          {"params": vectors, "weight_decay": 0.0, "base_lr": lr}) if g["params"]],
             lr=lr, **adam_kwargs)
         return [muon, adam]
-    groups = [{"params": matrices + others_2d, "weight_decay": cfg.weight_decay, "base_lr": lr},
+    groups = [{"params": matrices + others_2d, "weight_decay": decay, "base_lr": lr},
               {"params": vectors, "weight_decay": 0.0, "base_lr": lr}]
     return [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adam_kwargs)]
 
