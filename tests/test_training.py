@@ -323,6 +323,8 @@ def test_an_unset_learning_rate_and_decay_are_the_familys_own_and_the_run_record
     model = build_model(arch, **{k: v for k, v in config["model"].items() if k != "arch"}, vocab_size=40)
     groups = build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups
     assert [(g["base_lr"], g["weight_decay"]) for g in groups] == [(lr, decay), (lr, 0.0)]  # norms never decay
+    muon = TrainConfig(max_steps=1, optimizer="muon")  # Muon's decay multiplies its own larger rate: 0.1
+    assert [g["weight_decay"] for opt in build_optimizers(model, muon) for g in opt.param_groups][:2] == [0.1, 0.1]
     config["train"].update(lr=2e-3, weight_decay=0.3)  # values given are kept
     _, result = lmforge.train(config, out=tmp_path / "given", log=quiet, final_eval=False)
     recorded = json.loads((result.run_dir / "config.json").read_text())["train"]

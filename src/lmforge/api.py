@@ -179,7 +179,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if cfg.train.lr is None:  # the family's own peak learning rate, written into the run's config.json
         cfg.train.lr = default_lr(cfg.model.arch)
     if cfg.train.weight_decay is None:  # and its own weight decay
-        cfg.train.weight_decay = default_weight_decay(cfg.model.arch)
+        cfg.train.weight_decay = default_weight_decay(cfg.model.arch, cfg.train.optimizer)
     if dist.launched():  # under torchrun: join the group first; process 0 alone writes and prints
         dist.start(resolve_device(cfg.train.device))
         if not dist.is_main():

@@ -67,7 +67,8 @@ FAMILY_LR = {"transformer": 1.5e-3}
 DEFAULT_LR = 3e-3
 # AdamW weight decay by family: the Transformer reads its 320k Austen tokens about six times in 300 s,
 # and decay 0.6 beat 0.1 by 0.005 bits per byte with two seeds at that rate (docs/benchmarks.md,
-# 4 December); the other families were not measured and keep 0.1.
+# 4 December); the other families were not measured and keep 0.1, and so does Muon, whose decay
+# multiplies its own much larger rate (0.02: 0.6 would shrink the matrices by 1.2% a step).
 FAMILY_WEIGHT_DECAY = {"transformer": 0.6}
 DEFAULT_WEIGHT_DECAY = 0.1
 
@@ -76,8 +77,8 @@ def default_lr(arch: str) -> float:
     return FAMILY_LR.get(arch, DEFAULT_LR)
 
 
-def default_weight_decay(arch: str) -> float:
-    return FAMILY_WEIGHT_DECAY.get(arch, DEFAULT_WEIGHT_DECAY)
+def default_weight_decay(arch: str, optimizer: str = "adamw") -> float:
+    return FAMILY_WEIGHT_DECAY.get(arch, DEFAULT_WEIGHT_DECAY) if optimizer == "adamw" else DEFAULT_WEIGHT_DECAY
 
 
 @dataclass

@@ -27,7 +27,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     adam_kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
     arch = getattr(model, "arch", "")
     lr = cfg.lr if cfg.lr is not None else default_lr(arch)
-    decay = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(arch)
+    decay = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(arch, cfg.optimizer)
     if cfg.optimizer == "muon" and matrices:
         muon = torch.optim.Muon([{"params": matrices, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                                 weight_decay=decay, adjust_lr_fn="match_rms_adamw")
