@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import RunConfig, as_raw, merge, parse_overrides
+from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_overrides
 from ..data import lm_batches, prepare_data
 from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, completion_batches, encode_pair, held_out,
                              pad, read_jsonl)
@@ -53,10 +53,10 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
         ft["labels"] = sorted({r["label"] for r in read_jsonl(raw["data"]["sources"][0], ("text", "label"))})
     raw["finetune"] = ft
     train = raw["train"]
-    # weight decay pulls weights towards zero, not towards the base's: fine-tuning keeps the light 0.1
+    # weight decay pulls weights towards zero, not towards the base's: fine-tuning keeps the light default
     # whatever the base was pretrained with (--set train.weight_decay=... to change it)
     train.update(max_time=max_time or 0, max_steps=max_steps, lr=lr or DEFAULT_LR.get(mode, 1e-3),
-                 warmup_steps=min(train["warmup_steps"], 20), keep_best=True, weight_decay=0.1)
+                 warmup_steps=min(train["warmup_steps"], 20), keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY)
     if max_steps is not None and max_time is None:
         train["eval_interval"] = min(train["eval_interval"], max(1, max_steps // 4))
     extra = parse_overrides(overrides or [], sections=("train", "data"), what="--set")
