@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.data import get_batch, open_prepared, prepare, read_sources
+from lmforge.data.batches import get_epoch_batch
 from lmforge.errors import LmforgeError
 from lmforge.tokenizers import train_tokenizer
 
@@ -158,6 +159,23 @@ def test_get_batch_is_a_function_of_seed_and_step():
     # the last window that fits is reachable, nothing past the end is
     x, y = get_batch(np.arange(17, dtype=np.uint16), 8, 16, seed=0, step=0)
     assert torch.equal(y[0], torch.arange(1, 17))
+
+
+def test_epoch_batches_read_every_window_once_per_pass():
+    tokens = np.arange(1000, dtype=np.uint16)
+    per_pass = (1000 - 16) // 16  # 61 windows of 17 tokens from an offset below 16
+    starts = [get_epoch_batch(tokens, 8, 16, seed=1, step=s)[0][:, 0].tolist() for s in range(16)]
+    flat = [start for batch in starts for start in batch]
+    for first in (flat[:per_pass], flat[per_pass:2 * per_pass]):  # each pass: a shuffled tiling, no repeats
+        offset = first[0] % 16
+        assert sorted(first) == list(range(offset, offset + 16 * per_pass, 16))
+    assert flat[:per_pass] != flat[per_pass:2 * per_pass]  # a new offset or order each pass
+    x, y = get_epoch_batch(tokens, 8, 16, seed=1, step=7)  # a batch across two passes, still a pure function
+    assert torch.equal(x, get_epoch_batch(tokens, 8, 16, seed=1, step=7)[0])
+    assert torch.equal(y[:, :-1], x[:, 1:]) and int(y.max()) < 1000
+    # ranks take their share of the same batch
+    halves = [get_epoch_batch(tokens, 8, 16, seed=1, step=3, rank=r, world=2)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), get_epoch_batch(tokens, 8, 16, seed=1, step=3)[0])
 
 
 def test_get_batch_too_short():

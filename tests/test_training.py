@@ -1,13 +1,16 @@
 """Training, checkpoints, resume, generation and evaluation through the Python API."""
 import json
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import lmforge
 from lmforge.config import TrainConfig
+from lmforge.data.batches import get_batch, get_epoch_batch, lm_batches
 from lmforge.errors import LmforgeError
 from lmforge.models import build_model
 from lmforge.training.optim import build_optimizers, lr_factor
@@ -336,6 +339,17 @@ def test_none_on_the_command_line_unsets_an_optional_field():
     assert (config.train.lr, config.train.threads, config.train.max_steps) == (None, None, None)
     with pytest.raises(LmforgeError, match="train.batch_size must be a whole number, got 'none'"):
         lmforge.build_config(overrides=["train.batch_size=none"])
+
+
+def test_sampling_is_chosen_in_the_config(tmp_path):
+    assert lmforge.build_config().train.sampling == "epochs"
+    with pytest.raises(LmforgeError, match="train.sampling must be random or epochs, got 'shuffle'"):
+        lmforge.build_config(overrides=["train.sampling=shuffle"])
+    tokens = np.arange(2000, dtype=np.uint16)
+    prepared = SimpleNamespace(train=tokens, val=tokens[:300], documents=[SimpleNamespace(bytes=300)])
+    for sampling, draw in (("epochs", get_epoch_batch), ("random", get_batch)):
+        batches = lm_batches(prepared, 16, 4, seed=3, eval_batches=1, sampling=sampling)
+        assert torch.equal(batches.sample(5)[0], draw(tokens, 4, 16, seed=3, step=5)[0])
 
 
 def test_budget_rule_grows_the_model_with_compute():

@@ -86,6 +86,9 @@ class TrainConfig:
     seed: int = 1337
     batch_size: int = 16
     grad_accum: int = 1
+    # epochs: each pass over the training split reads every window once, in a new order from a new offset
+    # (1.497 against 1.515 bits per byte for random starts after 880 steps) | random: windows at random starts
+    sampling: str = "epochs"
     optimizer: str = "adamw"  # adamw | muon (Muon for 2-D hidden weights, AdamW for the rest)
     lr: float | None = None  # peak learning rate; None: the model family's own (default_lr)
     muon_lr: float = 0.02
@@ -134,6 +137,7 @@ class TrainConfig:
             (self.muon_lr > 0, "train.muon_lr must be positive"),
             (self.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {self.optimizer!r}"),
             (self.schedule in ("wsd", "cosine"), f"train.schedule must be wsd or cosine, got {self.schedule!r}"),
+            (self.sampling in ("random", "epochs"), f"train.sampling must be random or epochs, got {self.sampling!r}"),
             (self.max_steps is None or self.max_steps >= 1, "train.max_steps must be at least 1"),
             (self.max_time is None or self.max_time > 0, "train.max_time must be positive"),
             (self.max_steps is not None or self.max_time is not None,

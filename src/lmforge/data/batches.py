@@ -1,4 +1,5 @@
-"""Training batches: random windows of the token array, each a pure function of (seed, step).
+"""Training batches: windows of the token array (shuffled passes, or random starts), each a pure
+function of (seed, step).
 
 In: a 1-D token array (np.memmap from prepare). Out: `Batches`, what the training loop draws from:
 x, y int64 CPU tensors (B, T), y = x shifted by one, and fixed validation windows.
@@ -57,6 +58,35 @@ def get_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int
     return windows[:, :-1], windows[:, 1:]
 
 
+def epoch_windows(n: int, context_len: int, seed: int, epoch: int) -> np.ndarray:
+    """Epoch `epoch`'s window starts over a split of n tokens: non-overlapping windows of
+    context_len + 1 tokens from a random offset (0 .. context_len - 1), in a random order, both drawn
+    from (seed, epoch) alone. Every epoch holds (n - context_len) // context_len windows."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x65706F63]))
+    offset = int(rng.integers(0, context_len))
+    return offset + context_len * rng.permutation(max(1, (n - context_len) // context_len))
+
+
+def get_epoch_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, rank: int = 0, world: int = 1):
+    """As get_batch, but batch `step` takes the next batch_size windows of a sequence of passes, each a
+    shuffled tiling of the split (`epoch_windows`): every token is read once per pass, where random
+    starts read some several times and miss others. Still a pure function of (seed, step)."""
+    n = len(tokens)
+    if n <= context_len:
+        raise LmforgeError(f"the training split has {n} tokens, fewer than context_len + 1 = {context_len + 1}; "
+                           "give more text or a smaller model.context_len")
+    per_epoch = max(1, (n - context_len) // context_len)
+    epoch, position = divmod(step * batch_size, per_epoch)
+    starts = []
+    while len(starts) < batch_size:  # a batch may run over into the next pass
+        windows = epoch_windows(n, context_len, seed, epoch)
+        starts.extend(windows[position:position + batch_size - len(starts)].tolist())
+        epoch, position = epoch + 1, 0
+    starts = np.asarray(starts, dtype=np.int64)[shard(batch_size, rank, world)]
+    windows = torch.from_numpy(np.asarray(tokens)[starts[:, None] + np.arange(context_len + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
 def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: int) -> list:
     """Evenly spaced validation windows, the same every evaluation (a cheap running estimate)."""
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -68,14 +98,18 @@ def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: i
     return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(batch)]
 
 
-def lm_batches(prepared, context_len: int, batch_size: int, seed: int, eval_batches: int) -> Batches:
-    """Random windows of the prepared training tokens, and evenly spaced validation windows."""
+def lm_batches(prepared, context_len: int, batch_size: int, seed: int, eval_batches: int,
+               sampling: str = "epochs") -> Batches:
+    """Windows of the prepared training tokens (`sampling`: "random" starts, or "epochs", shuffled passes
+    over the split), and evenly spaced validation windows."""
     if len(prepared.train) <= context_len:
         raise LmforgeError(f"the training split has {len(prepared.train)} tokens, fewer than context_len + 1 = "
                            f"{context_len + 1}; give more text or a smaller model.context_len")
 
+    draw = get_epoch_batch if sampling == "epochs" else get_batch
+
     def sample(index: int, rank: int = 0, world: int = 1):
-        return get_batch(prepared.train, batch_size, context_len, seed=seed, step=index, rank=rank, world=world)
+        return draw(prepared.train, batch_size, context_len, seed=seed, step=index, rank=rank, world=world)
 
     val_bytes = max(1, sum(d.bytes for d in prepared.documents))
     return Batches(sample, fixed_windows(prepared.val, context_len, eval_batches, batch_size),

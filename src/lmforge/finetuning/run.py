@@ -79,7 +79,7 @@ def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=pr
     if ft.task == "lm":
         prepared = prepare_data(config, tokenizer)
         report_unknown(prepared.unknown, tokenizer, log)
-        batches = lm_batches(prepared, context_len, t.batch_size, t.seed, t.eval_batches)
+        batches = lm_batches(prepared, context_len, t.batch_size, t.seed, t.eval_batches, t.sampling)
     elif ft.task == "completion":
         batches = completion_data(config, tokenizer, context_len, log)
     else:

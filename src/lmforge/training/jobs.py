@@ -25,5 +25,5 @@ def language_model_job(config: RunConfig, tokenizer=None) -> Job:
     seed_everything(config.train.seed)
     model = build_model(config.model.arch, **{**config.model.options, "vocab_size": prepared.tokenizer.vocab_size})
     t = config.train
-    batches = lm_batches(prepared, model.config.context_len, t.batch_size, t.seed, t.eval_batches)
+    batches = lm_batches(prepared, model.config.context_len, t.batch_size, t.seed, t.eval_batches, t.sampling)
     return Job(model, prepared.tokenizer, batches)
