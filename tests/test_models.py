@@ -19,8 +19,10 @@ TINY = {
 }
 # Extra Transformer shapes the importer needs to represent exactly, plus the remaining options.
 VARIANTS = {
-    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True, qk_norm=False),
-    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qk_norm=False, n_kv_heads=2),
+    "gpt2": dict(norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True, qk_norm=False,
+                 value_residual=False),
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, qk_norm=False, n_kv_heads=2,
+                  value_residual=False),
     "softcap_mqa": dict(n_kv_heads=1, logit_softcap=5.0, d_ff=48),
 }
 CASES = [(arch, {}) for arch in MODELS] + [("transformer", extra) for extra in VARIANTS.values()]

@@ -102,6 +102,23 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
+def test_a_run_saved_before_the_value_residual_loads_without_it(tiny_file, tmp_path):
+    from lmforge import checkpoint as ckpt
+
+    config = tiny_config(tiny_file, tmp_path / "cache", steps=5)
+    config["model"]["value_residual"] = False
+    lm, result = lmforge.train(config, out=tmp_path / "run", log=quiet)
+    path = result.run_dir / ckpt.CONFIG  # what an older lmforge wrote: no value_residual field at all
+    saved = json.loads(path.read_text())
+    del saved["model"]["options"]["value_residual"]
+    path.write_text(json.dumps(saved))
+    ckpt.write_manifest(result.run_dir, list(json.loads((result.run_dir / ckpt.MANIFEST).read_text())["files"]))
+    old = lmforge.load(result.run_dir)
+    assert old.model.config.value_residual is False
+    assert old.generate("Emma", 20, seed=1) == lm.generate("Emma", 20, seed=1)
+    assert build_model("transformer", vocab_size=10).blocks[1].attn.value_mix is not None  # new models have it
+
+
 def test_resume_with_a_conflicting_model_is_refused(run):
     _, result = run
     with pytest.raises(LmforgeError, match="conflict"):

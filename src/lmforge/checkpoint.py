@@ -272,6 +272,8 @@ def read_config(run_dir: Path) -> dict:
     model = data.get("model")
     if not (isinstance(model, dict) and isinstance(model.get("arch"), str) and isinstance(model.get("options"), dict)):
         raise LmforgeError(f"{run_dir / CONFIG} is damaged: its model section needs an arch and options")
+    if model["arch"] == "transformer":  # saved before the value residual existed: the block without it
+        model["options"].setdefault("value_residual", False)
     sections = {k: v for k, v in data.items() if k in ("data", "tokenizer", "train", "finetune")}
     try:
         RunConfig.from_dict({**sections, "model": model}, f"{run_dir / CONFIG}")

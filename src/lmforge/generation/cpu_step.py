@@ -108,11 +108,19 @@ class TransformerStep:
                       for name, child in parent._modules.items()]
         with torch.no_grad():
             self.embedding = model.tok_emb.weight
-            self.layers, gains = [], []
+            self.layers, gains, self.first_weights = [], [], []
+            first_rows = None
             for block in model.blocks:
                 attn, mlp = block.attn, block.mlp
                 wqkv = attn.qkv.weight * (block.attn_norm.weight * math.sqrt(D))
                 v_rows = _row_norms(wqkv[(H + K) * hd:]).view(K, hd)
+                first_rows = v_rows if first_rows is None else first_rows
+                # the value residual, v = a·v + b·v₁: a goes into this layer's value rows, b stays a scalar
+                mix = None if attn.value_mix is None else [float(w) for w in attn.value_mix]
+                self.first_weights.append(None if mix is None else mix[1])
+                if mix is not None:
+                    wqkv[(H + K) * hd:] *= mix[0]
+                    v_rows = (abs(mix[0]) * v_rows + abs(mix[1]) * first_rows).to(v_rows.dtype)  # a bound per element
                 y_bound = float(v_rows.max())  # each element of an attention output mixes cached values
                 y_norm = math.sqrt(H // K * float(v_rows.square().sum()))
                 gain = block.mlp_norm.weight * math.sqrt(D)
@@ -194,9 +202,15 @@ class TransformerStep:
         cos = torch.mul(self.cos_gains[:, None], cos).unbind(0)  # per layer: (1 or B, H + K, hd)
         sin = torch.mul(self.sin_gains[:, None], sin).unbind(0)
         x = F.embedding(tokens, self.embedding)  # (B, D): a new tensor, updated in place below
-        for (qkv_w, out_w, fc_w, gate_w, proj_w), cos_l, sin_l, k_cache, v_cache in zip(
-                self.layers, cos, sin, state.keys, state.values):
+        first = None  # the first layer's values, for the value residual
+        for (qkv_w, out_w, fc_w, gate_w, proj_w), cos_l, sin_l, k_cache, v_cache, b in zip(
+                self.layers, cos, sin, state.keys, state.values, self.first_weights):
             qkv = qkv_w(self._normed(x, qkv_w.dtype)).view(B, H + 2 * K, hd)
+            v = qkv[:, H + K:]
+            if first is None:
+                first = v.float()
+            if b is not None:
+                v = torch.add(v.float(), first, alpha=b)
             qk = qkv[:, :H + K].float()
             # QK-norm's per-head scale, from the raw heads; its gain is in the cos and sin rows
             scale = torch.baddbmm(self.eps_hd, qk.view(-1, 1, hd), qk.view(-1, hd, 1)).view(B, H + K, 1).rsqrt_() \
@@ -207,10 +221,10 @@ class TransformerStep:
                 qk.mul_(scale)
             if mask is None:
                 k_cache.select(2, at).copy_(qk[:, H:])
-                v_cache.select(2, at).copy_(qkv[:, H + K:])
+                v_cache.select(2, at).copy_(v)
             else:
                 k_cache[rows, :, at] = qk[:, H:]
-                v_cache[rows, :, at] = qkv[:, H + K:].to(v_cache.dtype)
+                v_cache[rows, :, at] = v.to(v_cache.dtype)
             y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), k_cache[:, :, :length],
                                                v_cache[:, :, :length], attn_mask=mask,
                                                enable_gqa=K != H)  # (B, H, 1, hd)

@@ -22,8 +22,10 @@ from ..models import TransformerConfig
 from ..tokenizers import load_tokenizer
 
 MAX_IMPORT_CONTEXT = 8192  # the KV cache and RoPE tables are allocated for context_len positions
-GPT2 = {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "qk_norm": False, "logit_softcap": None}
-LLAMA = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "qk_norm": False, "logit_softcap": None}
+GPT2 = {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "qk_norm": False, "logit_softcap": None,
+        "value_residual": False}
+LLAMA = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "qk_norm": False, "logit_softcap": None,
+         "value_residual": False}
 
 
 # ---- import ----------------------------------------------------------------------------------------
@@ -171,8 +173,9 @@ def hf_family(fields: dict) -> str:
             return name
     wrong = {k: fields.get(k) for k, v in LLAMA.items() if fields.get(k) != v}
     raise LmforgeError(f"this model ({', '.join(f'{k}={v!r}' for k, v in wrong.items())}) matches neither GPT-2 nor "
-                       "Llama; train with norm=rmsnorm pos=rope mlp=swiglu qk_norm=false (Llama) or norm=layernorm "
-                       "pos=learned mlp=gelu bias=true qk_norm=false (GPT-2) to export")
+                       "Llama; train with norm=rmsnorm pos=rope mlp=swiglu qk_norm=false value_residual=false (Llama) "
+                       "or norm=layernorm pos=learned mlp=gelu bias=true qk_norm=false value_residual=false (GPT-2) "
+                       "to export")
 
 
 def lmforge_to_gpt2(w: dict, f: dict) -> dict:
