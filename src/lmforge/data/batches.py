@@ -44,27 +44,39 @@ def shard(n: int, rank: int, world: int) -> slice:
     return slice(start, start + per + (rank < extra))
 
 
-def get_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, rank: int = 0, world: int = 1):
-    """(x, y), each (B, T) = (rows of this rank, context_len) int64 on the CPU; y[:, t] is the token
-    after x[:, t]. All ranks draw the same batch_size window starts and keep their own share."""
-    n = len(tokens)
+def check_split(n: int, context_len: int) -> None:
+    """Fail in one line when a training split of n tokens holds no whole window."""
     if n <= context_len:
         raise LmforgeError(f"the training split has {n} tokens, fewer than context_len + 1 = {context_len + 1}; "
                            "give more text or a smaller model.context_len")
-    starts = torch.randint(0, n - context_len, (batch_size,), generator=batch_generator(seed, step)).numpy()
-    starts = starts[shard(batch_size, rank, world)]
-    # one vectorized gather of (B, T + 1) windows instead of a Python loop over rows
+
+
+def windows_at(tokens, starts: np.ndarray, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) for windows of context_len + 1 tokens at `starts`: one vectorized gather, no Python loop."""
     windows = torch.from_numpy(np.asarray(tokens)[starts[:, None] + np.arange(context_len + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
+
+
+def get_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, rank: int = 0, world: int = 1):
+    """(x, y), each (B, T) = (rows of this rank, context_len) int64 on the CPU; y[:, t] is the token
+    after x[:, t]. All ranks draw the same batch_size window starts and keep their own share."""
+    check_split(len(tokens), context_len)
+    starts = torch.randint(0, len(tokens) - context_len, (batch_size,), generator=batch_generator(seed, step)).numpy()
+    return windows_at(tokens, starts[shard(batch_size, rank, world)], context_len)
+
+
+def windows_per_pass(n: int, context_len: int) -> int:
+    """Non-overlapping windows of context_len + 1 tokens that fit n tokens from any offset below context_len."""
+    return max(1, (n - context_len) // context_len)
 
 
 def epoch_windows(n: int, context_len: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s window starts over a split of n tokens: non-overlapping windows of
     context_len + 1 tokens from a random offset (0 .. context_len - 1), in a random order, both drawn
-    from (seed, epoch) alone. Every epoch holds (n - context_len) // context_len windows."""
+    from (seed, epoch) alone. Every epoch holds windows_per_pass(n, context_len) of them."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x65706F63]))
     offset = int(rng.integers(0, context_len))
-    return offset + context_len * rng.permutation(max(1, (n - context_len) // context_len))
+    return offset + context_len * rng.permutation(windows_per_pass(n, context_len))
 
 
 def get_epoch_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, rank: int = 0, world: int = 1):
@@ -72,19 +84,14 @@ def get_epoch_batch(tokens, batch_size: int, context_len: int, *, seed: int, ste
     shuffled tiling of the split (`epoch_windows`): every token is read once per pass, where random
     starts read some several times and miss others. Still a pure function of (seed, step)."""
     n = len(tokens)
-    if n <= context_len:
-        raise LmforgeError(f"the training split has {n} tokens, fewer than context_len + 1 = {context_len + 1}; "
-                           "give more text or a smaller model.context_len")
-    per_epoch = max(1, (n - context_len) // context_len)
-    epoch, position = divmod(step * batch_size, per_epoch)
+    check_split(n, context_len)
+    epoch, position = divmod(step * batch_size, windows_per_pass(n, context_len))
     starts = []
     while len(starts) < batch_size:  # a batch may run over into the next pass
         windows = epoch_windows(n, context_len, seed, epoch)
         starts.extend(windows[position:position + batch_size - len(starts)].tolist())
         epoch, position = epoch + 1, 0
-    starts = np.asarray(starts, dtype=np.int64)[shard(batch_size, rank, world)]
-    windows = torch.from_numpy(np.asarray(tokens)[starts[:, None] + np.arange(context_len + 1)].astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
+    return windows_at(tokens, np.asarray(starts, dtype=np.int64)[shard(batch_size, rank, world)], context_len)
 
 
 def fixed_windows(tokens: np.ndarray, context_len: int, n_batches: int, batch: int) -> list:
@@ -102,10 +109,7 @@ def lm_batches(prepared, context_len: int, batch_size: int, seed: int, eval_batc
                sampling: str = "epochs") -> Batches:
     """Windows of the prepared training tokens (`sampling`: "random" starts, or "epochs", shuffled passes
     over the split), and evenly spaced validation windows."""
-    if len(prepared.train) <= context_len:
-        raise LmforgeError(f"the training split has {len(prepared.train)} tokens, fewer than context_len + 1 = "
-                           f"{context_len + 1}; give more text or a smaller model.context_len")
-
+    check_split(len(prepared.train), context_len)
     draw = get_epoch_batch if sampling == "epochs" else get_batch
 
     def sample(index: int, rank: int = 0, world: int = 1):

@@ -120,7 +120,7 @@ class TransformerStep:
                 self.first_weights.append(None if mix is None else mix[1])
                 if mix is not None:
                     wqkv[(H + K) * hd:] *= mix[0]
-                    v_rows = (abs(mix[0]) * v_rows + abs(mix[1]) * first_rows).to(v_rows.dtype)  # a bound per element
+                    v_rows = abs(mix[0]) * v_rows + abs(mix[1]) * first_rows  # a bound per element
                 y_bound = float(v_rows.max())  # each element of an attention output mixes cached values
                 y_norm = math.sqrt(H // K * float(v_rows.square().sum()))
                 gain = block.mlp_norm.weight * math.sqrt(D)
@@ -207,7 +207,7 @@ class TransformerStep:
                 self.layers, cos, sin, state.keys, state.values, self.first_weights):
             qkv = qkv_w(self._normed(x, qkv_w.dtype)).view(B, H + 2 * K, hd)
             v = qkv[:, H + K:]
-            if first is None:
+            if first is None and self.first_weights[-1] is not None:  # only a model with the value residual
                 first = v.float()
             if b is not None:
                 v = torch.add(v.float(), first, alpha=b)
