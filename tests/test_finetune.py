@@ -61,6 +61,7 @@ def test_frozen_parameters_do_not_change(base):
     # the base pretrained with the Transformer's heavy decay; fine-tuning decays lightly, towards zero
     assert json.loads((base / "base" / "config.json").read_text())["train"]["weight_decay"] == 0.6
     assert config["train"]["weight_decay"] == 0.1
+    assert config["train"]["embedding_lr_scale"] == 1.0  # nor do the embeddings move faster than the rest
     assert summary["trainable_params"] == sum(v.numel() for k, v in before.items() if k not in frozen)
 
 

@@ -102,7 +102,8 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
-def test_a_run_saved_before_the_value_residual_loads_without_it(tiny_file, tmp_path):
+def test_a_run_saved_before_the_value_residual_and_the_embeddings_rate_loads_and_resumes_as_it_was(tiny_file,
+                                                                                                     tmp_path):
     from lmforge import checkpoint as ckpt
 
     config = tiny_config(tiny_file, tmp_path / "cache", steps=5)
@@ -111,10 +112,12 @@ def test_a_run_saved_before_the_value_residual_loads_without_it(tiny_file, tmp_p
     path = result.run_dir / ckpt.CONFIG  # what an older lmforge wrote: no value_residual field at all
     saved = json.loads(path.read_text())
     del saved["model"]["options"]["value_residual"]
+    del saved["train"]["embedding_lr_scale"]
     path.write_text(json.dumps(saved))
     ckpt.write_manifest(result.run_dir, list(json.loads((result.run_dir / ckpt.MANIFEST).read_text())["files"]))
     old = lmforge.load(result.run_dir)
     assert old.model.config.value_residual is False
+    assert ckpt.read_config(result.run_dir)["train"]["embedding_lr_scale"] == 1.0  # the shared rate it trained with
     assert old.generate("Emma", 20, seed=1) == lm.generate("Emma", 20, seed=1)
     assert build_model("transformer", vocab_size=10).blocks[1].attn.value_mix is not None  # new models have it
 
@@ -331,24 +334,29 @@ def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
     assert lm.generate("Emma", max_new_tokens=10, seed=0) == lm.generate("Emma", max_new_tokens=10, seed=0)
 
 
-@pytest.mark.parametrize("arch, lr, decay", [("transformer", 1.5e-3, 0.6), ("lstm", 3e-3, 0.1), ("cnn", 3e-3, 0.1)])
-def test_an_unset_learning_rate_and_decay_are_the_familys_own_and_the_run_records_them(arch, lr, decay, tiny_file,
-                                                                                     tmp_path):
+@pytest.mark.parametrize("arch, lr, decay, scale", [("transformer", 1.5e-3, 0.6, 3.0), ("lstm", 3e-3, 0.1, 1.0),
+                                                   ("cnn", 3e-3, 0.1, 1.0)])
+def test_an_unset_learning_rate_and_decay_are_the_familys_own_and_the_run_records_them(arch, lr, decay, scale,
+                                                                                     tiny_file, tmp_path):
     config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=2)
     del config["train"]["lr"]
     config["train"].pop("weight_decay", None)
     _, result = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)
     recorded = json.loads((result.run_dir / "config.json").read_text())["train"]
-    assert (recorded["lr"], recorded["weight_decay"]) == (lr, decay)
+    assert (recorded["lr"], recorded["weight_decay"], recorded["embedding_lr_scale"]) == (lr, decay, scale)
     model = build_model(arch, **{k: v for k, v in config["model"].items() if k != "arch"}, vocab_size=40)
     groups = build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups
-    assert [(g["base_lr"], g["weight_decay"]) for g in groups] == [(lr, decay), (lr, 0.0)]  # norms never decay
+    # hidden matrices, then the embeddings (and head) at their own rate; norms and biases never decay
+    assert [(g["base_lr"], g["weight_decay"]) for g in groups] == [(lr, decay), (lr * scale, decay), (lr, 0.0)]
+    assert groups[1]["params"][0] is model.parameter_groups()["embeddings"][0]
     muon = TrainConfig(max_steps=1, optimizer="muon")  # Muon's decay multiplies its own larger rate: 0.1
     assert [g["weight_decay"] for opt in build_optimizers(model, muon) for g in opt.param_groups][:2] == [0.1, 0.1]
-    config["train"].update(lr=2e-3, weight_decay=0.3)  # values given are kept
+    config["train"].update(lr=2e-3, weight_decay=0.3, embedding_lr_scale=2)  # values given are kept
     _, result = lmforge.train(config, out=tmp_path / "given", log=quiet, final_eval=False)
     recorded = json.loads((result.run_dir / "config.json").read_text())["train"]
-    assert (recorded["lr"], recorded["weight_decay"]) == (2e-3, 0.3)
+    assert (recorded["lr"], recorded["weight_decay"], recorded["embedding_lr_scale"]) == (2e-3, 0.3, 2)
+    with pytest.raises(LmforgeError, match="train.embedding_lr_scale must be a positive number, got 0"):
+        lmforge.build_config(overrides=["train.embedding_lr_scale=0"])
 
 
 def test_none_on_the_command_line_unsets_an_optional_field():

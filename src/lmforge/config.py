@@ -71,6 +71,10 @@ DEFAULT_LR = 3e-3
 # multiplies its own much larger rate (0.02: 0.6 would shrink the matrices by 1.2% a step).
 FAMILY_WEIGHT_DECAY = {"transformer": 0.6}
 DEFAULT_WEIGHT_DECAY = 0.1
+# The input embedding (and the output head, tied to it or not) learns at this multiple of the peak rate.
+# Each step updates only the rows of the tokens it read, so with one shared rate the embedding lags the
+# matrices: for the Transformer, 3x gained 0.005 and 0.012 bits per byte after 880 steps (two seeds).
+FAMILY_EMBEDDING_LR_SCALE = {"transformer": 3.0}
 
 
 def default_lr(arch: str) -> float:
@@ -79,6 +83,10 @@ def default_lr(arch: str) -> float:
 
 def default_weight_decay(arch: str, optimizer: str = "adamw") -> float:
     return FAMILY_WEIGHT_DECAY.get(arch, DEFAULT_WEIGHT_DECAY) if optimizer == "adamw" else DEFAULT_WEIGHT_DECAY
+
+
+def default_embedding_lr_scale(arch: str) -> float:
+    return FAMILY_EMBEDDING_LR_SCALE.get(arch, 1.0)
 
 
 @dataclass
@@ -97,6 +105,8 @@ class TrainConfig:
     schedule: str = "wsd"  # wsd (warm-up, stable, decay) | cosine
     decay_fraction: float = 0.3  # wsd: the last fraction of steps decays linearly
     weight_decay: float | None = None  # AdamW decay of matrices; None: the family's own (default_weight_decay)
+    # the embeddings' and output head's rate as a multiple of lr; None: the family's own (3 for the Transformer)
+    embedding_lr_scale: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -164,6 +174,9 @@ class TrainConfig:
             (self.grad_clip >= 0 and (self.weight_decay is None or self.weight_decay >= 0),
              "train.grad_clip and train.weight_decay must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
+            (self.embedding_lr_scale is None or (isinstance(self.embedding_lr_scale, (int, float))
+                                                 and self.embedding_lr_scale > 0),
+             f"train.embedding_lr_scale must be a positive number, got {self.embedding_lr_scale!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -54,9 +54,11 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     raw["finetune"] = ft
     train = raw["train"]
     # weight decay pulls weights towards zero, not towards the base's: fine-tuning keeps the light default
-    # whatever the base was pretrained with (--set train.weight_decay=... to change it)
+    # whatever the base was pretrained with (--set train.weight_decay=... to change it), and moves the
+    # embeddings no faster than the rest
     train.update(max_time=max_time or 0, max_steps=max_steps, lr=lr or DEFAULT_LR.get(mode, 1e-3),
-                 warmup_steps=min(train["warmup_steps"], 20), keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY)
+                 warmup_steps=min(train["warmup_steps"], 20), keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY,
+                 embedding_lr_scale=1.0)
     if max_steps is not None and max_time is None:
         train["eval_interval"] = min(train["eval_interval"], max(1, max_steps // 4))
     extra = parse_overrides(overrides or [], sections=("train", "data"), what="--set")

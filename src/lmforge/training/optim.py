@@ -9,12 +9,13 @@ import math
 
 import torch
 
-from ..config import TrainConfig, default_lr, default_weight_decay
+from ..config import TrainConfig, default_embedding_lr_scale, default_lr, default_weight_decay
 
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Each param group remembers its `base_lr`; `set_lr` scales it by the schedule. Which tensors are
-    embeddings, the output head or hidden matrices comes from `model.parameter_groups()`."""
+    embeddings, the output head or hidden matrices comes from `model.parameter_groups()`; the first two
+    learn at `train.embedding_lr_scale` times the peak rate."""
     groups = model.parameter_groups()
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     outer = {id(p) for p in groups["embeddings"] + groups["head"]}
@@ -28,15 +29,20 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     arch = getattr(model, "arch", "")
     lr = cfg.lr if cfg.lr is not None else default_lr(arch)
     decay = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(arch, cfg.optimizer)
+    scale = cfg.embedding_lr_scale if cfg.embedding_lr_scale is not None else default_embedding_lr_scale(arch)
+    outer_2d = [p for p in others_2d if id(p) in outer]  # embeddings and the head: their own rate
+    kernels = [p for p in others_2d if id(p) not in outer]
     if cfg.optimizer == "muon" and matrices:
         muon = torch.optim.Muon([{"params": matrices, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                                 weight_decay=decay, adjust_lr_fn="match_rms_adamw")
         adam = torch.optim.AdamW(
-            [g for g in ({"params": others_2d, "weight_decay": decay, "base_lr": lr},
+            [g for g in ({"params": outer_2d, "weight_decay": decay, "base_lr": lr * scale},
+                         {"params": kernels, "weight_decay": decay, "base_lr": lr},
                          {"params": vectors, "weight_decay": 0.0, "base_lr": lr}) if g["params"]],
             lr=lr, **adam_kwargs)
         return [muon, adam]
-    groups = [{"params": matrices + others_2d, "weight_decay": decay, "base_lr": lr},
+    groups = [{"params": matrices + kernels, "weight_decay": decay, "base_lr": lr},
+              {"params": outer_2d, "weight_decay": decay, "base_lr": lr * scale},
               {"params": vectors, "weight_decay": 0.0, "base_lr": lr}]
     return [torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adam_kwargs)]
 
