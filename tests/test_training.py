@@ -102,8 +102,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
-def test_a_run_saved_before_the_value_residual_and_the_embeddings_rate_loads_and_resumes_as_it_was(tiny_file,
-                                                                                                     tmp_path):
+def test_a_run_saved_before_the_value_residual_and_the_embeddings_rate_loads_with_what_it_had(tiny_file, tmp_path):
     from lmforge import checkpoint as ckpt
 
     config = tiny_config(tiny_file, tmp_path / "cache", steps=5)

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr, default_weight_decay, merge, parse_overrides
+from .config import (RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr, default_weight_decay,
+                     merge, parse_overrides)
 from .data.examples import render
 from .device import resolve_device
 from .errors import LmforgeError
