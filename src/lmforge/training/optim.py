@@ -21,8 +21,9 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     outer = {id(p) for p in groups["embeddings"] + groups["head"]}
     named = [p for p in model.parameters() if id(p) in trainable]
     matrices = [p for p in named if p.dim() == 2 and id(p) not in outer]  # hidden weight matrices
-    # embeddings, the head and convolution kernels (3-D): AdamW with weight decay
-    others_2d = [p for p in named if p.dim() >= 2 and (id(p) in outer or p.dim() > 2)]
+    # embeddings and the head (at their own rate), and convolution kernels (3-D): AdamW with weight decay
+    outer_2d = [p for p in named if p.dim() >= 2 and id(p) in outer]
+    kernels = [p for p in named if p.dim() > 2 and id(p) not in outer]
     vectors = [p for p in named if p.dim() < 2]  # norms and biases: never decayed
     # fused: one kernel for the whole update instead of a dozen per parameter (CPU and CUDA)
     adam_kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
@@ -30,8 +31,6 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     lr = cfg.lr if cfg.lr is not None else default_lr(arch)
     decay = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(arch, cfg.optimizer)
     scale = cfg.embedding_lr_scale if cfg.embedding_lr_scale is not None else default_embedding_lr_scale(arch)
-    outer_2d = [p for p in others_2d if id(p) in outer]  # embeddings and the head: their own rate
-    kernels = [p for p in others_2d if id(p) not in outer]
     if cfg.optimizer == "muon" and matrices:
         muon = torch.optim.Muon([{"params": matrices, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
                                 weight_decay=decay, adjust_lr_fn="match_rms_adamw")
