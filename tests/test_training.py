@@ -333,16 +333,19 @@ def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
     assert lm.generate("Emma", max_new_tokens=10, seed=0) == lm.generate("Emma", max_new_tokens=10, seed=0)
 
 
-@pytest.mark.parametrize("arch, lr, decay, scale", [("transformer", 1.5e-3, 0.6, 3.0), ("lstm", 3e-3, 0.1, 1.0),
-                                                   ("cnn", 3e-3, 0.1, 1.0)])
-def test_an_unset_learning_rate_and_decay_are_the_familys_own_and_the_run_records_them(arch, lr, decay, scale,
+@pytest.mark.parametrize("arch, lr, decay, scale, warmup", [("transformer", 1.5e-3, 0.6, 3.0, 100),
+                                                           ("lstm", 3e-3, 0.1, 1.0, 20), ("cnn", 3e-3, 0.1, 1.0, 20)])
+def test_an_unset_rate_decay_and_warm_up_are_the_familys_own_and_the_run_records_them(arch, lr, decay, scale, warmup,
                                                                                      tiny_file, tmp_path):
-    config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=2)
-    del config["train"]["lr"]
+    config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=10)
+    del config["train"]["lr"], config["train"]["warmup_steps"]
     config["train"].pop("weight_decay", None)
     _, result = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)
     recorded = json.loads((result.run_dir / "config.json").read_text())["train"]
     assert (recorded["lr"], recorded["weight_decay"], recorded["embedding_lr_scale"]) == (lr, decay, scale)
+    assert recorded["warmup_steps"] == warmup
+    first = read_metrics(result.run_dir / "metrics.jsonl")[0]
+    assert (first["step"], first["lr"]) == (10, pytest.approx(10 / warmup))  # ten steps into the family's warm-up
     model = build_model(arch, **{k: v for k, v in config["model"].items() if k != "arch"}, vocab_size=40)
     groups = build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups
     # hidden matrices, then the embeddings (and head) at their own rate; norms and biases never decay

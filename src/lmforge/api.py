@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import (RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr, default_weight_decay,
-                     merge, parse_overrides)
+from .config import (RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr, default_warmup_steps,
+                     default_weight_decay, merge, parse_overrides)
 from .data.examples import render
 from .device import resolve_device
 from .errors import LmforgeError
@@ -183,6 +183,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         cfg.train.weight_decay = default_weight_decay(cfg.model.arch, cfg.train.optimizer)
     if cfg.train.embedding_lr_scale is None:  # and its embeddings' rate
         cfg.train.embedding_lr_scale = default_embedding_lr_scale(cfg.model.arch)
+    if cfg.train.warmup_steps is None:  # and its warm-up
+        cfg.train.warmup_steps = default_warmup_steps(cfg.model.arch)
     if dist.launched():  # under torchrun: join the group first; process 0 alone writes and prints
         dist.start(resolve_device(cfg.train.device))
         if not dist.is_main():

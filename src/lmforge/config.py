@@ -75,6 +75,13 @@ DEFAULT_WEIGHT_DECAY = 0.1
 # Each step updates only the rows of the tokens it read, so with one shared rate the embedding lags the
 # matrices: for the Transformer, 3x gained 0.005 and 0.012 bits per byte after 880 steps (two seeds).
 FAMILY_EMBEDDING_LR_SCALE = {"transformer": 3.0}
+# Steps of linear warm-up to the peak rate. For the Transformer 100 beat 20 at every length measured on the
+# Austen split: by 0.008 and 0.027 bits per byte after 176 and 330 steps (the default size and the
+# `--budget 1m` size), by 0.0085 and 0.0025 after 880 steps (two seeds) and by 0.0055 and 0.009 in two 300-s
+# runs; 150 and 200 scored the same as 100 at 880 steps (docs/benchmarks.md, 5 December). The other
+# families were not measured and keep 20.
+FAMILY_WARMUP_STEPS = {"transformer": 100}
+DEFAULT_WARMUP_STEPS = 20
 
 
 def default_lr(arch: str) -> float:
@@ -89,6 +96,10 @@ def default_embedding_lr_scale(arch: str) -> float:
     return FAMILY_EMBEDDING_LR_SCALE.get(arch, 1.0)
 
 
+def default_warmup_steps(arch: str) -> int:
+    return FAMILY_WARMUP_STEPS.get(arch, DEFAULT_WARMUP_STEPS)
+
+
 @dataclass
 class TrainConfig:
     seed: int = 1337
@@ -101,7 +112,7 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate; None: the model family's own (default_lr)
     muon_lr: float = 0.02
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # None: the family's own (default_warmup_steps)
     schedule: str = "wsd"  # wsd (warm-up, stable, decay) | cosine
     decay_fraction: float = 0.3  # wsd: the last fraction of steps decays linearly
     weight_decay: float | None = None  # AdamW decay of matrices; None: the family's own (default_weight_decay)
@@ -154,7 +165,7 @@ class TrainConfig:
              "give a budget: --max-steps N or --max-time 5m"),
             (0 <= self.decay_fraction <= 1, "train.decay_fraction must be in [0, 1]"),
             (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
-            (self.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
             (0 <= self.ema < 1, "train.ema must be in [0, 1) (0 turns the weight average off; 0.99 is the default)"),
             (self.eval_interval >= 1, "train.eval_interval must be at least 1"),
             (self.eval_batches >= 1, "train.eval_batches must be at least 1"),

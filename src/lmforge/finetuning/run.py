@@ -55,9 +55,10 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     train = raw["train"]
     # weight decay pulls weights towards zero, not towards the base's: fine-tuning keeps the light default
     # whatever the base was pretrained with (--set train.weight_decay=... to change it), and moves the
-    # embeddings no faster than the rest
+    # embeddings no faster than the rest; a fine-tune is short, so its warm-up is at most 20 steps
+    warmup = 20 if train.get("warmup_steps") is None else min(train["warmup_steps"], 20)
     train.update(max_time=max_time or 0, max_steps=max_steps, lr=lr or DEFAULT_LR.get(mode, 1e-3),
-                 warmup_steps=min(train["warmup_steps"], 20), keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY,
+                 warmup_steps=warmup, keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY,
                  embedding_lr_scale=1.0)
     if max_steps is not None and max_time is None:
         train["eval_interval"] = min(train["eval_interval"], max(1, max_steps // 4))
