@@ -15,6 +15,7 @@ Prints JSON, the CPU named.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -36,8 +37,9 @@ def nanogpt_case(path: Path):
     torch.manual_seed(0)
     config = module.GPTConfig(block_size=SHAPE["context_len"], vocab_size=VOCAB, n_layer=SHAPE["n_layers"],
                               n_head=SHAPE["n_heads"], n_embd=SHAPE["d_model"], dropout=0.0, bias=False)
-    model = module.GPT(config)
-    optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # nanoGPT prints its sizes; stdout is for the JSON
+        model = module.GPT(config)
+        optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
 
     def step(x, y):
         _, loss = model(x, y)
