@@ -30,11 +30,12 @@ def tokenizer():
 def hf_model(kind: str):
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                         resid_pdrop=0.1, attn_pdrop=0.2)
         return transformers.GPT2LMHeadModel(config).eval()
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rope_theta=500.0)
+                                      rope_theta=500.0, attention_dropout=0.2)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -65,6 +66,8 @@ def test_import_then_export_matches_transformers(kind, tokenizer, tmp_path, caps
     assert greedy.finish_reason == "length" or theirs[len(greedy.token_ids)] == lm.tokenizer.eos_id
     assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    rates = ("resid_pdrop", "attn_pdrop") if kind == "gpt2" else ("attention_dropout",)  # Llama drops only there
+    assert [getattr(again.config, k) for k in rates] == [getattr(model.config, k) for k in rates]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     with torch.no_grad():
         assert max_diff(again(x).logits, ours) < 1e-4

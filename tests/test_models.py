@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.models import MODELS, build_model, config_class, count_params
+from lmforge.models.dropout import dropout
 
 V = 40
 TINY = {
@@ -188,6 +189,25 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model.eval()(x)[0], model(x)[0])
     model.train()
     assert not torch.allclose(model(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_cpu_dropout_drops_at_its_rate_keeps_the_mean_and_repeats_with_the_seed(p):
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.003, dropped  # 400,000 draws: a standard error of 0.0003-0.0008
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-4)]
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient passes where the element was kept, scaled alike
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, p), y)
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+    rows = dropout(torch.ones(4096, 4, dtype=torch.bfloat16), 0.5)  # each lane of a 64-bit draw drops alike
+    assert rows.dtype == torch.bfloat16
+    assert ((rows == 0).float().mean(dim=0) - 0.5).abs().max() < 0.04
 
 
 def test_build_model_rejects_mistakes():

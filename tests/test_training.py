@@ -102,23 +102,27 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
-def test_a_run_saved_before_the_value_residual_and_the_embeddings_rate_loads_with_what_it_had(tiny_file, tmp_path):
+def test_a_run_saved_before_the_value_residual_the_embeddings_rate_and_attention_dropout_loads_as_it_was(
+        tiny_file, tmp_path):
     from lmforge import checkpoint as ckpt
 
     config = tiny_config(tiny_file, tmp_path / "cache", steps=5)
-    config["model"]["value_residual"] = False
+    config["model"].update(value_residual=False, dropout=0.2, attention_dropout=0.2)
     lm, result = lmforge.train(config, out=tmp_path / "run", log=quiet)
     path = result.run_dir / ckpt.CONFIG  # what an older lmforge wrote: no value_residual field at all
     saved = json.loads(path.read_text())
     del saved["model"]["options"]["value_residual"]
     del saved["train"]["embedding_lr_scale"]
+    del saved["model"]["options"]["attention_dropout"]
     path.write_text(json.dumps(saved))
     ckpt.write_manifest(result.run_dir, list(json.loads((result.run_dir / ckpt.MANIFEST).read_text())["files"]))
     old = lmforge.load(result.run_dir)
     assert old.model.config.value_residual is False
+    assert old.model.config.attention_dropout == 0.2  # the shared rate, which it applied to attention too
     assert ckpt.read_config(result.run_dir)["train"]["embedding_lr_scale"] == 1.0  # the shared rate it trained with
     assert old.generate("Emma", 20, seed=1) == lm.generate("Emma", 20, seed=1)
-    assert build_model("transformer", vocab_size=10).blocks[1].attn.value_mix is not None  # new models have it
+    new = build_model("transformer", vocab_size=10)
+    assert new.blocks[1].attn.value_mix is not None and new.blocks[1].attn.dropout == 0.0  # new models: as today
 
 
 def test_resume_with_a_conflicting_model_is_refused(run):

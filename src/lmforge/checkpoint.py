@@ -274,6 +274,8 @@ def read_config(run_dir: Path) -> dict:
         raise LmforgeError(f"{run_dir / CONFIG} is damaged: its model section needs an arch and options")
     if model["arch"] == "transformer":  # saved before the value residual existed: the block without it
         model["options"].setdefault("value_residual", False)
+        # saved before attention had its own dropout: the shared rate was applied there too
+        model["options"].setdefault("attention_dropout", model["options"].get("dropout", 0.05))
     if isinstance(data.get("train"), dict):  # saved before the embeddings had their own rate: the shared one
         data["train"].setdefault("embedding_lr_scale", 1.0)
     sections = {k: v for k, v in data.items() if k in ("data", "tokenizer", "train", "finetune")}

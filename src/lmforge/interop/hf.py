@@ -57,7 +57,7 @@ def gpt2_fields(c: dict) -> dict:
             "n_heads": c["n_head"], "n_kv_heads": c["n_head"], "context_len": c["n_positions"],
             "d_ff": c.get("n_inner") or 4 * c["n_embd"], "bias": True,
             "tie_embeddings": c.get("tie_word_embeddings", True), "norm_eps": c.get("layer_norm_epsilon", 1e-5),
-            "dropout": c.get("resid_pdrop", 0.1)}
+            "dropout": c.get("resid_pdrop", 0.1), "attention_dropout": c.get("attn_pdrop", 0.1)}
 
 
 def llama_fields(c: dict) -> dict:
@@ -75,7 +75,7 @@ def llama_fields(c: dict) -> dict:
             "n_heads": heads, "n_kv_heads": c.get("num_key_value_heads") or heads,
             "context_len": c.get("max_position_embeddings", 2048), "d_ff": c["intermediate_size"],
             "bias": bool(c.get("attention_bias", False)), "tie_embeddings": c.get("tie_word_embeddings", False),
-            "dropout": c.get("attention_dropout", 0.0),
+            "dropout": 0.0, "attention_dropout": c.get("attention_dropout", 0.0),
             "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
             "norm_eps": c.get("rms_norm_eps", 1e-6)}
 
@@ -217,14 +217,15 @@ def hf_config(family: str, f: dict, eos_id: int) -> dict:
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": f["d_model"],
                 "n_layer": f["n_layers"], "n_head": f["n_heads"], "n_positions": f["context_len"],
                 "n_inner": f["d_ff"], "activation_function": "gelu_new", "layer_norm_epsilon": f["norm_eps"],
-                "resid_pdrop": f["dropout"], "embd_pdrop": f["dropout"], "attn_pdrop": f["dropout"], **common}
+                "resid_pdrop": f["dropout"], "embd_pdrop": f["dropout"], "attn_pdrop": f["attention_dropout"], **common}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": f["d_model"],
             "num_hidden_layers": f["n_layers"], "num_attention_heads": f["n_heads"],
             "num_key_value_heads": f["n_kv_heads"], "head_dim": f["d_model"] // f["n_heads"],
             "intermediate_size": f["d_ff"], "max_position_embeddings": f["context_len"], "hidden_act": "silu",
             "rms_norm_eps": f["norm_eps"], "rope_theta": f["rope_theta"],
             "rope_parameters": {"rope_type": "default", "rope_theta": f["rope_theta"]},
-            "attention_bias": f["bias"], "mlp_bias": f["bias"], "attention_dropout": f["dropout"], **common}
+            "attention_bias": f["bias"], "mlp_bias": f["bias"], "attention_dropout": f["attention_dropout"],
+            **common}
 
 
 def export_hf(run, directory) -> Path:

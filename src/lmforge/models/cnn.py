@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 
+from .dropout import dropout
+
 
 @dataclass
 class CNNConfig:
@@ -82,7 +84,7 @@ class ConvBlock(nn.Module):
             h = self.conv(h)
         h = F.glu(h, dim=1)  # (B, 2D, T) -> (B, D, T): value · sigmoid(gate)
         h = self.proj(h.transpose(1, 2))  # (B, T, D)
-        return x + F.dropout(h, self.dropout, self.training), new_buffer
+        return x + dropout(h, self.dropout, self.training), new_buffer
 
 
 class CNNModel(nn.Module):
@@ -152,7 +154,7 @@ class CNNModel(nn.Module):
         """(B, T) ids -> final normed hidden states (B, T, D) and the new per-layer buffers (None when
         no state was given). The state passed in is left unchanged."""
         x = self.embed(tokens)  # (B, T, D)
-        x = F.dropout(x, self.config.dropout, self.training)
+        x = dropout(x, self.config.dropout, self.training)
         new_state = []
         for block, buffer in zip(self.blocks, state or [None] * len(self.blocks)):
             x, buffer = block(x, buffer)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 
+from .dropout import dropout
+
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
@@ -135,9 +137,9 @@ class RNNModel(nn.Module):
         state (None when none was given). The state carries autograd history: detach it between
         truncated-BPTT windows. The state passed in is left unchanged."""
         x = self.embed(tokens)  # (B, T, d_model)
-        x = F.dropout(x, self.config.dropout, self.training)
+        x = dropout(x, self.config.dropout, self.training)
         out, new_state = self.rnn(x, state)  # (B, T, d_hidden); None starts from zeros
-        out = F.dropout(out, self.config.dropout, self.training)
+        out = dropout(out, self.config.dropout, self.training)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, d_model)
         return out, None if state is None else new_state

@@ -19,13 +19,23 @@ from ..device import autocast
 from . import distributed as dist
 
 
+# Cross-entropy over rows of about this many logits at a time. The whole (B·T, V) block in fp32 is 32 MiB
+# at the default shape (2,048 positions, 4,096 tokens): past what glibc serves from its heap, so its upcast,
+# its log-softmax and their gradients each came as fresh pages, zeroed by the kernel. In 8 MiB pieces
+# the heap reuses them: a bf16-autocast step at the default shape 168.5 -> 154.5 ms.
+CE_CHUNK = 1 << 21
+
+
 class LMLoss:
     """Next-token cross-entropy, summed over targets; targets equal to IGNORE (prompt tokens, padding)
-    are skipped."""
+    are skipped. Computed in fp32 over blocks of rows (CE_CHUNK logits each)."""
 
     def __call__(self, forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, _ = forward(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+        logits, y = logits.flatten(0, 1), y.flatten()
+        rows = max(1, CE_CHUNK // logits.size(1))
+        return sum(F.cross_entropy(part.float(), target, ignore_index=IGNORE, reduction="sum")
+                   for part, target in zip(logits.split(rows), y.split(rows)))
 
     @staticmethod
     def count(y: torch.Tensor) -> int:
