@@ -99,10 +99,9 @@ class TransformerConfig:
         if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
             raise LmforgeError(f"RoPE needs an even head size, got d_model/n_heads = {self.d_model // self.n_heads}; "
                                f"change d_model or n_heads")
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise LmforgeError(f"model.{name} must be a number in [0, 1), got {value!r}")
+        for name in ("dropout", "attention_dropout"):  # their types are checked by build_model
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LmforgeError(f"model.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise LmforgeError(f"model.logit_softcap must be a positive number or unset, got {self.logit_softcap!r}")
         if not (self.rope_theta > 0 and self.norm_eps > 0):
