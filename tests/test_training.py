@@ -365,6 +365,32 @@ def test_an_unset_rate_decay_and_warm_up_are_the_familys_own_and_the_run_records
         lmforge.build_config(overrides=["train.embedding_lr_scale=0"])
 
 
+def test_dropout_follows_the_passes_a_run_will_make_unless_the_user_chose_it(tiny_file, tmp_path):
+    def dropout_of(out, arch="transformer", dropout=None, **train):
+        config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=10, **train)
+        config["model"].pop("dropout", None)
+        if dropout is not None:
+            config["model"]["dropout"] = dropout
+        logged = []
+        lmforge.train(config, out=tmp_path / out, log=logged.append, final_eval=False)
+        options = json.loads((tmp_path / out / "config.json").read_text())["model"]["options"]
+        return options.get("dropout"), " ".join(map(str, logged))
+
+    # 10 steps of 8 x 32 tokens read the ~4,300 training characters under once: the model's own default
+    dropout, logged = dropout_of("few")
+    assert dropout == 0.05 and "passes" not in logged
+    # 10 steps of 128 rows read them about 9 times: more dropout, said in the log and recorded
+    dropout, logged = dropout_of("many", batch_size=128)
+    assert dropout == 0.1 and "about 9 passes over the training text: dropout 0.1" in logged
+    # a time limit: the passes come from this machine's speed, probed at the run's own size
+    dropout, logged = dropout_of("timed", max_steps=None, max_time=1.0, batch_size=128, eval_interval=1000)
+    assert dropout == 0.1 and "passes over the training text" in logged
+    # a rate the user chose is kept; the other families were not measured and keep theirs
+    assert dropout_of("chosen", dropout=0.0, batch_size=128)[0] == 0.0
+    dropout, logged = dropout_of("lstm", arch="lstm", batch_size=128)
+    assert dropout == build_model("lstm", vocab_size=40).config.dropout and "passes" not in logged
+
+
 def test_none_on_the_command_line_unsets_an_optional_field():
     config = lmforge.build_config(overrides=["train.lr=none", "train.threads=None", "train.max_steps=null"])
     assert (config.train.lr, config.train.threads, config.train.max_steps) == (None, None, None)

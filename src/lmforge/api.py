@@ -166,7 +166,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     from .training import distributed as dist
     from .training.jobs import check, language_model_job
     from .training.loop import train as run_loop
-    from .training.sizing import size_for_budget
+    from .training.sizing import dropout_for_passes, size_for_budget
 
     if resume:
         if out is None:
@@ -194,6 +194,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         if resume:
             raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
         cfg = size_for_budget(cfg, budget, log)
+    elif not resume:
+        cfg = dropout_for_passes(cfg, log)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_main():

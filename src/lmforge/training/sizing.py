@@ -12,6 +12,9 @@ sizes tried at C0, and d_model 192 was best at C0 / 3, which the rule also picks
 size is also capped by the training tokens there are (best_params). Sizes come from one ladder with
 64-wide heads and as many layers as heads; the rung whose parameter count is nearest to N (on a
 log scale) wins. Larger budgets and faster machines get larger models.
+
+Dropout follows the passes a run will make over its training text, for `--budget` and for any new
+Transformer run whose dropout the user left alone (dropout_for_passes).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from ..config import RunConfig, TrainConfig
 from ..data import prepare_data
 from ..device import resolve_device, resolve_dtype, set_threads
 from ..errors import LmforgeError
-from ..models import build_model, count_params
+from ..models import build_model, count_params, resolve_config
 from . import distributed as dist
 from .optim import build_optimizers
 from .step import lm_loss, train_step
@@ -39,11 +42,12 @@ SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
 # the measurements). Sizes scale from the default rung's parameter count under the run's own options.
 ANCHOR_COMPUTE = 26_738_688 * 3873 * 300
 ANCHOR_TOKENS = 320_399  # the Austen split's training tokens with BPE-4096, which that run read about six times
-# Dropout for budgets that read the training text many times. On the Austen split, default size:
+# Dropout for runs that read the training text many times. On the Austen split, default size:
 # 0.1 instead of the default 0.05 lost 0.0035 bits per byte at 880 steps (about 5.6 passes) and
 # gained 0.009 at 10 minutes (11 passes) and at 20 minutes (22 passes); the line sits between.
 # (Measured at learning rate 3e-3; at 1.5e-3, the default since 1 December, the 10-minute run with it
-# scored 1.518; with weight decay 0.6, the default since 4 December, 1.497 against 1.503 with dropout 0.05.)
+# scored 1.518; with weight decay 0.6, the default since 4 December, 1.497 against 1.503 with dropout 0.05.
+# With every default of 6 December, at a fixed 1,900 steps (12 passes): 1.4572 against 1.4605.)
 MANY_PASSES, MANY_PASSES_DROPOUT = 8.0, 0.1
 
 
@@ -70,12 +74,14 @@ def choose(options: dict, compute: float, tokens: int | None = None) -> tuple[di
 
 
 def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                       steps: int = 3) -> tuple[float, int]:
-    """Training tokens/s of the d_model 256 rung on this machine, timed through train_step with the run's
-    own settings (optimizer, accumulation, torch.compile, dtype): the median of `steps` timed steps
-    after one warm-up. Also returns the probe's FLOPs per token."""
+                       steps: int = 3, size: dict | None = None) -> tuple[float, int]:
+    """Training tokens/s of the d_model 256 rung (or of `options` as they are, with size={}) on this
+    machine, timed through train_step with the run's own settings (optimizer, accumulation,
+    torch.compile, dtype): the median of `steps` timed steps after one warm-up. Also returns the
+    probe's FLOPs per token."""
     torch.manual_seed(0)
-    probe = build_model("transformer", **{**options, **rung(DEFAULT_D_MODEL)}).to(device).train()
+    size = rung(DEFAULT_D_MODEL) if size is None else size
+    probe = build_model("transformer", **{**options, **size}).to(device).train()
     optimizers = build_optimizers(probe, cfg)
     forward = torch.compile(probe) if cfg.compile else probe
     T, V = probe.config.context_len, probe.config.vocab_size
@@ -126,8 +132,38 @@ def size_for_budget(config: RunConfig, seconds: float, log=print) -> RunConfig:
     # A model's step costs about its parameter count: the chosen size reads this many passes in the budget
     passes = tokens_per_s * seconds * table["params"][DEFAULT_D_MODEL] / table["params"][size["d_model"]] \
         / max(1, len(prepared.train))
-    if passes > MANY_PASSES and "dropout" not in config.model.options:
+    if "dropout" not in config.model.options:
+        _dropout_for(passes, raw, log)
+    return RunConfig.from_dict(raw)
+
+
+def _dropout_for(passes: float, raw: dict, log) -> None:
+    if passes > MANY_PASSES:
         raw["model"]["options"]["dropout"] = MANY_PASSES_DROPOUT
         log(f"about {passes:.0f} passes over the training text: dropout {MANY_PASSES_DROPOUT} "
             f"(set model.dropout to choose)")
+
+
+def dropout_for_passes(config: RunConfig, log=print) -> RunConfig:
+    """`config` with model.dropout set for the passes a new Transformer run will make over its training
+    text, when the user left the dropout alone: MANY_PASSES_DROPOUT past MANY_PASSES, else the
+    model's default. A step limit gives the passes exactly; a time limit, from this machine's speed
+    at the run's own size and settings (probe_tokens_per_s), timed only when the step limit (if
+    any) would not already keep the run under the line."""
+    if config.model.arch != "transformer" or "dropout" in config.model.options or config.finetune is not None:
+        return config
+    cfg = config.train
+    prepared = prepare_data(config)
+    options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
+    n_train = max(1, len(prepared.train))
+    step_tokens = cfg.batch_size * cfg.grad_accum * resolve_config("transformer", **options).context_len
+    passes = math.inf if cfg.max_steps is None else cfg.max_steps * step_tokens / n_train  # batches are global
+    if passes > MANY_PASSES and cfg.max_time is not None:
+        device = resolve_device(cfg.device)
+        if device.type == "cpu":
+            set_threads(cfg.threads)
+        tokens_per_s, _ = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device), size={})
+        passes = min(passes, dist.sum_float(tokens_per_s) * cfg.max_time / n_train)
+    raw = config.to_dict()
+    _dropout_for(passes, raw, log)
     return RunConfig.from_dict(raw)
