@@ -189,17 +189,17 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         dist.start(resolve_device(cfg.train.device))
         if not dist.is_main():
             log = _quiet
+    if budget is not None and resume:
+        raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
     cfg = with_measured_choices(cfg, log)
-    if budget is not None:
-        if resume:
-            raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
-        cfg = size_for_budget(cfg, budget, log)
-    elif not resume:
-        cfg = dropout_for_passes(cfg, log)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_main():
         ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
+    if budget is not None:
+        cfg = size_for_budget(cfg, budget, log)
+    elif not resume:
+        cfg = dropout_for_passes(cfg, log)
     with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
         for turn in (True, False):  # process 0 prepares the data first; the others then read its cache
             if dist.is_main() == turn:
