@@ -145,14 +145,16 @@ def test_budget_sizes_the_model_and_sets_the_time(tmp_path, tiny_file, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["options"]["d_model"] == 128 and config["model"]["options"]["n_layers"] == 2
     assert config["train"]["max_time"] == 2.0
-    # A budget that reads the text many times gets more dropout, unless the user chose the dropout.
+    # A budget that reads the text many times gets more dropout and weight decay, unless the user chose them.
     many = re.search(r"about (\d+) passes over the training text: dropout 0.1", out)
     assert config["model"]["options"]["dropout"] == (0.1 if many else 0.05), out  # else the default
     if many:
         assert int(many.group(1)) > 8
-        assert main([*args[:2], str(tmp_path / "chosen"), *args[3:], "model.dropout=0.0"]) == 0
+        assert config["train"]["weight_decay"] == 1.5  # and more weight decay
+        chosen_args = [*args[:2], str(tmp_path / "chosen"), *args[3:], "model.dropout=0.0", "train.weight_decay=0.2"]
+        assert main(chosen_args) == 0
         assert "passes over the training text" not in capsys.readouterr().out
         chosen = json.loads((tmp_path / "chosen" / "config.json").read_text())
-        assert chosen["model"]["options"]["dropout"] == 0.0
+        assert (chosen["model"]["options"]["dropout"], chosen["train"]["weight_decay"]) == (0.0, 0.2)
     sized = ["train", "--out", str(tmp_path / "other"), "--budget", "2s", "model.n_layers=3"]
     one_line_error(capsys, main(sized), "model.n_layers", "--max-time")

@@ -365,30 +365,33 @@ def test_an_unset_rate_decay_and_warm_up_are_the_familys_own_and_the_run_records
         lmforge.build_config(overrides=["train.embedding_lr_scale=0"])
 
 
-def test_dropout_follows_the_passes_a_run_will_make_unless_the_user_chose_it(tiny_file, tmp_path):
-    def dropout_of(out, arch="transformer", dropout=None, **train):
+def test_dropout_and_weight_decay_follow_the_passes_a_run_will_make_unless_the_user_chose_them(tiny_file, tmp_path):
+    def chosen(out, arch="transformer", model=None, **train):
         config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=10, **train)
         config["model"].pop("dropout", None)
-        if dropout is not None:
-            config["model"]["dropout"] = dropout
+        config["model"].update(model or {})
         logged = []
         lmforge.train(config, out=tmp_path / out, log=logged.append, final_eval=False)
-        options = json.loads((tmp_path / out / "config.json").read_text())["model"]["options"]
-        return options.get("dropout"), " ".join(map(str, logged))
+        saved = json.loads((tmp_path / out / "config.json").read_text())
+        return saved["model"]["options"]["dropout"], saved["train"]["weight_decay"], " ".join(map(str, logged))
 
-    # 10 steps of 8 x 32 tokens read the ~4,300 training characters under once: the model's own default
-    dropout, logged = dropout_of("few")
-    assert dropout == 0.05 and "passes" not in logged
-    # 10 steps of 128 rows read them about 9 times: more dropout, said in the log and recorded
-    dropout, logged = dropout_of("many", batch_size=128)
-    assert dropout == 0.1 and "about 9 passes over the training text: dropout 0.1" in logged
+    # 10 steps of 8 x 32 tokens read the ~4,300 training characters under once: the family's defaults
+    dropout, decay, logged = chosen("few")
+    assert (dropout, decay) == (0.05, 0.6) and "passes" not in logged
+    # 10 steps of 128 rows read them about 9 times: more of both, said in the log and recorded
+    dropout, decay, logged = chosen("many", batch_size=128)
+    assert (dropout, decay) == (0.1, 1.5)
+    assert "about 9 passes over the training text: dropout 0.1, weight decay 1.5" in logged
     # a time limit: the passes come from this machine's speed, probed at the run's own size
-    dropout, logged = dropout_of("timed", max_steps=None, max_time=1.0, batch_size=128, eval_interval=1000)
-    assert dropout == 0.1 and "passes over the training text" in logged
-    # a rate the user chose is kept; the other families were not measured and keep theirs
-    assert dropout_of("chosen", dropout=0.0, batch_size=128)[0] == 0.0
-    dropout, logged = dropout_of("lstm", arch="lstm", batch_size=128)
-    assert dropout == build_model("lstm", vocab_size=40).config.dropout and "passes" not in logged
+    dropout, decay, logged = chosen("timed", max_steps=None, max_time=1.0, batch_size=128, eval_interval=1000)
+    assert (dropout, decay) == (0.1, 1.5) and "passes over the training text" in logged
+    # what the user chose is kept; the other families were not measured and keep theirs
+    assert chosen("dropout", model={"dropout": 0.0}, batch_size=128)[:2] == (0.0, 1.5)
+    assert chosen("decay", batch_size=128, weight_decay=0.2)[:2] == (0.1, 0.2)
+    dropout, decay, logged = chosen("both", model={"dropout": 0.0}, batch_size=128, weight_decay=0.2)
+    assert (dropout, decay) == (0.0, 0.2) and "passes" not in logged
+    dropout, decay, logged = chosen("lstm", arch="lstm", batch_size=128)
+    assert (dropout, decay) == (build_model("lstm", vocab_size=40).config.dropout, 0.1) and "passes" not in logged
 
 
 def test_none_on_the_command_line_unsets_an_optional_field():

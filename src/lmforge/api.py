@@ -166,7 +166,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     from .training import distributed as dist
     from .training.jobs import check, language_model_job
     from .training.loop import train as run_loop
-    from .training.sizing import dropout_for_passes, size_for_budget
+    from .training.sizing import regularise_for_passes, size_for_budget
 
     if resume:
         if out is None:
@@ -179,7 +179,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     check(cfg)
     if cfg.train.lr is None:  # the family's own peak learning rate, written into the run's config.json
         cfg.train.lr = default_lr(cfg.model.arch)
-    if cfg.train.weight_decay is None:  # and its own weight decay
+    decay_given = cfg.train.weight_decay is not None
+    if not decay_given:  # and its own weight decay
         cfg.train.weight_decay = default_weight_decay(cfg.model.arch, cfg.train.optimizer)
     if cfg.train.embedding_lr_scale is None:  # and its embeddings' rate
         cfg.train.embedding_lr_scale = default_embedding_lr_scale(cfg.model.arch)
@@ -197,9 +198,9 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if dist.is_main():
         ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
     if budget is not None:
-        cfg = size_for_budget(cfg, budget, log)
+        cfg = size_for_budget(cfg, budget, log, decay_given)
     elif not resume:
-        cfg = dropout_for_passes(cfg, log)
+        cfg = regularise_for_passes(cfg, log, decay_given)
     with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
         for turn in (True, False):  # process 0 prepares the data first; the others then read its cache
             if dist.is_main() == turn:

@@ -13,8 +13,8 @@ size is also capped by the training tokens there are (best_params). Sizes come f
 64-wide heads and as many layers as heads; the rung whose parameter count is nearest to N (on a
 log scale) wins. Larger budgets and faster machines get larger models.
 
-Dropout follows the passes a run will make over its training text, for `--budget` and for any new
-Transformer run whose dropout the user left alone (dropout_for_passes).
+Dropout and weight decay follow the passes a run will make over its training text, for `--budget`
+and for any new Transformer run that leaves them alone (regularise_for_passes).
 """
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ ANCHOR_TOKENS = 320_399  # the Austen split's training tokens with BPE-4096, whi
 # scored 1.518; with weight decay 0.6, the default since 4 December, 1.497 against 1.503 with dropout 0.05.
 # With every default of 6 December, at a fixed 1,900 steps (12 passes): 1.4572 against 1.4605.)
 MANY_PASSES, MANY_PASSES_DROPOUT = 8.0, 0.1
+# And AdamW's weight decay. With every default of 6 December, seed 1337: at 880 steps (5.6 passes)
+# 0.6 / 1.0 / 1.5 gave 1.4773 / 1.4776 / 1.4881; with dropout 0.1 at 1,400 steps (9 passes) 0.6 / 1.5
+# gave 1.4633 / 1.4587, and at 1,900 steps (12 passes) 0.6 / 1.0 / 1.5 / 2.0 gave 1.4572 / 1.4511 /
+# 1.4460 / 1.4494 (seed 7: 1.4595 with 0.6, 1.4454 with 1.5).
+MANY_PASSES_WEIGHT_DECAY = 1.5
 
 
 def rung(d_model: int) -> dict:
@@ -101,9 +106,9 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dt
     return cfg.batch_size * cfg.grad_accum * T / statistics.median(times), probe.flops_per_token()
 
 
-def size_for_budget(config: RunConfig, seconds: float, log=print) -> RunConfig:
+def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True) -> RunConfig:
     """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
-    on this machine."""
+    on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
     if config.model.arch != "transformer":
         raise LmforgeError(f"--budget sizes the Transformer; for model.arch={config.model.arch!r} use --max-time")
     if not seconds > 0:
@@ -132,25 +137,34 @@ def size_for_budget(config: RunConfig, seconds: float, log=print) -> RunConfig:
     # A model's step costs about its parameter count: the chosen size reads this many passes in the budget
     passes = tokens_per_s * seconds * table["params"][DEFAULT_D_MODEL] / table["params"][size["d_model"]] \
         / max(1, len(prepared.train))
-    if "dropout" not in config.model.options:
-        _dropout_for(passes, raw, log)
+    _regularise(passes, config, raw, decay_given, log)
     return RunConfig.from_dict(raw)
 
 
-def _dropout_for(passes: float, raw: dict, log) -> None:
-    if passes > MANY_PASSES:
+def _regularise(passes: float, config: RunConfig, raw: dict, decay_given: bool, log) -> None:
+    if passes <= MANY_PASSES:
+        return
+    chosen = []
+    if "dropout" not in config.model.options:
         raw["model"]["options"]["dropout"] = MANY_PASSES_DROPOUT
-        log(f"about {passes:.0f} passes over the training text: dropout {MANY_PASSES_DROPOUT} "
-            f"(set model.dropout to choose)")
+        chosen.append(f"dropout {MANY_PASSES_DROPOUT}")
+    if not decay_given and config.train.optimizer == "adamw":
+        raw["train"]["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
+        chosen.append(f"weight decay {MANY_PASSES_WEIGHT_DECAY}")
+    if chosen:
+        log(f"about {passes:.0f} passes over the training text: {', '.join(chosen)} "
+            f"(set model.dropout or train.weight_decay to choose)")
 
 
-def dropout_for_passes(config: RunConfig, log=print) -> RunConfig:
-    """`config` with model.dropout set for the passes a new Transformer run will make over its training
-    text, when the user left the dropout alone: MANY_PASSES_DROPOUT past MANY_PASSES, else the
-    model's default. A step limit gives the passes exactly; a time limit, from this machine's speed
-    at the run's own size and settings (probe_tokens_per_s), timed only when the step limit (if
-    any) would not already keep the run under the line."""
-    if config.model.arch != "transformer" or "dropout" in config.model.options or config.finetune is not None:
+def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True) -> RunConfig:
+    """`config` with the dropout and (AdamW's) weight decay for the passes a new Transformer run will
+    make over its training text, where the user left them alone (`decay_given` False: the weight
+    decay in `config` is the family default): MANY_PASSES_DROPOUT and MANY_PASSES_WEIGHT_DECAY past
+    MANY_PASSES, else the defaults. A step limit gives the passes exactly; a time limit, from this
+    machine's speed at the run's own size and settings (probe_tokens_per_s), timed only when the
+    step limit (if any) would not already keep the run under the line."""
+    free = "dropout" not in config.model.options or (not decay_given and config.train.optimizer == "adamw")
+    if config.model.arch != "transformer" or not free or config.finetune is not None:
         return config
     cfg = config.train
     prepared = prepare_data(config)
@@ -165,5 +179,5 @@ def dropout_for_passes(config: RunConfig, log=print) -> RunConfig:
         tokens_per_s, _ = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device), size={})
         passes = min(passes, dist.sum_float(tokens_per_s) * cfg.max_time / n_train)
     raw = config.to_dict()
-    _dropout_for(passes, raw, log)
+    _regularise(passes, config, raw, decay_given, log)
     return RunConfig.from_dict(raw)
