@@ -79,11 +79,12 @@ def choose(options: dict, compute: float, tokens: int | None = None) -> tuple[di
 
 
 def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                       steps: int = 3, size: dict | None = None) -> tuple[float, int]:
+                       steps: int = 3, size: dict | None = None, warmup: int = 1,
+                       pick=statistics.median) -> tuple[float, int]:
     """Training tokens/s of the d_model 256 rung (or of `options` as they are, with size={}) on this
     machine, timed through train_step with the run's own settings (optimizer, accumulation,
-    torch.compile, dtype): the median of `steps` timed steps after one warm-up. Also returns the
-    probe's FLOPs per token."""
+    torch.compile, dtype): `pick` (the median) of `steps` timed steps after `warmup`. Also returns
+    the probe's FLOPs per token."""
     torch.manual_seed(0)
     size = rung(DEFAULT_D_MODEL) if size is None else size
     probe = build_model("transformer", **{**options, **size}).to(device).train()
@@ -92,7 +93,7 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dt
     T, V = probe.config.context_len, probe.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     times = []
-    for i in range(1 + steps):
+    for i in range(warmup + steps):
         micro = []
         for _ in range(cfg.grad_accum):
             batch = torch.randint(V, (cfg.batch_size, T + 1), generator=gen)
@@ -101,9 +102,9 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dt
         train_step(probe, forward, optimizers, micro, lm_loss, device=device, dtype=dtype, grad_clip=cfg.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - tic)
-    return cfg.batch_size * cfg.grad_accum * T / statistics.median(times), probe.flops_per_token()
+    return cfg.batch_size * cfg.grad_accum * T / pick(times), probe.flops_per_token()
 
 
 def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True) -> RunConfig:
@@ -176,7 +177,10 @@ def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True
         device = resolve_device(cfg.device)
         if device.type == "cpu":
             set_threads(cfg.threads)
-        tokens_per_s, _ = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device), size={})
+        # The fastest of four steps after two: a new process's first steps run slow for a while (fresh
+        # pages, cold caches), and a median of them read a 250-s run's 10.4 passes as under 8 once.
+        tokens_per_s, _ = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device), steps=4,
+                                             size={}, warmup=2, pick=min)
         passes = min(passes, dist.sum_float(tokens_per_s) * cfg.max_time / n_train)
     raw = config.to_dict()
     _regularise(passes, config, raw, decay_given, log)
