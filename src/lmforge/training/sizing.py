@@ -142,14 +142,20 @@ def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: b
     return RunConfig.from_dict(raw)
 
 
+def _left_to_the_rule(config: RunConfig, decay_given: bool) -> tuple[bool, bool]:
+    """Whether the passes rule may set the dropout, and the weight decay (AdamW's only)."""
+    return "dropout" not in config.model.options, not decay_given and config.train.optimizer == "adamw"
+
+
 def _regularise(passes: float, config: RunConfig, raw: dict, decay_given: bool, log) -> None:
     if passes <= MANY_PASSES:
         return
+    set_dropout, set_decay = _left_to_the_rule(config, decay_given)
     chosen = []
-    if "dropout" not in config.model.options:
+    if set_dropout:
         raw["model"]["options"]["dropout"] = MANY_PASSES_DROPOUT
         chosen.append(f"dropout {MANY_PASSES_DROPOUT}")
-    if not decay_given and config.train.optimizer == "adamw":
+    if set_decay:
         raw["train"]["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
         chosen.append(f"weight decay {MANY_PASSES_WEIGHT_DECAY}")
     if chosen:
@@ -164,8 +170,8 @@ def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True
     MANY_PASSES, else the defaults. A step limit gives the passes exactly; a time limit, from this
     machine's speed at the run's own size and settings (probe_tokens_per_s), timed only when the
     step limit (if any) would not already keep the run under the line."""
-    free = "dropout" not in config.model.options or (not decay_given and config.train.optimizer == "adamw")
-    if config.model.arch != "transformer" or not free or config.finetune is not None:
+    if config.model.arch != "transformer" or not any(_left_to_the_rule(config, decay_given)) \
+            or config.finetune is not None:
         return config
     cfg = config.train
     prepared = prepare_data(config)
