@@ -23,6 +23,21 @@ def cli_run(tmp_path_factory):
     return folder
 
 
+def test_generate_compile_falls_back_to_the_uncompiled_step_when_compiling_fails(cli_run, capsys, monkeypatch):
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    capsys.readouterr()
+    run = str(cli_run / "run")
+    assert main(["generate", run, "--prompt", "Emma", "-n", "12", "--seed", "1", "--compile", "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert "decoding step not compiled (torch.compile failed: RuntimeError: no C++ compiler found)" in err
+    assert "compiled step" not in err and len(out) == len("Emma") + 12 + 1
+
+
 def one_line_error(capsys, code, *needles):
     err = capsys.readouterr().err.strip()
     assert code == 2, err

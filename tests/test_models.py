@@ -325,6 +325,44 @@ def test_transformer_step_decodes_rows_at_different_positions(weights):
     torch.testing.assert_close(rows[1].log_softmax(-1), model(b)[0][0, 4:7].log_softmax(-1), rtol=0, atol=tolerance)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's own machinery
+def test_compiled_step_decodes_as_the_uncompiled_one_until_the_weights_change():
+    # grouped-query attention, SwiGLU and an untied head; fp16, which every CPU has
+    from lmforge.generation import Decoder
+
+    model = make("transformer", **VARIANTS["llama"], tie_embeddings=False)
+    decoder, plain = Decoder(model, "fp16"), Decoder(model, "fp16")
+    result = decoder.compile(steps=4, rounds=1, always=True)
+    if not result["compiled"] and result["why"].startswith("torch.compile failed"):
+        pytest.skip(result["why"])  # no working C++ compiler here: decoding stays uncompiled
+    assert result["compiled"] and decoder.compiled and result["max_logit_difference"] < 1e-2
+    assert result["step_us"].keys() == {"eager", "compiled"}
+
+    def decode(decoder, prompts, new):  # rows at different positions, then `new` steps of each row's own ids
+        states = [decoder.prefill(p[:, :n])[1] for p, n in prompts]
+        state, out = decoder.cat_states(states), []
+        for i in range(new):
+            ids = torch.stack([p[0, n + i] for p, n in prompts])
+            logits, state = decoder.step(ids, state)
+            out.append(logits)
+        return torch.stack(out, 1), state
+
+    a, b = tokens(batch=1, length=32, seed=4), tokens(batch=1, length=32, seed=5)
+    # one row to the end of the context; the last position (the cache's full length) steps uncompiled
+    fast, state = decode(decoder, [(a, 1)], 30)
+    slow, _ = decode(plain, [(a, 1)], 30)
+    assert state.pos == [31] and decoder.compiled
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-3)
+    torch.testing.assert_close(fast[0].log_softmax(-1), model(a)[0][0, 1:31].log_softmax(-1), rtol=0, atol=2e-3)
+    # rows at different positions step uncompiled, exactly as without compiling
+    assert torch.equal(decode(decoder, [(a, 9), (b, 4)], 5)[0], decode(plain, [(a, 9), (b, 4)], 5)[0])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # new weights: the compiled step, built from the old ones, is dropped
+    flipped, _ = decode(decoder, [(a, 1)], 8)
+    assert not decoder.compiled
+    torch.testing.assert_close(flipped, -slow[:, :8], rtol=0, atol=2e-3)
+
+
 def test_decoder_follows_weight_updates_and_steps_aside_for_adapters():
     from lmforge.finetuning.lora import apply_lora
     from lmforge.generation import Decoder

@@ -148,13 +148,15 @@ def _time_case(case: tuple, model, prompt: torch.Tensor, new_tokens: int, dev) -
 @torch.inference_mode()
 def bench_generate(archs: list[str] | None = None, model_fields: dict | None = None, batch_sizes: tuple = (1, 8),
                    new_tokens: int = 500, warmup: int = 16, rounds: int = 5, vocab_size: int | None = None,
-                   device: str = "cpu", threads: int | None = None) -> dict:
+                   device: str = "cpu", threads: int | None = None, compile: bool = False) -> dict:
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the batching engine every `lmforge generate` runs, after a warm-up; and the
     time to the first token after a 500-token prompt. The models decode as `lmforge.load` sets them up
     (on a CPU, a Transformer's steps use int8 or fp16 weights); batch 1 with the fp32 modules is timed
     too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its
-    `generate` (KV cache) is timed in the same run.
+    `generate` (KV cache) is timed in the same run. `compile`: the Transformer's compiled batch-1
+    step too (`Decoder.compile`: its compile time and step timings are reported, and batch 1 is
+    timed through it when it was kept, that is measured faster).
 
     Every case is timed once per round, all cases in turn, for `rounds` rounds; each reports its median
     (and its runs). A shared machine's speed drifts from second to second; taking turns lets the
@@ -173,10 +175,18 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
             cases[(arch, "fp32_modules")] = (Decoder(model), torch.zeros(1, 1, dtype=torch.long))
         for batch_size in batch_sizes:
             cases[(arch, str(batch_size))] = (decoder, torch.zeros(batch_size, 1, dtype=torch.long))
+        compiled = None
+        if compile and arch == "transformer":
+            fast = Decoder(model, decoder.weights)
+            compiled = fast.compile()
+            if compiled["compiled"]:  # batch 1 only: larger batches step uncompiled
+                cases[(arch, "1 compiled")] = (fast, torch.zeros(1, 1, dtype=torch.long))
         long_prompt = torch.randint(vocab_size, (1, 500))
         ttft = min(_time_case((arch,), decoder, long_prompt, 1, dev) for _ in range(3))
         results[arch] = {"params": count_params(model), "decoding": decoder.weights, "batch": {},
                          "time_to_first_token_500_s": ttft}
+        if compiled is not None:
+            results[arch]["compiled"] = {**compiled, "batch": {}}
     reference = _hf_gpt2(vocab_size, dev)
     if reference is not None:
         cases[("hf", "1")] = (reference, torch.ones(1, 1, dtype=torch.long, device=dev))
@@ -197,6 +207,8 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
             continue
         if which == "fp32_modules":
             results[arch]["batch1_fp32_modules_new_tokens_per_s"] = speed((arch, which))["new_tokens_per_s"]
+        elif which.endswith(" compiled"):
+            results[arch]["compiled"]["batch"][which.split()[0]] = speed((arch, which))
         else:
             results[arch]["batch"][which] = speed((arch, which))
     out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
@@ -207,6 +219,9 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
         if ("transformer", "1") in cases:
             ours = results["transformer"]["batch"]["1"]["new_tokens_per_s"]
             out["transformer_vs_hf_batch1"] = ours / out["reference_hf_gpt2"]["new_tokens_per_s"]
+        if ("transformer", "1 compiled") in cases:
+            ours = results["transformer"]["compiled"]["batch"]["1"]["new_tokens_per_s"]
+            out["transformer_compiled_vs_hf_batch1"] = ours / out["reference_hf_gpt2"]["new_tokens_per_s"]
     return out
 
 

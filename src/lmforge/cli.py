@@ -110,6 +110,18 @@ def cmd_finetune(args) -> int:
     return 130 if result.interrupted else 0
 
 
+def _compile_decoding(lm) -> None:
+    """--compile: compile the decoding step, and say what was measured and whether it is used."""
+    print("compiling the decoding step (seconds the first time; PyTorch caches it on disk)...", file=sys.stderr)
+    result = lm.decoder.compile()
+    times = result.get("step_us")
+    measured = f": {times['compiled']:.0f} µs a step against {times['eager']:.0f} uncompiled" if times else ""
+    if result["compiled"]:
+        print(f"decoding step compiled in {result['compile_s']:.1f} s{measured}", file=sys.stderr)
+    else:
+        print(f"decoding step not compiled ({result['why']}){measured}", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from . import api
     from .generation import SamplingConfig
@@ -123,8 +135,11 @@ def cmd_generate(args) -> int:
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
+    if args.compile:
+        _compile_decoding(lm)
     if args.verbose:
-        print(f"decoding with {lm.decoding} weights on {lm.device.type}", file=sys.stderr)
+        compiled = ", compiled step" if lm.decoder.compiled else ""
+        print(f"decoding with {lm.decoding} weights{compiled} on {lm.device.type}", file=sys.stderr)
     for i in range(args.num_samples):
         _print_out(args.prompt)
         seed = None if sampling.seed is None else sampling.seed + i
@@ -146,6 +161,8 @@ def cmd_serve(args) -> int:
     if lm.device.type == "cpu":  # the event loop needs a core of its own: with every core decoding, each streamed
         # token waits for it (on 2 cores, one torch thread served 734 tokens/s to one client against 361 with two)
         set_threads(args.threads or max(1, physical_cores() - 1))
+    if args.compile:  # after the thread count: the step is timed as it will run
+        _compile_decoding(lm)
     name = args.name or lm.run_dir.name
     settings = Settings(name, api_key=args.api_key or None, max_batch=args.max_batch, max_waiting=args.max_waiting,
                         max_tokens=args.max_tokens)
@@ -156,8 +173,9 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this machine can use it",
               file=sys.stderr)
+    compiled = ", compiled" if lm.decoder.compiled else ""
     print(f"serving {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters, {lm.decoding} "
-          f"decoding) at http://{args.host}:{args.port}/  (OpenAI API under /v1)", file=sys.stderr)
+          f"decoding{compiled}) at http://{args.host}:{args.port}/  (OpenAI API under /v1)", file=sys.stderr)
     uvicorn.run(create_app(lm, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -169,6 +187,8 @@ def cmd_chat(args) -> int:
     from .generation import SamplingConfig
 
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
+    if args.compile:
+        _compile_decoding(lm)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     run(lm, sampling, history_file=None if args.no_history else cache_root(None) / "chat_history")
     return 0
@@ -476,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (seconds once; faster steps where measured so)")
     p.add_argument("--verbose", "-v", action="store_true", help="say which weights decode")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
@@ -490,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
     p.add_argument("--max-tokens", type=int, default=2048, help="the most new tokens a request may ask for")
     p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (seconds once; faster steps where measured so)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads for decoding (default: physical cores - 1)")
     p.add_argument("--log-level", default="warning", help="uvicorn's: warning (default), info, debug")
@@ -503,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", "-n", type=int, default=200)
     p.add_argument("--seed", type=int)
     p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step (seconds once; faster steps where measured so)")
     p.add_argument("--no-history", action="store_true", help="keep no input history on disk")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_chat)
@@ -575,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--dtype", help="train: auto (what training uses: bf16 autocast where the hardware has "
                                        "bf16 units), float32 or bfloat16")
         b.add_argument("--compile", action="store_true",
-                       help="train: steps through torch.compile, as train.compile=true (compiling is in the warm-up)")
+                       help="train: steps through torch.compile, as train.compile=true (compiling is in the "
+                            "warm-up); generate: the compiled decoding step too, as generate --compile")
         if name == "serve":
             b.add_argument("--run", help="serve: the run folder to serve")
             b.add_argument("--clients", help="serve: comma-separated client counts (default 1,8,32)")

@@ -13,6 +13,7 @@ and never changes the model; `generation.Decoder` decides when to use it.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -93,6 +94,8 @@ class TransformerStep:
     which halves the bytes again and has a fast kernel there. Elsewhere fp16, for each matrix whose
     inputs and outputs provably stay within fp16's range (bounds from row norms: an input after a
     norm has length at most 1), else fp32."""
+
+    traced = False  # True in the copy that CompiledStep hands to the compiler
 
     def __init__(self, model: nn.Module, int8: bool | None = None):
         cfg = model.config
@@ -182,29 +185,39 @@ class TransformerStep:
 
     def _normed(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # x̂ = x · rsqrt(Σx² + D·eps): RMSNorm without its gain and √D, which are in the next weight
-        return (x * torch.baddbmm(self.eps_d, x.unsqueeze(1), x.unsqueeze(2)).view(-1, 1).rsqrt_()).to(dtype)
+        return (x * _inverse_norm(x, self.eps_d, self.traced)).to(dtype)
 
     def __call__(self, tokens: torch.Tensor, state) -> torch.Tensor:
         """(B,) token ids, the KV cache -> (B, V) fp32 logits; writes each row's keys and values at
         that row's position and advances state.pos. Rows may be at different positions."""
+        lo, hi = min(state.pos), max(state.pos)
+        logits = self.run(tokens, lo if lo == hi else torch.tensor(state.pos), hi + 1, state.keys, state.values)
+        state.pos = [p + 1 for p in state.pos]
+        return logits
+
+    def run(self, tokens: torch.Tensor, at: int | torch.Tensor, length: int, keys: list[torch.Tensor],
+            values: list[torch.Tensor]) -> torch.Tensor:
+        """The step itself: (B,) ids -> (B, V) logits. `at` is the position every row writes (an int),
+        or each row's own (a (B,) tensor: rows attend to their own past only, through a mask); rows
+        attend to the first `length` cache positions. Writes the new keys and values into `keys` and
+        `values` in place. In the copy that CompiledStep traces (`traced`), norms and attention are
+        spelt out in elementwise operations and sums, which the compiler fuses (PyTorch's fused
+        attention kernel and batched products are opaque to it)."""
         B = tokens.size(0)
         H, K, hd = self.heads, self.kv_heads, self.head_dim
-        lo, hi = min(state.pos), max(state.pos)
-        if lo == hi:  # every row at one position: plain slices, no mask
-            at, length, mask = lo, lo + 1, None
-            cos, sin = self.cos[lo], self.sin[lo]  # (hd,)
+        if isinstance(at, int):  # every row at one position: plain slices, no mask
+            mask = None
+            cos, sin = self.cos[at], self.sin[at]  # (hd,)
         else:
-            at = torch.tensor(state.pos)
-            length = hi + 1
-            mask = (torch.arange(length)[None, :] <= at[:, None])[:, None, None, :]  # (B, 1, 1, length)
+            mask = torch.arange(length, device=at.device)[None, :] <= at[:, None]  # (B, length)
             cos, sin = self.cos[at][:, None], self.sin[at][:, None]  # (B, 1, hd)
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=tokens.device)
         cos = torch.mul(self.cos_gains[:, None], cos).unbind(0)  # per layer: (1 or B, H + K, hd)
         sin = torch.mul(self.sin_gains[:, None], sin).unbind(0)
         x = F.embedding(tokens, self.embedding)  # (B, D): a new tensor, updated in place below
         first = None  # the first layer's values, for the value residual
         for (qkv_w, out_w, fc_w, gate_w, proj_w), cos_l, sin_l, k_cache, v_cache, b in zip(
-                self.layers, cos, sin, state.keys, state.values, self.first_weights):
+                self.layers, cos, sin, keys, values, self.first_weights):
             qkv = qkv_w(self._normed(x, qkv_w.dtype)).view(B, H + 2 * K, hd)
             v = qkv[:, H + K:]
             if first is None and self.first_weights[-1] is not None:  # only a model with the value residual
@@ -213,8 +226,7 @@ class TransformerStep:
                 v = torch.add(v.float(), first, alpha=b)
             qk = qkv[:, :H + K].float()
             # QK-norm's per-head scale, from the raw heads; its gain is in the cos and sin rows
-            scale = torch.baddbmm(self.eps_hd, qk.view(-1, 1, hd), qk.view(-1, hd, 1)).view(B, H + K, 1).rsqrt_() \
-                if self.qk_norm else None
+            scale = _inverse_norm(qk, self.eps_hd, self.traced) if self.qk_norm else None
             # RoPE (HF's rotate_half: rolling a head by half its size swaps its halves)
             qk = torch.addcmul(qk * cos_l, qk.roll(hd // 2, -1), sin_l)
             if scale is not None:
@@ -225,10 +237,8 @@ class TransformerStep:
             else:
                 k_cache[rows, :, at] = qk[:, H:]
                 v_cache[rows, :, at] = v.to(v_cache.dtype)
-            y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), k_cache[:, :, :length],
-                                               v_cache[:, :, :length], attn_mask=mask,
-                                               enable_gqa=K != H)  # (B, H, 1, hd)
-            x += out_w(y.view(B, H * hd).to(out_w.dtype))
+            y = _attention(qk[:, :H], k_cache[:, :, :length], v_cache[:, :, :length], mask, self.traced)
+            x += out_w(y.to(out_w.dtype))
             h = self._normed(x, fc_w.dtype)
             a = fc_w(h)
             if self.mlp == "relu2":
@@ -239,5 +249,60 @@ class TransformerStep:
                 a = F.silu(gate_w(h)).mul_(a)
             x += proj_w(a.to(proj_w.dtype))
         logits = self.head(self._normed(x, self.head.dtype)).float()
-        state.pos = [p + 1 for p in state.pos]
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+
+def _inverse_norm(x: torch.Tensor, eps_n: torch.Tensor, traced: bool) -> torch.Tensor:
+    """rsqrt(Σx² + n·eps) over the last dimension (of size n), keeping it. Eagerly as one batched
+    product (a single op); traced for compiling, as a sum of squares, which fuses with its neighbours."""
+    if traced:
+        return (x.square().sum(-1, keepdim=True) + eps_n.view(-1)).rsqrt()
+    n = x.size(-1)
+    return torch.baddbmm(eps_n, x.reshape(-1, 1, n), x.reshape(-1, n, 1)).view(*x.shape[:-1], 1).rsqrt_()
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               traced: bool) -> torch.Tensor:
+    """One new query per row over its cached past: q (B, H, hd), keys and values (B, K, L, hd), mask
+    (B, L) or None -> (B, H · hd), heads grouped over K key heads as in grouped-query attention."""
+    B, H, hd = q.shape
+    K = keys.size(1)
+    if not traced:
+        y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=K != H,
+                                           attn_mask=None if mask is None else mask[:, None, None, :])
+        return y.view(B, H * hd)
+    q = q.view(B, K, H // K, 1, hd)
+    scores = (q * keys.unsqueeze(2)).sum(-1) * hd ** -0.5  # (B, K, H/K, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = scores.softmax(-1).unsqueeze(-1)  # (B, K, H/K, L, 1)
+    return (weights * values.unsqueeze(2)).sum(-2).reshape(B, H * hd)
+
+
+class CompiledStep:
+    """A TransformerStep's batch-1 steps compiled by torch.compile: Inductor turns the step's
+    hundred-odd small operations into a few fused C++ loops and calls the matrix products' kernels
+    directly, so a step no longer pays PyTorch's few microseconds of dispatch per operation.
+    Compiling takes seconds (a C++ compiler must be installed; PyTorch caches the result on disk),
+    so `Decoder.compile` does it only when asked, and keeps it only where it measured it faster.
+
+    Batches of several rows step uncompiled: there the compiled step was no faster (its fused
+    attention loops lose to PyTorch's attention kernel as the rows' caches grow). The position is
+    a tensor and the attention masked, so one graph serves every position; the span attended starts
+    at 2 (the compiler specialises sizes of 1; the extra position is masked), and a step that fills
+    the cache's last position (a span as long as the cache, which it would also specialise) runs
+    uncompiled: once per refill of a full context."""
+
+    def __init__(self, step: TransformerStep):
+        self.step = step
+        traced = copy.copy(step)
+        traced.traced = True
+        self.fn = torch.compile(traced.run, dynamic=True, options={"cpp_wrapper": True})
+
+    def __call__(self, tokens: torch.Tensor, state) -> torch.Tensor:
+        length = max(state.pos[0] + 1, 2)
+        if tokens.size(0) != 1 or length >= state.keys[0].size(2):
+            return self.step(tokens, state)
+        logits = self.fn(tokens, torch.tensor(state.pos), length, state.keys, state.values)
+        state.pos = [state.pos[0] + 1]
+        return logits

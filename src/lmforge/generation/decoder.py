@@ -7,11 +7,14 @@ the model itself is never changed, and prompts always run the fp32 modules.
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn as nn
 
 from ..errors import LmforgeError
-from .cpu_step import TransformerStep, int8_matmul_available
+from .cpu_step import CompiledStep, TransformerStep, int8_matmul_available
 
 WEIGHTS = ("fp32", "fp16", "int8")
 MAX_STEP_ROWS = 32  # more rows than this take the modules (a batched product is compute-bound anyway)
@@ -37,6 +40,7 @@ class Decoder:
         self.model, self.weights, self.device = model, weights, device
         self.dtype = next(model.parameters()).dtype
         self._step: TransformerStep | None = None
+        self._compiled: CompiledStep | None = None  # set by compile(), for the weights it was built from
 
     @property
     def max_context(self) -> int | None:
@@ -55,17 +59,83 @@ class Decoder:
         if self.weights != "fp32" and tokens.size(0) <= MAX_STEP_ROWS and not self.model.training:
             fast = self._fast_step()
             if fast is not None:
+                if self._compiled is not None and self._compiled.step is fast:
+                    return self._compiled(tokens, state), state
                 return fast(tokens, state), state
         logits, state = self.model(tokens.to(self.device)[:, None], state)
         return logits[:, 0], state
 
     def _fast_step(self) -> TransformerStep | None:
         """The flat step, built once and rebuilt after any weight update; None when the model has
-        changed shape (LoRA adapters wrap its layers): the modules decode then."""
+        changed shape (LoRA adapters wrap its layers): the modules decode then. A rebuild also drops
+        the compiled step, which was built from the old weights."""
         if self._step is None or not self._step.fresh(self.model):
             self._step = TransformerStep(self.model, int8=self.weights == "int8") \
                 if TransformerStep.covers(self.model) else None
+            self._compiled = None
         return self._step
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    @torch.inference_mode()
+    def compile(self, steps: int = 32, rounds: int = 5, always: bool = False) -> dict:
+        """Compile the flat step's batch-1 steps (`cpu_step.CompiledStep`) and use them from now on if,
+        timed here against the uncompiled step, they are faster (or `always`) and give the same
+        logits; until the weights change. Returns what was measured: {"compiled": bool, "why": str,
+        "compile_s", "max_logit_difference", "step_us": {"eager", "compiled"}}. A compiler that
+        fails raises nothing: the step stays uncompiled and "why" says what failed."""
+        step = self._fast_step() if self.weights != "fp32" and not self.model.training else None
+        if step is None:
+            return {"compiled": False, "why": "only the int8/fp16 step of a plain Transformer on a CPU compiles"}
+        tic = time.perf_counter()
+        try:
+            compiled = CompiledStep(step)
+            worst = self._agreement(step, compiled)
+        except Exception as e:  # Inductor's errors have no common type: a missing compiler, a failed build
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return {"compiled": False, "why": f"torch.compile failed: {type(e).__name__}: {reason[:200]}"}
+        out = {"compile_s": round(time.perf_counter() - tic, 2), "max_logit_difference": worst}
+        if worst > 1e-2:
+            return {**out, "compiled": False, "why": "its logits differ from the uncompiled step's"}
+        times = self._step_times({"eager": step, "compiled": compiled}, steps, rounds)
+        out["step_us"] = {k: round(v * 1e6, 1) for k, v in times.items()}
+        faster = times["compiled"] < 0.95 * times["eager"]
+        if not (faster or always):
+            return {**out, "compiled": False, "why": "not faster than the uncompiled step here"}
+        self._compiled = compiled
+        return {**out, "compiled": True, "why": "faster than the uncompiled step here" if faster else "asked for"}
+
+    def _agreement(self, step: TransformerStep, compiled: CompiledStep, steps: int = 4) -> float:
+        """The largest difference between the two steps' logits, relative to the logits' size, over
+        a few batch-1 steps (which also compiles the step, so that no request waits for it later)."""
+        states = [self.model.init_state(1, self.device, self.dtype) for _ in range(2)]
+        tokens = torch.ones(1, dtype=torch.long, device=self.device)
+        worst = 0.0
+        for _ in range(min(steps, self.model.max_context - 1)):
+            a, b = step(tokens, states[0]), compiled(tokens, states[1])
+            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1.0)))
+        return worst
+
+    def _step_times(self, steps: dict, n: int, rounds: int) -> dict[str, float]:
+        """Median seconds per batch-1 step for each of `steps`, taking turns, each round from the same
+        context (up to 64 positions, leaving room in the cache for the steps)."""
+        context = self.model.max_context
+        prefix = max(1, min(64, context // 2))
+        n = max(1, min(n, context - prefix))
+        _, state = self.prefill(torch.zeros(1, prefix, dtype=torch.long, device=self.device))
+        tokens = torch.zeros(1, dtype=torch.long, device=self.device)
+        times = {name: [] for name in steps}
+        for round_ in range(rounds + 1):  # the first round warms up
+            for name, fn in steps.items():
+                state.pos = [prefix]
+                tic = time.perf_counter()
+                for _ in range(n):
+                    fn(tokens, state)
+                if round_:
+                    times[name].append((time.perf_counter() - tic) / n)
+        return {name: statistics.median(t) for name, t in times.items()}
 
     def select_state(self, state, rows: list[int]):
         return self.model.select_state(state, rows)
