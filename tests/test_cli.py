@@ -173,3 +173,4 @@ def test_budget_sizes_the_model_and_sets_the_time(tmp_path, tiny_file, capsys):
         assert (chosen["model"]["options"]["dropout"], chosen["train"]["weight_decay"]) == (0.0, 0.2)
     sized = ["train", "--out", str(tmp_path / "other"), "--budget", "2s", "model.n_layers=3"]
     one_line_error(capsys, main(sized), "model.n_layers", "--max-time")
+    assert not (tmp_path / "other").exists()  # refused before the run folder was made

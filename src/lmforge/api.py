@@ -166,7 +166,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     from .training import distributed as dist
     from .training.jobs import check, language_model_job
     from .training.loop import train as run_loop
-    from .training.sizing import regularise_for_passes, size_for_budget
+    from .training.sizing import check_budget, regularise_for_passes, size_for_budget
 
     if resume:
         if out is None:
@@ -192,6 +192,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
             log = _quiet
     if budget is not None and resume:
         raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
+    if budget is not None:
+        check_budget(cfg, budget)
     cfg = with_measured_choices(cfg, log)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -107,9 +107,8 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dt
     return cfg.batch_size * cfg.grad_accum * T / pick(times), probe.flops_per_token()
 
 
-def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True) -> RunConfig:
-    """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
-    on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
+def check_budget(config: RunConfig, seconds: float) -> None:
+    """A one-line error for a --budget that cannot size this config (before anything is written)."""
     if config.model.arch != "transformer":
         raise LmforgeError(f"--budget sizes the Transformer; for model.arch={config.model.arch!r} use --max-time")
     if not seconds > 0:
@@ -118,6 +117,12 @@ def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: b
     if taken:
         raise LmforgeError(f"--budget picks the model size, but model.{', model.'.join(taken)} is set; "
                            f"drop it, or use --max-time to keep your size")
+
+
+def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True) -> RunConfig:
+    """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
+    on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
+    check_budget(config, seconds)
     cfg = config.train
     prepared = prepare_data(config)
     options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
