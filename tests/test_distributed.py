@@ -98,3 +98,14 @@ def test_a_killed_torchrun_resumes_under_torchrun_and_alone(setup, tmp_path):
     for run in (out, alone):
         resumed = load_file(str(run / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
         assert max_diff(single, resumed) < 1e-4
+
+
+def test_a_time_limited_run_under_torchrun_evaluates_and_ends_together(setup, tmp_path):
+    # Each process times its own steps; had each counted its own training time, one would evaluate or
+    # stop while the other took another step, and both would wait for each other.
+    folder, common = setup
+    text = finish(torchrun("train", "--out", str(tmp_path / "run"), "--max-time", "4s", *common))
+    assert text.count("run: ") == 1 and "validation:" in text
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in line]
+    assert len(evals) >= 10  # a time budget evaluates every tenth of it, and once at the end

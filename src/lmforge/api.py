@@ -204,13 +204,11 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     elif not resume:
         cfg = regularise_for_passes(cfg, log, decay_given)
     with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
-        for turn in (True, False):  # process 0 prepares the data first; the others then read its cache
-            if dist.is_main() == turn:
-                if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
-                    job = finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)), log=log)
-                else:
-                    job = language_model_job(cfg, tokenizer)
-            dist.barrier()
+        if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
+            job = dist.main_first(lambda: finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)),
+                                                       log=log))
+        else:  # process 0 prepares the data first; the others then read its cache
+            job = dist.main_first(lambda: language_model_job(cfg, tokenizer))
         result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
     lm = load(result.run_dir, device=result.extra["device"])
     if final_eval and not result.interrupted:

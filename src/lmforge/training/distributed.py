@@ -78,6 +78,14 @@ def sum_float(value: float) -> float:
     return float(t.item())
 
 
+def max_float(value: float) -> float:
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_reduce_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def sum_floats(values: list[float]) -> list[float]:
     if not active():
         return values
@@ -107,6 +115,18 @@ def on_main(fn, *args) -> None:
 def barrier() -> None:
     if active():
         tdist.barrier()
+
+
+def main_first(fn):
+    """fn() on process 0 first, then on the others once it has finished, and its result: for work that
+    fills a cache (the prepared data) which the others then read instead of repeating the work at once.
+    Every process must call it."""
+    result = None
+    for turn in (True, False):
+        if is_main() == turn:
+            result = fn()
+        barrier()
+    return result
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

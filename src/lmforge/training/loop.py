@@ -156,7 +156,9 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                 state.tokens += job.batches.tokens_per_batch * cfg.grad_accum
                 elapsed = time.perf_counter() - tic
                 tuner.record(elapsed)
-                state.train_time += elapsed
+                # Every process must count the same training time: it decides the evaluations, the resume
+                # points and the end, each a step that all processes take together (or wait for forever).
+                state.train_time += dist.max_float(elapsed)
                 tokens_per_s = state.tokens / max(state.train_time, 1e-9)
                 bar.update(min(elapsed, max(0.0, bar.total - bar.n)) if cfg.max_time else 1)
                 if result.skipped:

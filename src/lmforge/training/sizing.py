@@ -124,7 +124,7 @@ def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: b
     on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
     check_budget(config, seconds)
     cfg = config.train
-    prepared = prepare_data(config)
+    prepared = dist.main_first(lambda: prepare_data(config))  # under torchrun, process 0 fills the cache
     options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -179,7 +179,7 @@ def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True
             or config.finetune is not None:
         return config
     cfg = config.train
-    prepared = prepare_data(config)
+    prepared = dist.main_first(lambda: prepare_data(config))  # under torchrun, process 0 fills the cache
     options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
     n_train = max(1, len(prepared.train))
     step_tokens = cfg.batch_size * cfg.grad_accum * resolve_config("transformer", **options).context_len
