@@ -75,9 +75,10 @@ class Chat:
 
     def describe(self) -> str:
         s = self.sampling
+        compiled = ", compiled step" if self.lm.decoder.compiled else ""
         return (f"mode {self.mode}, temperature {s.temperature}, top_p {s.top_p or 'off'}, top_k {s.top_k or 'off'}, "
                 f"max {s.max_new_tokens}, seed {s.seed if s.seed is not None else 'random'}, "
-                f"stop {s.stop or 'off'}, {self.lm.decoding} weights")
+                f"stop {s.stop or 'off'}, {self.lm.decoding} weights{compiled}")
 
     def answer(self, text: str) -> str:
         """Generate for one typed message, writing pieces as they come; returns the whole answer."""
