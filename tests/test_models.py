@@ -348,8 +348,18 @@ def test_compiled_step_decodes_as_the_uncompiled_one_until_the_weights_change():
         return torch.stack(out, 1), state
 
     a, b = tokens(batch=1, length=32, seed=4), tokens(batch=1, length=32, seed=5)
-    # one row to the end of the context; the last position (the cache's full length) steps uncompiled
-    fast, state = decode(decoder, [(a, 1)], 30)
+    # one row to the end of the context; the last position (the cache's full length) steps uncompiled.
+    # No step compiles again: not for ids made outside inference mode (as the engine's are), nor for
+    # another thread count (as the thread tuner sets)
+    from torch._dynamo.utils import counters
+
+    graphs, threads = counters["stats"]["unique_graphs"], torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        fast, state = decode(decoder, [(a, 1)], 30)
+    finally:
+        torch.set_num_threads(threads)
+    assert counters["stats"]["unique_graphs"] == graphs
     slow, _ = decode(plain, [(a, 1)], 30)
     assert state.pos == [31] and decoder.compiled
     torch.testing.assert_close(fast, slow, rtol=0, atol=2e-3)

@@ -92,7 +92,8 @@ class Decoder:
         tic = time.perf_counter()
         try:
             compiled = CompiledStep(step)
-            worst = self._agreement(step, compiled)
+            with CompiledStep.tracing():
+                worst = self._agreement(step, compiled)
         except Exception as e:  # Inductor's errors have no common type: a missing compiler, a failed build
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             return {"compiled": False, "why": f"torch.compile failed: {type(e).__name__}: {reason[:200]}"}
@@ -137,8 +138,12 @@ class Decoder:
                     times[name].append((time.perf_counter() - tic) / n)
         return {name: statistics.median(t) for name, t in times.items()}
 
+    # Under inference mode, like prefill: every cache the decoder steps is then an inference tensor (the
+    # compiled step's checks tell the kinds apart, and a state of the other kind would compile it anew).
+    @torch.inference_mode()
     def select_state(self, state, rows: list[int]):
         return self.model.select_state(state, rows)
 
+    @torch.inference_mode()
     def cat_states(self, states: list):
         return self.model.cat_states(states)
