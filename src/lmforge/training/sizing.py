@@ -78,13 +78,16 @@ def choose(options: dict, compute: float, tokens: int | None = None) -> tuple[di
     return rung(d_model), {"target_params": target, "params": counts}
 
 
-def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                       steps: int = 3, size: dict | None = None, warmup: int = 1,
+def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: dict | None = None, warmup: int = 1,
                        pick=statistics.median) -> tuple[float, int]:
     """Training tokens/s of the d_model 256 rung (or of `options` as they are, with size={}) on this
-    machine, timed through train_step with the run's own settings (optimizer, accumulation,
-    torch.compile, dtype): `pick` (the median) of `steps` timed steps after `warmup`. Also returns
-    the probe's FLOPs per token."""
+    machine, timed through train_step with the run's own settings (device, threads, dtype, optimizer,
+    accumulation, torch.compile): `pick` (the median) of `steps` timed steps after `warmup`, summed
+    over the processes under torchrun (each trains its share). Also returns the probe's FLOPs per token."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        set_threads(cfg.threads)
+    dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(0)
     size = rung(DEFAULT_D_MODEL) if size is None else size
     probe = build_model("transformer", **{**options, **size}).to(device).train()
@@ -104,7 +107,7 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, device: torch.device, dt
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - tic)
-    return cfg.batch_size * cfg.grad_accum * T / pick(times), probe.flops_per_token()
+    return dist.sum_float(cfg.batch_size * cfg.grad_accum * T / pick(times)), probe.flops_per_token()
 
 
 def check_budget(config: RunConfig, seconds: float) -> None:
@@ -119,18 +122,19 @@ def check_budget(config: RunConfig, seconds: float) -> None:
                            f"drop it, or use --max-time to keep your size")
 
 
+def _prepared(config: RunConfig):
+    """The run's prepared data (under torchrun process 0 prepares it first and the others read its cache)
+    and its model options with the tokenizer's vocabulary size."""
+    prepared = dist.main_first(lambda: prepare_data(config))
+    return prepared, {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
+
+
 def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True) -> RunConfig:
     """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
     on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
     check_budget(config, seconds)
-    cfg = config.train
-    prepared = dist.main_first(lambda: prepare_data(config))  # under torchrun, process 0 fills the cache
-    options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        set_threads(cfg.threads)
-    tokens_per_s, flops = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device))
-    tokens_per_s = dist.sum_float(tokens_per_s)  # under torchrun every process trains its share
+    prepared, options = _prepared(config)
+    tokens_per_s, flops = probe_tokens_per_s(options, config.train)
     compute = flops * tokens_per_s * seconds
     size, table = choose(options, compute, len(prepared.train))
     log(f"budget {seconds:.0f} s: this machine trains the d_model {DEFAULT_D_MODEL} model at {tokens_per_s:,.0f} "
@@ -179,20 +183,15 @@ def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True
             or config.finetune is not None:
         return config
     cfg = config.train
-    prepared = dist.main_first(lambda: prepare_data(config))  # under torchrun, process 0 fills the cache
-    options = {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
+    prepared, options = _prepared(config)
     n_train = max(1, len(prepared.train))
     step_tokens = cfg.batch_size * cfg.grad_accum * resolve_config("transformer", **options).context_len
     passes = math.inf if cfg.max_steps is None else cfg.max_steps * step_tokens / n_train  # batches are global
     if passes > MANY_PASSES and cfg.max_time is not None:
-        device = resolve_device(cfg.device)
-        if device.type == "cpu":
-            set_threads(cfg.threads)
         # The fastest of four steps after two: a new process's first steps run slow for a while (fresh
         # pages, cold caches), and a median of them read a 250-s run's 10.4 passes as under 8 once.
-        tokens_per_s, _ = probe_tokens_per_s(options, cfg, device, resolve_dtype(cfg.dtype, device), steps=4,
-                                             size={}, warmup=2, pick=min)
-        passes = min(passes, dist.sum_float(tokens_per_s) * cfg.max_time / n_train)
+        tokens_per_s, _ = probe_tokens_per_s(options, cfg, steps=4, size={}, warmup=2, pick=min)
+        passes = min(passes, tokens_per_s * cfg.max_time / n_train)
     raw = config.to_dict()
     _regularise(passes, config, raw, decay_given, log)
     return RunConfig.from_dict(raw)
