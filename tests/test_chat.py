@@ -63,3 +63,21 @@ def test_chat_in_a_terminal(served_run, tmp_path):
         child.close()
     assert child.exitstatus == 0
     assert (tmp_path / "cache" / "chat_history").read_text().count("Emma") == 2  # the history is kept
+
+
+def test_chat_commands_keep_what_was_typed(served_run):
+    from lmforge.chat import Chat
+    from lmforge.generation import SamplingConfig
+
+    said = []
+    chat = Chat(lmforge.load(served_run), SamplingConfig(20), write=said.append)
+    chat.command("/stop é")  # typed text, accents included, is the stop string as typed
+    assert chat.sampling.stop == ["é"]
+    chat.command(r"/stop \n\n")  # \n, \t and \\ are the escapes one can type
+    assert chat.sampling.stop == ["\n\n"]
+    assert chat.command(r"/stop \x")  # any other backslash is kept, and the session goes on
+    assert chat.sampling.stop == ["\\x"]
+    chat.command("/seed -1")
+    assert said[-1].startswith("cannot set seed") and chat.sampling.seed is None
+    chat.command("/stop off")
+    assert chat.sampling.stop == []

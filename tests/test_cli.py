@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+import socket
 
 import pytest
 
@@ -92,6 +93,17 @@ def test_unknown_prompt_characters_are_reported(cli_run, capsys):
     assert main(["generate", str(cli_run / "run"), "--prompt", "Emma ☃", "-n", "5"]) == 0
     err = capsys.readouterr().err
     assert "☃" in err and "<unk>" in err
+    assert main(["generate", str(cli_run / "run"), "--prompt", "Emma " * 100, "-n", "5"]) == 0
+    assert "more than the model's context of" in capsys.readouterr().err  # said, not silently cut
+
+
+def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
+    pytest.importorskip("uvicorn")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(capsys, main(["serve", str(cli_run / "run"), "--port", str(port)]), "in use", "--port")
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -99,6 +111,7 @@ def test_unknown_prompt_characters_are_reported(cli_run, capsys):
     (["generate", "{run}", "--top-p", "1.5"], ["top_p"]),
     (["generate", "{run}", "--temperature", "nan"], ["temperature"]),
     (["generate", "{run}", "--num-samples", "-1"], ["--num-samples"]),
+    (["generate", "{run}", "--seed", "-1"], ["seed", ">= 0"]),
     (["train", "--resume", "{run}", "--out", "{tmp}/elsewhere", "--max-steps", "50"], ["--resume", "--out"]),
     (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.lr=abc"], ["train.lr", "abc"]),
     (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.batch_size=abc"], ["train.batch_size", "abc"]),

@@ -80,7 +80,7 @@ def test_rows_sample_with_their_own_settings_and_generators():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(top_p=0), dict(top_p=1.5),
                                  dict(top_k=0), dict(max_new_tokens=-1), dict(max_new_tokens=2.5), dict(seed="x"),
-                                 dict(stop="."), dict(temperature=math.inf)])
+                                 dict(seed=-1), dict(stop="."), dict(temperature=math.inf)])
 def test_nonsensical_sampling_values_are_rejected(bad):
     with pytest.raises(LmforgeError):
         SamplingConfig(**bad)

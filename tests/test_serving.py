@@ -87,6 +87,9 @@ def test_chat_uses_the_documented_transcript(served, client):
     assert deltas[0].role == "assistant"
     assert "".join(d.content or "" for d in deltas) == lm.generate("User: Who is Emma?\nAssistant:", 30,
                                                                     temperature=0, stop=["\nUser:"])
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match="tools"):  # refused, not silently ignored
+        client.chat.completions.create(model="austen", messages=[{"role": "user", "content": "Hi"}], tools=[tool])
 
 
 def test_concurrent_requests_are_decoded_together_and_each_matches_its_solo_answer(served, client):
@@ -94,13 +97,13 @@ def test_concurrent_requests_are_decoded_together_and_each_matches_its_solo_answ
     results, peak = {}, []
 
     def ask(i):
-        results[i] = client.completions.create(model="austen", prompt="Emma", max_tokens=120, seed=i,
+        results[i] = client.completions.create(model="austen", prompt="Emma", max_tokens=300, seed=i,
                                                temperature=0.8).choices[0].text
 
-    def watch():
-        while len(results) < 8:
-            peak.append(httpx.get(server.url + "/health").json()["running"])
-            time.sleep(0.01)
+    def watch():  # one connection, polled as fast as it answers: the requests last well under a second
+        with httpx.Client() as http:
+            while len(results) < 8:
+                peak.append(http.get(server.url + "/health").json()["running"])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)] + [threading.Thread(target=watch)]
     for t in threads:
@@ -145,6 +148,15 @@ def test_malformed_bodies_keys_and_sizes(served):
     assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
     huge = httpx.post(server.url + "/v1/completions", content=b" " * (2 << 20), headers=auth)
     assert huge.status_code == 413
+    chunked = httpx.post(server.url + "/v1/completions", content=iter([b" " * (1 << 16)] * 32), headers=auth)
+    assert chunked.status_code == 413 and "bytes" in chunked.json()["error"]["message"]  # no length declared
+    for content, headers, message, param in [
+            (b"", auth, "body is empty", None),
+            (b'{"model": "austen", "prompt": }', auth, "not valid JSON", None),
+            (b'{"model": "austen", "prompt": 5}', auth, "prompt", "prompt"),
+            (b"Emma", {**auth, "Content-Type": "text/plain"}, "application/json", None)]:
+        error = httpx.post(server.url + "/v1/completions", content=content, headers=headers).json()["error"]
+        assert message in error["message"] and error["param"] == param, error
     assert httpx.get(server.url + "/v1/models").status_code == 401
     wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
@@ -154,7 +166,7 @@ def test_malformed_bodies_keys_and_sizes(served):
 def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
     run = served_run
     lm = lmforge.load(run)
-    server = Server(create_app(lm, Settings("austen", max_batch=1, max_waiting=0, max_tokens=2000)))
+    server = Server(create_app(lm, Settings("austen", max_batch=1, max_waiting=0, max_tokens=100_000)))
     try:
         body = {"model": "austen", "prompt": "Emma", "max_tokens": 2000, "stream": True, "ignore_eos": True}
         with httpx.Client(timeout=30) as http:
@@ -165,12 +177,22 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
                 assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
                 assert httpx.get(server.url + "/health").json()["active"] == 1
             # the stream was closed mid-way: its slot frees at once, long before 2,000 tokens
-        deadline = time.time() + 5
-        while httpx.get(server.url + "/health").json()["active"] and time.time() < deadline:
-            time.sleep(0.02)
-        assert httpx.get(server.url + "/health").json()["active"] == 0
+        def freed() -> bool:
+            deadline = time.time() + 5
+            while httpx.get(server.url + "/health").json()["active"] and time.time() < deadline:
+                time.sleep(0.02)
+            return httpx.get(server.url + "/health").json()["active"] == 0
+
+        assert freed()
+        with pytest.raises(httpx.ReadTimeout):  # a whole answer waited for, then given up: the same
+            httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 100_000},
+                       timeout=1.0)
+        assert freed()
         again = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 5})
         assert again.status_code == 200
+        # more choices than the server ever decodes at once: no retry can help, so a 400 that says so
+        too_many = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "n": 2})
+        assert too_many.status_code == 400 and "at most 1" in too_many.json()["error"]["message"]
     finally:
         server.stop()
 

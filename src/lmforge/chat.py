@@ -9,6 +9,7 @@ completion run answers each message in its template, and `/mode chat` keeps a co
 """
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from dataclasses import replace
@@ -24,6 +25,14 @@ HELP = """commands:
   /eos on|off      stop at the end-of-text token (off: write on to /max tokens)
   /reset           forget the conversation                /settings   show the settings
   /help            this list                              /quit       leave (or Ctrl-D)"""
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` as typed at the prompt; every other character, backslashes included, as it is."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 class Chat:
@@ -56,7 +65,7 @@ class Chat:
             self.sampling = replace(self.sampling, ignore_eos=arg == "off")
             self.write(f"eos {arg}\n")
         elif name == "stop":
-            self.sampling = replace(self.sampling, stop=[] if arg in ("", "off") else [arg.encode().decode("unicode_escape")])
+            self.sampling = replace(self.sampling, stop=[] if arg in ("", "off") else [unescape(arg)])
             self.write(f"stop {self.sampling.stop or 'off'}\n")
         elif name in numbers:
             field, kind = numbers[name]

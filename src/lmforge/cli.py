@@ -135,6 +135,12 @@ def cmd_generate(args) -> int:
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
+    length, limit = len(lm.prompt_ids(args.prompt)), lm.decoder.max_context
+    if limit is not None and length > limit:
+        from .generation.engine import refill_length
+
+        print(f"note: the prompt is {length} tokens, more than the model's context of {limit}; it is continued "
+              f"from its last {refill_length(limit)} tokens", file=sys.stderr)
     if args.compile:
         _compile_decoding(lm)
     if args.verbose:
@@ -150,6 +156,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_port(host: str, port: int) -> None:
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+            s.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise LmforgeError(f"port {port} on {host} is in use (another server?); stop it or choose another "
+                               f"with --port") from None
+        raise LmforgeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check --host and --port") from None
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -157,6 +179,7 @@ def cmd_serve(args) -> int:
     from .device import physical_cores, set_threads
     from .serving.app import Settings, create_app
 
+    _check_port(args.host, args.port)  # before the model loads: a taken port is a one-line error, at once
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     if lm.device.type == "cpu":  # the event loop needs a core of its own: with every core decoding, each streamed
         # token waits for it (on 2 cores, one torch thread served 734 tokens/s to one client against 361 with two)

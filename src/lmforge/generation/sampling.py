@@ -36,7 +36,8 @@ class SamplingConfig:
              f"top_k must be a whole number >= 1, got {self.top_k!r}"),
             (self.top_p is None or (number(self.top_p) and 0.0 < self.top_p <= 1.0),
              f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (self.seed is None or number(self.seed, True), f"seed must be a whole number, got {self.seed!r}"),
+            (self.seed is None or (number(self.seed, True) and 0 <= self.seed < 2**64),
+             f"seed must be a whole number >= 0, got {self.seed!r}"),
             (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop),
              f"stop must be a list of strings, got {self.stop!r}"),
         ]

@@ -61,21 +61,13 @@ def create_app(lm, settings: Settings) -> FastAPI:
     app.state.lm, app.state.settings = lm, settings
     app.state.worker = Worker(lm, settings.max_batch, settings.max_waiting)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(LmforgeError, _lmforge_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key; send the header "
-                                               "'Authorization: Bearer <key>'", "invalid_request_error",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
@@ -173,6 +165,10 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
         for j in range(body.n):
             index = p * body.n + j
             jobs.append((index, text, ids, sampling_for(body, settings, lm, ids, index, chat)))
+    most = settings.max_batch + settings.max_waiting
+    if len(jobs) > most:  # waiting cannot help: refuse for good, not with a 429
+        raise APIError(400, f"this request asks for {len(jobs)} completions (n times the prompts); this server "
+                            f"holds at most {most} at once", param="n")
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     streams = [Stream(worker) for _ in jobs]
     try:
@@ -354,16 +350,31 @@ async def _lmforge_error(request: Request, exc: LmforgeError):
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {}
-    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    # a union's alternatives are named in the location ("prompt", "list[int]"): the field is what came before
+    where = [str(part) for part in loc if isinstance(part, int) or part.isidentifier() and part not in _TYPE_NAMES]
+    param = ".".join(where) or None
     message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+        message, param = "the request body is not valid JSON", None
+    elif not where and first.get("type") == "missing":
+        message = "the request body is empty; send a JSON object (Content-Type: application/json)"
+    elif not where and first.get("type") != "value_error":  # not an object (a value error: one of the checks)
+        message = "the request body must be a JSON object, sent with Content-Type: application/json"
     elif first.get("type") == "missing":
-        message = f"{'.'.join(where)} is required"
-    elif where:
-        message = f"{'.'.join(where)}: {message}"
-    return JSONResponse(error_body(message, "invalid_request_error", ".".join(where) or None), status_code=400)
+        message = f"{param} is required"
+    elif len(where) < len(loc):
+        message = f"{param} must be {_ACCEPTED.get(where[-1], 'of another type; see the OpenAI API reference')}"
+    else:
+        message = f"{param}: {message}"
+    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+_ACCEPTED = {"prompt": "a string, a list of strings, a list of token ids or a list of such lists",
+             "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -372,6 +383,26 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 async def _unexpected_error(request: Request, exc: Exception):
     return JSONResponse(error_body(f"internal error ({type(exc).__name__})", "server_error"), status_code=500)
+
+
+class ApiKey:
+    """Every /v1/ request must carry `Authorization: Bearer <key>`; the page and /health need none.
+
+    A plain ASGI middleware (not `@app.middleware`): it hands the endpoint the server's own `receive`,
+    so a request still sees at once when its client has gone.
+    """
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                message = "missing or wrong API key; send the header 'Authorization: Bearer <key>'"
+                return await _send_json(send, 401, error_body(message, "invalid_request_error",
+                                                              code="invalid_api_key"))
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -386,29 +417,34 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
-        seen = 0
+        seen, refused = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
+                if seen > self.limit:  # answer now; to the endpoint, the client has gone
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def guarded(message):  # what the endpoint answers after a refusal goes nowhere
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
 
     async def _refuse(self, send):
-        body = json.dumps(error_body(f"the request body is over {self.limit} bytes", "invalid_request_error",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, error_body(f"the request body is over {self.limit} bytes", "invalid_request_error",
+                                               code="request_too_large"))
 
 
-class _TooLarge(Exception):
-    pass
+async def _send_json(send, status: int, content: dict) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -85,3 +85,15 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _chat_only(self):
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name} (function calling) is not supported by this server; leave it out")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format other than text is not supported by this server; leave it out")
+        return self
