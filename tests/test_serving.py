@@ -79,14 +79,14 @@ def test_chat_uses_the_documented_transcript(served, client):
         max_tokens=30, temperature=0)
     prompt = "Austen\n\nUser: Who is Emma?\nAssistant:"
     assert lm.chat_prompt([("system", "Austen"), ("user", "Who is Emma?")]) == (prompt, ["\nUser:"])
-    expected = lm.generate(prompt, 30, temperature=0, stop=["\nUser:"])
+    expected = lm.generate(prompt, 30, temperature=0, stop=["\nUser:"]).lstrip()  # from its first character
     assert answer.choices[0].message.content == expected and answer.choices[0].message.role == "assistant"
     streamed = client.chat.completions.create(model="austen", messages=[{"role": "user", "content": "Who is Emma?"}],
                                               max_tokens=30, temperature=0, stream=True)
     deltas = [c.choices[0].delta for c in streamed if c.choices]
     assert deltas[0].role == "assistant"
     assert "".join(d.content or "" for d in deltas) == lm.generate("User: Who is Emma?\nAssistant:", 30,
-                                                                    temperature=0, stop=["\nUser:"])
+                                                                    temperature=0, stop=["\nUser:"]).lstrip()
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError, match="tools"):  # refused, not silently ignored
         client.chat.completions.create(model="austen", messages=[{"role": "user", "content": "Hi"}], tools=[tool])
@@ -213,6 +213,6 @@ def test_a_completion_run_chats_in_its_own_template(served_run, tmp_path):
                                               max_tokens=12, temperature=0)
         completion = client.completions.create(model="tuned", prompt="say 1", max_tokens=12, temperature=0)
         expected = lm.generate("say 1", 12, temperature=0)  # what `lmforge generate` and the API give
-        assert chat.choices[0].message.content == expected == completion.choices[0].text
+        assert chat.choices[0].message.content == expected.lstrip() and completion.choices[0].text == expected
     finally:
         server.stop()

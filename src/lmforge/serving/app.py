@@ -187,7 +187,7 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
     for stream, (index, text, _, _), out in zip(streams, jobs, texts):
         completion_tokens += len(stream.request.new_ids)
         if chat:
-            choices.append({"index": index, "message": {"role": "assistant", "content": out},
+            choices.append({"index": index, "message": {"role": "assistant", "content": out.lstrip()},
                             "finish_reason": stream.finish_reason, "logprobs": None})
         else:
             choices.append({"index": index, "text": (text if body.echo else "") + out, "logprobs": None,
@@ -274,6 +274,7 @@ async def sse(streams, jobs, body, rid: str, created: int, chat: bool, include_u
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
     merged: asyncio.Queue = asyncio.Queue()
+    begun = [not chat] * len(streams)  # a reply starts at its first visible character (after "Assistant:")
 
     async def forward(i: int, stream: Stream):
         async for piece in stream.pieces():
@@ -297,7 +298,11 @@ async def sse(streams, jobs, body, rid: str, created: int, chat: bool, include_u
                     reason = "stop"
                 yield event([choice(index, "", reason)])
             else:
-                yield event([choice(index, piece)])
+                if not begun[i]:
+                    piece = piece.lstrip()
+                    begun[i] = bool(piece)
+                if piece:
+                    yield event([choice(index, piece)])
         if include_usage:
             prompt_tokens = sum(len(ids) for _, _, ids, _ in jobs[::body.n])
             completion = sum(len(s.request.new_ids) for s in streams)
