@@ -277,3 +277,10 @@ def test_cli_missing_base_and_bad_verbs(base, tmp_path, capsys):
     one_line_error(capsys, main(["export", "hf", str(base / "base"), str(tmp_path / "x")]), "neither GPT-2 nor Llama")
     one_line_error(capsys, main(["data", "poems", "--out", str(tmp_path / "p.jsonl"), "--more", str(tmp_path)]),
                    "authors")
+    from conftest import MORE
+
+    (tmp_path / "p.jsonl").write_text("kept\n")
+    for chars, needle in (("-5", "at least"), ("100000000", "smaller --passage-chars")):  # not an empty dataset
+        one_line_error(capsys, main(["data", "authors", "--out", str(tmp_path / "p.jsonl"), "--more", str(MORE),
+                                     "--passage-chars", chars]), needle)
+    assert (tmp_path / "p.jsonl").read_text() == "kept\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import write_error, write_text
 from ..errors import LmforgeError
 from .sources import read_sources
 
@@ -25,6 +26,7 @@ AUTHORS = {
 }
 REGIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
 CAPS = {"train": 300, "val": 40, "test": 100}  # passages per author and split (evenly spread over its books)
+MIN_PASSAGE = 20
 SKIP_CHARS = 2000  # the opening holds the title line, which names the author
 
 
@@ -51,6 +53,9 @@ def even(items: list, n: int) -> list:
 
 def author_rows(more, passage_chars: int = 600, caps: dict | None = None) -> list[dict]:
     caps = caps or CAPS
+    if not isinstance(passage_chars, int) or passage_chars < MIN_PASSAGE:
+        raise LmforgeError(f"--passage-chars must be at least {MIN_PASSAGE} (a passage of a few words), "
+                           f"got {passage_chars}; the default is 600")
     more = Path(more)
     if not more.is_dir():
         raise LmforgeError(f"--more {more} is not a folder; point it at the folder of extra Gutenberg novels "
@@ -66,6 +71,9 @@ def author_rows(more, passage_chars: int = 600, caps: dict | None = None) -> lis
                 start, end = SKIP_CHARS + int(body * lo), SKIP_CHARS + int(body * hi)
                 found += [{"text": text[a:b], "label": author, "split": split, "book": Path(book).name,
                            "start": a, "end": b} for a, b in passages(text, start, end, passage_chars)]
+            if not found:
+                raise LmforgeError(f"no {split} passage of {passage_chars} characters fits in {author}'s books; "
+                                   f"choose a smaller --passage-chars (the default is 600)")
             rows += even(found, caps[split])
     return rows
 
@@ -76,6 +84,9 @@ def write_authors(out, more, passage_chars: int = 600) -> dict:
     if out.suffix != ".jsonl":
         raise LmforgeError(f"--out {out} must end in .jsonl")
     rows = author_rows(more, passage_chars)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))  # whole or not at all
     return {s: sum(r["split"] == s for r in rows) for s in REGIONS}
