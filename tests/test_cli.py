@@ -76,8 +76,13 @@ def test_train_generate_eval_end_to_end(cli_run, capsys):
     deep.parent.mkdir()
     deep.write_text((cli_run / "tiny.txt").read_text())
     assert main(["eval", run, "--text", str(deep)]) == 0
-    row = capsys.readouterr().out.splitlines()[2]
+    out = capsys.readouterr().out
+    row = out.splitlines()[2]
     assert row.startswith("…") and row.split()[0].endswith("/austen-emma-chapter-one.txt"), row
+    assert "lower bound" not in out
+    (cli_run / "snow.txt").write_text("Emma ☃☃☃ snow")  # characters the run never saw: the figure flatters
+    assert main(["eval", run, "--text", str(cli_run / "snow.txt")]) == 0
+    assert "a lower bound" in capsys.readouterr().out
 
 
 def test_prepare_reports_and_reuses_its_cache(tmp_path, tiny_file, capsys):
@@ -119,6 +124,7 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["generate", "{tmp}", "--prompt", "x"], ["not an lmforge run"]),
     (["generate", "{tmp}/nowhere"], ["does not exist"]),
     (["eval", "{run}", "--text", "{tmp}/missing.txt"], ["missing.txt"]),
+    (["eval", "{run}", "--adapt-lr", "0.1"], ["--adapt"]),
     (["train", "--out", "{tmp}/r", "--tokenizer", "klingon", "--max-steps", "1"], ["klingon", "char"]),
     (["train", "--out", "{tmp}/r", "--arch", "rnnx", "--max-steps", "1"], ["rnnx", "transformer"]),
     (["train", "--out", "{tmp}/r", "--max-steps", "1", "model.d_modle=3"], ["d_modle"]),

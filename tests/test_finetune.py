@@ -12,6 +12,7 @@ from lmforge.data.examples import inputs_targets
 from lmforge.errors import LmforgeError
 from lmforge.finetuning.lora import LoRALinear, apply_lora, merge_lora
 from lmforge.models import build_model
+from lmforge.training.plots import read_metrics
 from lmforge.training.step import lm_loss
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_len": 32}
@@ -171,6 +172,11 @@ def test_completion_runs_generate_with_their_template_through_cli_and_api(base, 
     untemplated = generate(lm.decoder, lm.tokenizer, lm.tokenizer.encode("say 1"),
                            lmforge.generation.SamplingConfig(12, 0.0)).text
     assert untemplated != api_text
+    # `lmforge eval` scores what the run learnt: its held-out completions, as its own validation did
+    best = min(r["val_bpb"] for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r)
+    assert summary["completion_bits_per_byte"] == pytest.approx(best, abs=0.02)
+    assert main(["eval", str(run)]) == 0
+    assert f"{summary['completion_bits_per_byte']:.4f} bits per completion byte" in capsys.readouterr().out
 
 
 def test_classification_head_learns_a_separable_task(base, capsys):
@@ -206,6 +212,8 @@ def test_classification_head_learns_a_separable_task(base, capsys):
     assert capsys.readouterr().out.startswith("b\t")
     assert main(["classify", str(run)]) == 2
     assert capsys.readouterr().err == "error: nothing to classify; give texts after the run, or --file FILE\n"
+    assert main(["eval", str(run)]) == 0  # a classifier's own figures, not its texts scored as language
+    assert capsys.readouterr().out.startswith(f"held-out ({summary['n']} examples): accuracy")
 
 
 def test_author_split_has_no_overlap(gutenberg_dir):
@@ -258,9 +266,11 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
     (["--mode", "partial"], ["mode 'partial'", "full, freeze, lora"]),
     (["--task", "summarise"], ["task 'summarise'"]),
     (["--mode", "freeze", "--freeze-layers", "9"], ["--freeze-layers"]),
+    (["--lora-rank", "4"], ["--lora-rank", "--mode lora"]),  # an option of another mode: refused, not ignored
+    (["--mode", "lora", "--pooling", "last"], ["--pooling", "--task classify"]),
     (["--mode", "lora", "--lora-targets", "tok_emb"], ["tok_emb", "qkv"]),
     (["--task", "classify"], [".jsonl"]),
-    (["--set", "model.d_model=8"], ["--set"]),
+    (["--set", "model.d_model=8"], ["--set", "model settings cannot be set here"]),
     (["--set", "train.lr=abc"], ["train.lr", "a number", "abc"]),
 ])
 def test_finetune_cli_bad_inputs(base, argv, needles, capsys):
@@ -272,6 +282,8 @@ def test_finetune_cli_bad_inputs(base, argv, needles, capsys):
 def test_cli_missing_base_and_bad_verbs(base, tmp_path, capsys):
     missing = main(["finetune", str(tmp_path / "nope"), "--data", str(base / "new.txt")])
     one_line_error(capsys, missing, "does not exist")
+    one_line_error(capsys, main(["finetune", "--resume", str(base / "base"), "--mode", "lora", "--lr", "0.1"]),
+                   "--resume continues", "--mode, --lr")
     one_line_error(capsys, main(["import", "onnx", str(tmp_path), "--out", str(tmp_path / "r")]), "hf")
     one_line_error(capsys, main(["import", "hf", str(tmp_path), "--out", str(tmp_path / "r")]), "config.json")
     one_line_error(capsys, main(["export", "hf", str(base / "base"), str(tmp_path / "x")]), "neither GPT-2 nor Llama")

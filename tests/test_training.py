@@ -131,6 +131,29 @@ def test_resume_with_a_conflicting_model_is_refused(run):
         lmforge.train(None, out=result.run_dir, resume=True, overrides=["model.d_model=64"], log=quiet)
 
 
+def test_an_extended_run_that_is_interrupted_continues_to_its_new_budget(run, tmp_path):
+    import shutil
+
+    from lmforge import checkpoint as ckpt
+
+    _, result = run
+    run_dir = shutil.copytree(result.run_dir, tmp_path / "extended")
+    with pytest.raises(LmforgeError, match="train.lr"):  # not the same run any more: refused, not ignored
+        lmforge.train(None, out=run_dir, resume=True, overrides=["train.lr=0.5"], log=quiet)
+    target = result.steps + 6
+
+    def interrupt(step):
+        if step == result.steps + 2:
+            raise KeyboardInterrupt
+
+    _, stopped = lmforge.train(None, out=run_dir, resume=True, overrides=[f"train.max_steps={target}"], log=quiet,
+                               on_step=interrupt)
+    assert stopped.interrupted and ckpt.read_config(run_dir)["train"]["max_steps"] == target
+    _, done = lmforge.train(None, out=run_dir, resume=True, log=quiet, final_eval=False)  # as the run's message says
+    assert done.steps == target
+    lmforge.load(run_dir)  # the manifest still vouches for the rewritten config.json
+
+
 def test_training_into_an_existing_run_is_refused_and_leaves_it_intact(run, tiny_file, tmp_path):
     _, result = run
     before = (result.run_dir / "model.safetensors").read_bytes()
@@ -246,6 +269,8 @@ def test_schedules_warm_up_then_hold_and_decay_or_follow_a_cosine():
     assert lr_factor(50, 0.5, cosine) == pytest.approx(0.55) and lr_factor(99, 1.0, cosine) == pytest.approx(0.1)
     values = [lr_factor(s, s / 100, cosine) for s in range(10, 100)]
     assert values == sorted(values, reverse=True)
+    short = TrainConfig(max_steps=40, warmup_steps=100, decay_fraction=0.3, min_lr_ratio=0.1)  # shorter than its warm-up
+    assert lr_factor(20, 0.5, short) == pytest.approx(0.21) and lr_factor(39, 1.0, short) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("muon", "wsd"), ("adamw", "cosine"), ("muon", "cosine")])
@@ -341,7 +366,7 @@ def test_every_family_trains_through_the_same_loop(arch, tiny_file, tmp_path):
                                                            ("lstm", 3e-3, 0.1, 1.0, 20), ("cnn", 3e-3, 0.1, 1.0, 20)])
 def test_an_unset_rate_decay_and_warm_up_are_the_familys_own_and_the_run_records_them(arch, lr, decay, scale, warmup,
                                                                                      tiny_file, tmp_path):
-    config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=10)
+    config = tiny_config(tiny_file, tmp_path / "cache", arch=arch, steps=40)  # its first log row, before any decay
     del config["train"]["lr"], config["train"]["warmup_steps"]
     config["train"].pop("weight_decay", None)
     _, result = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)
@@ -349,7 +374,8 @@ def test_an_unset_rate_decay_and_warm_up_are_the_familys_own_and_the_run_records
     assert (recorded["lr"], recorded["weight_decay"], recorded["embedding_lr_scale"]) == (lr, decay, scale)
     assert recorded["warmup_steps"] == warmup
     first = read_metrics(result.run_dir / "metrics.jsonl")[0]
-    assert (first["step"], first["lr"]) == (10, pytest.approx(10 / warmup))  # ten steps into the family's warm-up
+    assert (first["step"], first["lr_factor"]) == (10, pytest.approx(10 / warmup))  # ten steps into the warm-up
+    assert first["lr"] == pytest.approx(lr * 10 / warmup)  # the rate itself, as config.json's lr names it
     model = build_model(arch, **{k: v for k, v in config["model"].items() if k != "arch"}, vocab_size=40)
     groups = build_optimizers(model, TrainConfig(max_steps=1))[0].param_groups
     # hidden matrices, then the embeddings (and head) at their own rate; norms and biases never decay

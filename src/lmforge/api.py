@@ -264,18 +264,26 @@ def finetune(base, data, out=None, *, task: str = "lm", mode: str = "full", max_
     return train(config, out, log=log)
 
 
+# What a resumed run may change: its budget and how it runs here (threads, device, progress, resume
+# points, the printed sample). Anything else (the learning rate, the seed, the batch...) would not
+# continue the same run.
+RESUME_MAY_CHANGE = {"max_steps", "max_time", "threads", "device", "compile", "progress", "checkpoint_interval",
+                     "checkpoint_time", "keep_checkpoints", "sample_prompt", "sample_tokens", "parallel"}
+
+
 def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None) -> RunConfig:
-    """The run's own config, with the caller's changes to the training budget and schedule; changes to
-    the data, tokenizer, model or fine-tuning setup would not continue the same run, and are refused."""
+    """The run's own config, with the caller's changes to the training budget and to how it runs;
+    changes to the data, tokenizer, model, optimisation or fine-tuning setup would not continue the
+    same run, and are refused."""
     stored = ckpt.read_config(run_dir)
     base = {k: stored[k] for k in ("data", "tokenizer", "train", "finetune") if stored.get(k) is not None}
     base["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}
     changes = merge(as_raw(config), parse_overrides(overrides or []))
     conflicts = []
     for section, values in changes.items():
-        if section == "train":
-            continue
         for key, value in values.items():
+            if section == "train" and key in RESUME_MAY_CHANGE:
+                continue
             have = stored.get(section, {}) or {}
             have = have.get("options", {}).get(key, have.get(key)) if section in ("model", "tokenizer") and \
                 key not in ("arch", "kind") else have.get(key)

@@ -133,8 +133,28 @@ def write_manifest(folder: Path, names: list[str]) -> None:
     files = {}
     for name in names:
         data = (folder / name).read_bytes()
-        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        files[name] = _file_entry(data)
     write_json(folder / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
+
+
+def _file_entry(data: bytes) -> dict:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def replace_listed(folder: Path, name: str, text: str) -> None:
+    """Rewrite a file the manifest lists, never leaving the pair mismatched: the manifest first accepts
+    the old and new contents, then the file changes, then the manifest holds the new one alone. An
+    interruption at any point leaves a file the manifest accepts."""
+    path = folder / MANIFEST
+    manifest = read_json(path, "manifest") if path.exists() else None
+    if manifest is None or name not in (manifest.get("files") or {}):
+        write_text(folder / name, text)
+        return
+    old = manifest["files"][name]
+    new = _file_entry(text.encode("utf-8"))
+    write_json(path, {**manifest, "files": {**manifest["files"], name: {**new, "or": [old]}}})
+    write_text(folder / name, text)
+    write_json(path, {**manifest, "files": {**manifest["files"], name: new}})
 
 
 def check_manifest(folder: Path) -> None:
@@ -147,7 +167,9 @@ def check_manifest(folder: Path) -> None:
         file = folder / name
         if not file.exists():
             raise LmforgeError(f"{file} is missing; the run folder is incomplete (restore it or re-run training)")
-        if not isinstance(entry, dict) or hashlib.sha256(file.read_bytes()).hexdigest() != entry.get("sha256"):
+        accepted = [entry] + list(entry.get("or") or []) if isinstance(entry, dict) else []
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        if not any(isinstance(e, dict) and e.get("sha256") == digest for e in accepted):
             raise LmforgeError(f"{file} is damaged: it does not match its checksum in {MANIFEST}; restore it from "
                                f"a copy or re-run training")
 
@@ -255,6 +277,18 @@ def save_config(run_dir: Path, config: RunConfig, model_fields: dict, extra: dic
     data["model"] = {"arch": config.model.arch, "options": model_fields}
     data.update(extra or {})
     write_json(run_dir / CONFIG, data)
+
+
+def update_config(run_dir: Path, config: RunConfig, model_fields: dict) -> bool:
+    """A resumed run's config.json, brought up to date with what it now runs (a longer budget, say),
+    keeping what else the file holds; True when it changed."""
+    path = run_dir / CONFIG
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    data = {**stored, **config.to_dict(), "model": {"arch": config.model.arch, "options": model_fields}}
+    if data == stored:
+        return False
+    replace_listed(run_dir, CONFIG, json.dumps(data, indent=2) + "\n")
+    return True
 
 
 def read_config(run_dir: Path) -> dict:

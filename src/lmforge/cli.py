@@ -89,14 +89,27 @@ def cmd_finetune(args) -> int:
     from .config import parse_duration
 
     if args.resume:
-        lm, result = api.train(None, args.resume, resume=True, overrides=_flag_overrides(args, {
+        setup = [flag for flag, value in (("BASE", args.base), ("--data", args.data), ("--out", args.out),
+                                          ("--mode", args.mode), ("--task", args.task), ("--lr", args.lr),
+                                          ("--freeze-layers", args.freeze_layers), ("--lora-rank", args.lora_rank),
+                                          ("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
+                                          ("--lora-targets", args.lora_targets), ("--pooling", args.pooling),
+                                          ("--template", args.template), ("--from-scratch", args.from_scratch or None),
+                                          ("--encoding", args.encoding), ("--errors", args.errors))
+                 if value is not None]
+        if setup:
+            raise LmforgeError(f"--resume continues the fine-tune as it was set up; drop {', '.join(setup)} (only "
+                               f"--max-time, --max-steps and --set train.threads=... and the like may change), or "
+                               f"start a new fine-tune with another --out")
+        lm, result = api.train(None, args.resume, resume=True, overrides=(args.set or []) + _flag_overrides(args, {
             "max_steps": "train.max_steps"}) + ([f"train.max_time={parse_duration(args.max_time)}"]
-                                               if args.max_time else []))
+                                               if args.max_time else
+                                               ["train.max_time=0"] if args.max_steps is not None else []))
     else:
         if not args.base or not args.data:
             raise LmforgeError("finetune needs a base run and --data (or --resume RUN to continue one)")
         lm, result = api.finetune(
-            args.base, args.data, args.out, task=args.task, mode=args.mode, lr=args.lr,
+            args.base, args.data, args.out, task=args.task or "lm", mode=args.mode or "full", lr=args.lr,
             max_time=parse_duration(args.max_time), max_steps=args.max_steps,
             overrides=(args.set or []) + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors"}),
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -104,7 +117,7 @@ def cmd_finetune(args) -> int:
             from_scratch=args.from_scratch or None,
             lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
     print(f"run: {result.run_dir}  {result.steps} steps, {result.extra['trainable_params']:,} trainable parameters")
-    for key in ("val_bits_per_byte", "accuracy", "macro_f1"):
+    for key in ("val_bits_per_byte", "completion_bits_per_byte", "accuracy", "macro_f1"):
         if key in result.extra:
             print(f"{key}: {result.extra[key]:.4f}")
     return 130 if result.interrupted else 0
@@ -224,13 +237,34 @@ def cmd_eval(args) -> int:
 
     if dist.launched():  # torchrun -m lmforge eval: the processes share the scoring
         args.device = str(dist.start(resolve_device(args.device)))
+    if not args.adapt and (args.adapt_lr is not None or args.adapt_lora):
+        raise LmforgeError("--adapt-lr and --adapt-lora set up --adapt; add --adapt, or drop them")
     lm = api.load(args.run, device=args.device)
+    task = (lm.config.get("finetune") or {}).get("task")
+    if task in ("classify", "completion") and not args.text and not args.report:
+        if args.adapt:
+            raise LmforgeError(f"--adapt scores text; give it with --text FILE (this {task} run's own figures come "
+                               f"without --adapt)")
+        from .finetuning.run import finetune_results
+
+        result = finetune_results(lm, log=lambda *_: None)
+        if dist.is_main():  # the task's own figures, on its held-out rows, as the run reported them
+            if args.json:
+                print(json.dumps(result, indent=2))
+            elif task == "classify":
+                print(f"held-out ({result['n']} examples): accuracy {result['accuracy']:.1%}, "
+                      f"macro-F1 {result['macro_f1']:.3f}")
+            else:
+                print(f"held-out ({result['n']} pairs): {result['completion_bits_per_byte']:.4f} bits per "
+                      f"completion byte")
+        return 0
     if args.report:
         from pathlib import Path
 
         from .evaluation.report import write_report
 
-        write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed)
+        write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed,
+                     progress=sys.stderr.isatty())  # bars for a person watching, not in a log file
         return 0
     if args.text:
         from .data import read_sources
@@ -262,6 +296,8 @@ def cmd_eval(args) -> int:
               f"{r['top5_accuracy']:>7.1%} {r['tokens']:>9,} {r['bytes']:>10,}")
     if "ppmd8_bits_per_byte" in result:
         print(f"PPMd order 8, after the run's training text: {result['ppmd8_bits_per_byte']:.4f} bits per byte")
+    if result.get("bits_per_byte_is_lower_bound"):
+        print(f"(a lower bound: {result['unknown_rate']:.2%} of the tokens are <unk>, whose spelling costs nothing)")
     return 0
 
 
@@ -486,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="continue training a run on new data (full, freeze or lora)")
     p.add_argument("base", nargs="?", help="the base run folder")
     p.add_argument("--data", nargs="+", help="text sources (lm) or one .jsonl (classify, completion)")
-    p.add_argument("--mode", default="full", help="full, freeze or lora (default full)")
-    p.add_argument("--task", default="lm", help="lm, completion or classify (default lm)")
+    p.add_argument("--mode", help="full, freeze or lora (default full)")
+    p.add_argument("--task", help="lm, completion or classify (default lm)")
     p.add_argument("--out", help="run folder (default runs/<base>-<task>-<mode>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted fine-tuning run")
     p.add_argument("--max-time", help="training time budget, e.g. 60, 90s, 5m (default 60 s)")

@@ -361,6 +361,9 @@ def parse_overrides(items: list[str], sections=tuple(SECTION_TYPES), what: str =
                 raise LmforgeError(f"{what} {item!r} is not key=value")
             out[parts[0]] = parse_value(value.strip())
             continue
+        if sep and len(parts) == 2 and parts[1] and parts[0] in SECTION_TYPES and parts[0] not in sections:
+            raise LmforgeError(f"{what} {item!r}: {parts[0]} settings cannot be set here, only "
+                               f"{' and '.join(sections)} settings")
         if not sep or len(parts) != 2 or parts[0] not in sections or not parts[1]:
             raise LmforgeError(f"{what} {item!r} is not section.key=value (sections: {', '.join(sections)})")
         out.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())

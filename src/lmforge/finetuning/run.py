@@ -9,6 +9,7 @@ sit beside it), and resumes like any other (`lmforge train --resume RUN`).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -17,14 +18,14 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_overrides
 from ..data import lm_batches, prepare_data
-from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, completion_batches, encode_pair, held_out,
-                             pad, read_jsonl)
+from ..data.examples import (DEFAULT_TEMPLATE, IGNORE, classification_batches, completion_batches, encode_pair,
+                             held_out, inputs_targets, pad, read_jsonl)
 from ..device import seed_everything
 from ..errors import LmforgeError
 from ..models import build_model
 from ..tokenizers import load_tokenizer
 from ..training.loop import Job
-from ..training.step import ClassifyLoss
+from ..training.step import ClassifyLoss, evaluate_loss, lm_loss
 from .classify import Classifier, predict, scores
 from .freeze import freeze
 from .lora import adapter_state, apply_lora, merge_state
@@ -34,12 +35,22 @@ ADAPTER = "adapter.safetensors"
 CLASSIFIER = "classifier.safetensors"
 
 
+APPLIES_TO = {"freeze_layers": ("mode", "freeze"), "lora_rank": ("mode", "lora"), "lora_alpha": ("mode", "lora"),
+              "lora_dropout": ("mode", "lora"), "lora_targets": ("mode", "lora"), "pooling": ("task", "classify"),
+              "template": ("task", "completion")}
+
+
 def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_time: float | None = None,
                     max_steps: int | None = None, lr: float | None = None, overrides: list[str] | None = None,
                     **options) -> RunConfig:
     """The base run's tokenizer and model with the new data, a fine-tuning budget (default one minute)
     and a [finetune] section (`options`: freeze_layers, lora_rank, lora_alpha, lora_dropout,
     lora_targets, pooling, template, from_scratch). `overrides` are train.* / data.* settings."""
+    for name, (field, wanted) in APPLIES_TO.items():  # an option for another mode or task: refused, not ignored
+        if options.get(name) is not None and {"mode": mode, "task": task}[field] != wanted:
+            flag = "--" + name.replace("_", "-")
+            raise LmforgeError(f"{flag} applies to --{field} {wanted} only; drop it, or fine-tune with --{field} "
+                               f"{wanted}")
     stored = ckpt.read_config(Path(base))
     raw = {k: json.loads(json.dumps(stored[k])) for k in ("data", "tokenizer", "train")}
     raw["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}
@@ -173,8 +184,8 @@ def classification_data(config: RunConfig, tokenizer, context_len: int, log):
 
 def finetune_results(lm, log=print) -> dict:
     """The task's own figures for the run summary: classify, accuracy and macro-F1 on the held-out
-    rows; lm, bits per byte on the new data's validation split; completion, nothing more than the
-    loop's best validation loss."""
+    rows; lm, bits per byte on the new data's validation split; completion, bits per byte of the
+    held-out completions."""
     task = lm.config["finetune"]["task"]
     if task == "lm":
         val = lm.evaluate()
@@ -184,7 +195,30 @@ def finetune_results(lm, log=print) -> dict:
         result = evaluate_classifier(lm)
         log(f"held-out ({result['n']} examples): accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
         return result
-    return {}
+    result = evaluate_completions(lm)
+    log(f"held-out ({result['n']} pairs): {result['completion_bits_per_byte']:.4f} bits per completion byte")
+    return result
+
+
+def evaluate_completions(lm, data=None, batch_size: int = 16) -> dict:
+    """Bits per byte of the held-out completions (the test split, else val) given their prompts in the
+    run's template: how well the run writes what follows each prompt, scored as the loop scores its
+    validation pairs (end-of-text included, over the completions' UTF-8 bytes)."""
+    ft = lm.config["finetune"]
+    source = data or lm.config["data"]["sources"][0]
+    rows = held_out(read_jsonl(source, ("prompt", "completion")))
+    if not rows:
+        raise LmforgeError(f"{source} has no held-out pairs to score; give some rows \"split\": \"val\"")
+    context_len = lm.model.config.context_len
+    pairs = [inputs_targets(*encode_pair(lm.tokenizer, ft["template"], r["prompt"], r["completion"], context_len))
+             for r in rows]
+    batches = [(pad([x for x, _ in chunk], lm.tokenizer.eos_id), pad([y for _, y in chunk], IGNORE))
+               for chunk in (pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size))]
+    loss = evaluate_loss(lm.model, batches, lm_loss, lm.device, torch.float32)  # per target
+    targets = sum(sum(t != IGNORE for t in y) for _, y in pairs)
+    completion_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows)
+    return {"completion_bits_per_byte": loss * targets / max(1, completion_bytes) / math.log(2), "n": len(rows),
+            "tokens": targets, "bytes": completion_bytes}
 
 
 def load_classifier(lm) -> Classifier:

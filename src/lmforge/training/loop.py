@@ -127,6 +127,8 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         job.tokenizer.save(run_dir)
         ckpt.save_config(run_dir, config, asdict(model.config))
         ckpt.write_manifest(run_dir, [ckpt.CONFIG, "tokenizer.json"])
+    if resume and dist.is_main():  # a longer budget, say: the next plain --resume continues to it
+        ckpt.update_config(run_dir, config, asdict(model.config))
     # its checks fall on the same steps in a resumed run as in an uninterrupted one
     tuner = ThreadTuner(threads or 1, start=state.step, enabled=device.type == "cpu" and cfg.threads is None)
     forward = dist.wrap(model, device) if dist.world_size() > 1 and not fsdp else model
@@ -169,8 +171,9 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                     if average is not None:
                         average.update(state.step)
                 if state.step % LOG_INTERVAL == 0 and state.losses:
+                    factor = lr_factor(state.step - 1, done, cfg)  # the schedule; lr: the matrices' rate
                     metrics.write({"step": state.step, "loss": sum(state.losses) / len(state.losses),
-                                   "lr": lr_factor(state.step - 1, done, cfg), "tokens": state.tokens,
+                                   "lr": cfg.lr * factor, "lr_factor": factor, "tokens": state.tokens,
                                    "train_time": state.train_time, "tokens_per_s": tokens_per_s})
                     state.losses = []
                     bar.set_postfix_str(f"loss {last_loss:.3f} {speed(tokens_per_s, model, peak)}")

@@ -60,9 +60,14 @@ def progress(step: int, train_time: float, cfg: TrainConfig) -> float:
 
 
 def lr_factor(step: int, done: float, cfg: TrainConfig) -> float:
-    """Multiplier on the base learning rate at `step` (0-based), `done` of the way through the budget."""
+    """Multiplier on the base learning rate at `step` (0-based), `done` of the way through the budget.
+    A budget shorter than the warm-up still decays at its end: the ramp, capped by the schedule."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return min((step + 1) / cfg.warmup_steps, _schedule(done, cfg))
+    return _schedule(done, cfg)
+
+
+def _schedule(done: float, cfg: TrainConfig) -> float:
     floor = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
