@@ -171,9 +171,10 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                     if average is not None:
                         average.update(state.step)
                 if state.step % LOG_INTERVAL == 0 and state.losses:
-                    factor = lr_factor(state.step - 1, done, cfg)  # the schedule; lr: the matrices' rate
                     metrics.write({"step": state.step, "loss": sum(state.losses) / len(state.losses),
-                                   "lr": cfg.lr * factor, "lr_factor": factor, "tokens": state.tokens,
+                                   # the rate train.lr names, as scheduled (AdamW's last group: norms and biases)
+                                   "lr": optimizers[-1].param_groups[-1]["lr"],
+                                   "lr_factor": lr_factor(state.step - 1, done, cfg), "tokens": state.tokens,
                                    "train_time": state.train_time, "tokens_per_s": tokens_per_s})
                     state.losses = []
                     bar.set_postfix_str(f"loss {last_loss:.3f} {speed(tokens_per_s, model, peak)}")
