@@ -136,6 +136,8 @@ def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(served, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] and error["type"] and "Traceback" not in response.text
+    if needle in ("logprobs", "temperature", "prompt", "stop"):
+        assert error["param"] == needle
     ok = httpx.post(server.url + "/v1/completions", json={"model": "austen", "prompt": "Emma", "max_tokens": 3},
                     headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200

@@ -368,6 +368,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
         message = "the request body is empty; send a JSON object (Content-Type: application/json)"
     elif not where and first.get("type") != "value_error":  # not an object (a value error: one of the checks)
         message = "the request body must be a JSON object, sent with Content-Type: application/json"
+    elif not where:  # a check across fields names the parameter it refuses first
+        param = message.split()[0] if message.split()[0].isidentifier() else None
     elif first.get("type") == "missing":
         message = f"{param} is required"
     elif len(where) < len(loc):
