@@ -193,3 +193,31 @@ def test_budget_sizes_the_model_and_sets_the_time(tmp_path, tiny_file, capsys):
     sized = ["train", "--out", str(tmp_path / "other"), "--budget", "2s", "model.n_layers=3"]
     one_line_error(capsys, main(sized), "model.n_layers", "--max-time")
     assert not (tmp_path / "other").exists()  # refused before the run folder was made
+
+
+def test_the_python_api_names_wrong_arguments(cli_run, tmp_path):
+    import lmforge
+    from lmforge.errors import LmforgeError
+    from lmforge.generation import SamplingConfig
+
+    lm = lmforge.load(cli_run / "run")
+    for call, needle in [
+            (lambda: lm.generate(123), "prompt must be a string"),
+            (lambda: lm.generate(None), "prompt must be a string"),
+            (lambda: lm.generate("Emma", on_text=5), "on_text"),
+            (lambda: lm.complete("Emma", {"max_new_tokens": 10}), "SamplingConfig"),
+            (lambda: lm.evaluate(""), "empty"),
+            (lambda: lm.evaluate(["Emma"]), "string"),
+            (lambda: lm.chat_prompt([("bot", "hi")]), "role 'bot'"),
+            (lambda: lmforge.load(5), "path of a run folder"),
+            (lambda: lmforge.load(cli_run / "tiny.txt"), "is a file"),
+            (lambda: lmforge.train("[data]\nsources = ['x']\n", out=tmp_path / "r"), "not TOML text"),
+            (lambda: lmforge.train(None, out=tmp_path / "r", overrides="train.max_steps=5"), "list"),
+    ]:
+        with pytest.raises(LmforgeError, match=re.escape(needle)):
+            call()
+    # OpenAI-style messages are understood, not dropped
+    assert lm.chat_prompt([{"role": "user", "content": "hi"}]) == lm.chat_prompt([("user", "hi")])
+    # a nucleus so small it rounds to nothing in float32 still keeps the likeliest token: greedy
+    tiny = lm.complete("Emma", SamplingConfig(10, top_p=1e-46, seed=0)).text
+    assert tiny == lm.generate("Emma", 10, temperature=0)

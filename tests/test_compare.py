@@ -105,3 +105,16 @@ def test_bench_train_prints_json(capsys):
         assert family["tokens_per_s"] > 0 and family["params"] > 0 and family["flops_per_token"] > 0
         assert 0 < family["peak_flops"] <= result["peak_flops_best"] and family["mfu"] > 0
         assert family["context_len"] == 8
+    assert result["cpu"]  # every figure names the machine it was measured on
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--steps", "0"], "--steps must be at least 1"),
+    (["generate", "--rounds", "0"], "--rounds must be at least 1"),
+    (["generate", "--batch-sizes", "0"], "--batch-sizes"),
+    (["prepare", "--steps", "3"], "takes no --steps"),  # an option a benchmark does not take is refused, not ignored
+])
+def test_bench_refuses_numbers_it_cannot_use(argv, needle, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1

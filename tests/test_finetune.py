@@ -212,6 +212,7 @@ def test_classification_head_learns_a_separable_task(base, capsys):
     assert capsys.readouterr().out.startswith("b\t")
     assert main(["classify", str(run)]) == 2
     assert capsys.readouterr().err == "error: nothing to classify; give texts after the run, or --file FILE\n"
+    assert len(lmforge.load(run).classify("one passage")) == 1  # one text, not one per character
     assert main(["eval", str(run)]) == 0  # a classifier's own figures, not its texts scored as language
     assert capsys.readouterr().out.startswith(f"held-out ({summary['n']} examples): accuracy")
 
@@ -271,6 +272,7 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
     (["--mode", "lora", "--lora-targets", "tok_emb"], ["tok_emb", "qkv"]),
     (["--task", "classify"], [".jsonl"]),
     (["--set", "model.d_model=8"], ["--set", "model settings cannot be set here"]),
+    (["--lr", "0"], ["train.lr must be positive"]),
     (["--set", "train.lr=abc"], ["train.lr", "a number", "abc"]),
 ])
 def test_finetune_cli_bad_inputs(base, argv, needles, capsys):

@@ -56,6 +56,8 @@ class LanguageModel:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What the model reads for `prompt`: the run's template applied, then encoded."""
+        if not isinstance(prompt, str):
+            raise LmforgeError(f"the prompt must be a string, got {type(prompt).__name__}")
         text = prompt if self.template is None else render(self.template, prompt)
         return self.tokenizer.encode(text) if text else []
 
@@ -70,7 +72,9 @@ class LanguageModel:
             Assistant:
 
         and stops at the next "\nUser:". A prompt -> completion run puts the last user message into
-        its own template, as `generate` does (earlier turns come first, as a transcript)."""
+        its own template, as `generate` does (earlier turns come first, as a transcript). Messages may
+        also be OpenAI-style {"role", "content"} dicts."""
+        messages = [_message(m) for m in messages]
         system = "\n".join(text for role, text in messages if role in ("system", "developer"))
         turns = [(role, text) for role, text in messages if role in ("user", "assistant")]
         lines = [f"{'User' if role == 'user' else 'Assistant'}: {text}" for role, text in turns]
@@ -100,6 +104,10 @@ class LanguageModel:
 
     def complete(self, prompt: str, sampling: SamplingConfig, on_text=None, exact: bool = False) -> Generation:
         """The continuation of `prompt`, and how it ended (what `lmforge generate` prints)."""
+        if not isinstance(sampling, SamplingConfig):
+            raise LmforgeError(f"sampling must be a lmforge.generation.SamplingConfig, got {type(sampling).__name__}")
+        if on_text is not None and not callable(on_text):
+            raise LmforgeError(f"on_text must be a function taking each piece of text, got {type(on_text).__name__}")
         return _generate(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling, on_text)
 
     def stream(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
@@ -123,6 +131,11 @@ class LanguageModel:
         """Bits per byte, perplexity and accuracy on `text`, or on the run's validation split."""
         from .evaluation.likelihood import evaluate_documents
 
+        if text is not None and not isinstance(text, str):
+            raise LmforgeError(f"evaluate takes a string (or nothing: the run's validation split), got "
+                               f"{type(text).__name__}")
+        if text is not None and not text.strip():
+            raise LmforgeError("nothing to evaluate: the text is empty")
         docs = [("text", text)] if text is not None else self.validation_documents()
         return evaluate_documents(self.model, self.tokenizer, docs, device=self.device)
 
@@ -131,7 +144,11 @@ class LanguageModel:
         every label, as {label: probability}."""
         from .finetuning.run import class_probabilities
 
-        return class_probabilities(self, texts)
+        if isinstance(texts, str):  # one text, not its characters
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise LmforgeError("classify takes a list of strings (or one string)")
+        return class_probabilities(self, list(texts))
 
     @property
     def num_params(self) -> int:
@@ -142,6 +159,10 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto") -> Langua
     """Load a run folder made by `lmforge train` (weights, tokenizer and config). `decoding` picks the
     weights of token-by-token generation: auto (on a CPU, int8 or fp16 for a Transformer), fp32,
     fp16 or int8; everything else (prompts, evaluation, training) always runs the fp32 weights."""
+    if not isinstance(run, (str, Path)):
+        raise LmforgeError(f"load takes the path of a run folder, got {type(run).__name__}")
+    if Path(run).is_file():
+        raise LmforgeError(f"{run} is a file; load takes a run folder (the one holding config.json)")
     model, tokenizer, config = ckpt.load_model(Path(run))
     dev = resolve_device(device)
     model = model.to(dev)
@@ -168,6 +189,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     from .training.loop import train as run_loop
     from .training.sizing import check_budget, regularise_for_passes, size_for_budget
 
+    if overrides is not None and (isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides)):
+        raise LmforgeError("overrides must be a list of 'section.key=value' strings, e.g. ['train.max_steps=5']")
     if resume:
         if out is None:
             raise LmforgeError("resume needs the run folder: --resume RUN")
@@ -222,6 +245,20 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
 
 def _quiet(*_) -> None:
     pass
+
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def _message(message) -> tuple[str, str]:
+    """A conversation message as (role, text): a pair, or an OpenAI-style {"role", "content"} dict."""
+    if isinstance(message, dict):
+        message = (message.get("role"), message.get("content"))
+    if not (isinstance(message, (tuple, list)) and len(message) == 2 and isinstance(message[1], str)):
+        raise LmforgeError(f"a message is a (role, text) pair or a {{'role', 'content'}} dict, got {message!r}")
+    if message[0] not in ROLES:
+        raise LmforgeError(f"message role {message[0]!r} is not one of {', '.join(ROLES)}")
+    return message[0], message[1]
 
 
 def with_measured_choices(cfg: RunConfig, log=print) -> RunConfig:

@@ -187,7 +187,7 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
                          "time_to_first_token_500_s": ttft}
         if compiled is not None:
             results[arch]["compiled"] = {**compiled, "batch": {}}
-    reference = _hf_gpt2(vocab_size, dev)
+    reference = _hf_gpt2(vocab_size, dev, model_fields)
     if reference is not None:
         cases[("hf", "1")] = (reference, torch.ones(1, 1, dtype=torch.long, device=dev))
     times = {case: [] for case in cases}
@@ -225,13 +225,14 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     return out
 
 
-def _hf_gpt2(vocab_size: int, dev):
-    """A Hugging Face GPT-2 of the standard generation shape, or None without transformers."""
+def _hf_gpt2(vocab_size: int, dev, model_fields: dict | None = None):
+    """A Hugging Face GPT-2 of the generation shape (the standard one, with the size fields the caller
+    changed), or None without transformers."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
-    s = GENERATE_SHAPE
+    s = {**GENERATE_SHAPE, **{k: v for k, v in (model_fields or {}).items() if k in GENERATE_SHAPE}}
     config = GPT2Config(vocab_size=vocab_size, n_positions=s["context_len"], n_embd=s["d_model"],
                         n_layer=s["n_layers"], n_head=s["n_heads"], bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return GPT2LMHeadModel(config).to(dev).eval()
@@ -336,4 +337,7 @@ def run(name: str, **options) -> dict:
     if extra:
         raise LmforgeError(f"bench {name} takes no {', '.join('--' + e.replace('_', '-') for e in extra)}; "
                            f"drop it")
-    return fn(**options)
+    from .probe import machine
+
+    result = fn(**options)
+    return {"benchmark": result.pop("benchmark", name), "cpu": machine()["cpu"], **result}  # figures name the CPU

@@ -401,23 +401,32 @@ def cmd_bench(args) -> int:
     from . import bench
     from .config import parse_duration, parse_overrides
 
-    # train and generate take model fields only; austen trains through the normal config (any section)
-    model_fields = {} if args.benchmark == "austen" else parse_overrides(args.overrides, sections=("model",)).get("model", {})
-    options = {"archs": _names(args.arch), "batch_size": args.batch_size, "steps": args.steps,
-               "warmup": args.warmup, "device": args.device, "threads": args.threads,
-               "new_tokens": args.new_tokens, "rounds": args.rounds, "model_fields": model_fields or None,
-               "batch_sizes": tuple(int(b) for b in _names(args.batch_sizes)) if args.batch_sizes else None,
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1),
+                               ("--new-tokens", args.new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                               ("--threads", args.threads, 1), ("--vocab-size", args.vocab_size, 2)):
+        if value is not None and value < least:
+            raise LmforgeError(f"{flag} must be at least {least}, got {value}")
+    batch_sizes = None
+    if args.batch_sizes:
+        try:
+            batch_sizes = tuple(int(b) for b in _names(args.batch_sizes))
+        except ValueError:
+            batch_sizes = ()
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise LmforgeError(f"--batch-sizes {args.batch_sizes!r} must be whole numbers >= 1, e.g. 1,8")
+    # every option given goes to the benchmark, which refuses the ones it does not take
+    options = {"archs": _names(args.arch) if args.arch else None, "batch_size": args.batch_size,
+               "steps": args.steps, "warmup": args.warmup, "device": args.device, "threads": args.threads,
+               "new_tokens": args.new_tokens, "rounds": args.rounds, "batch_sizes": batch_sizes,
                "max_time": parse_duration(args.max_time) if args.max_time else None, "dtype": args.dtype,
                "compile": args.compile or None, "vocab_size": args.vocab_size}
-    if args.benchmark == "austen":  # trains through the normal config: pass overrides as they are
-        options = {"max_time": options["max_time"], "overrides": args.overrides or None,
-                   "device": args.device, "threads": args.threads}
-    elif args.benchmark == "prepare":
-        options = {}
-    elif args.benchmark == "serve":
-        options = {"run": args.run, "clients": tuple(int(c) for c in _names(args.clients)) if args.clients else None,
-                   "duration": parse_duration(args.duration) if args.duration else None,
-                   "max_tokens": args.max_tokens, "threads": args.threads}
+    if args.benchmark == "austen":  # trains through the normal config: overrides of any section, as they are
+        options["overrides"] = args.overrides or None
+    elif args.overrides:  # train and generate take model fields only
+        options["model_fields"] = parse_overrides(args.overrides, sections=("model",)).get("model", {})
+    if args.benchmark == "serve":
+        options.update(run=args.run, clients=tuple(int(c) for c in _names(args.clients)) if args.clients else None,
+                       duration=parse_duration(args.duration) if args.duration else None, max_tokens=args.max_tokens)
     print(json.dumps(bench.run(args.benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
     return 0
 

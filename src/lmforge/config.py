@@ -392,6 +392,9 @@ def as_raw(config) -> dict:
         return config.to_dict()
     if isinstance(config, dict):
         return json.loads(json.dumps(config))
+    if not isinstance(config, (str, Path)) or (isinstance(config, str) and "\n" in config):
+        raise LmforgeError("a config is the path of a .toml file, a dict or a RunConfig (not TOML text: "
+                           "tomllib.loads(text) makes it a dict)")
     return load_toml(config)
 
 

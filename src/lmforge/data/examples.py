@@ -25,6 +25,8 @@ def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
     """Rows of a JSONL file that hold the string `fields`; a row without "split" gets one by hashing
     its content (80% train, 10% val, 10% test), so the assignment is stable across runs."""
     path = Path(path)
+    if not path.exists():
+        raise LmforgeError(f"--data {path} does not exist; give the .jsonl file with one JSON object per line")
     if path.suffix != ".jsonl" or not path.is_file():
         raise LmforgeError(f"--data {path} is not a .jsonl file; give one JSON object per line with "
                            f"{', '.join(repr(f) for f in fields)}")

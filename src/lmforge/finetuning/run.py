@@ -19,7 +19,7 @@ from .. import checkpoint as ckpt
 from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_overrides
 from ..data import lm_batches, prepare_data
 from ..data.examples import (DEFAULT_TEMPLATE, IGNORE, classification_batches, completion_batches, encode_pair,
-                             held_out, inputs_targets, pad, read_jsonl)
+                             held_out, inputs_targets, pad, read_jsonl, render)
 from ..device import seed_everything
 from ..errors import LmforgeError
 from ..models import build_model
@@ -68,7 +68,7 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     # whatever the base was pretrained with (--set train.weight_decay=... to change it), and moves the
     # embeddings no faster than the rest; a fine-tune is short, so its warm-up is at most 20 steps
     warmup = 20 if train.get("warmup_steps") is None else min(train["warmup_steps"], 20)
-    train.update(max_time=max_time or 0, max_steps=max_steps, lr=lr or DEFAULT_LR.get(mode, 1e-3),
+    train.update(max_time=max_time or 0, max_steps=max_steps, lr=DEFAULT_LR.get(mode, 1e-3) if lr is None else lr,
                  warmup_steps=warmup, keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY,
                  embedding_lr_scale=1.0)
     if max_steps is not None and max_time is None:
@@ -155,8 +155,8 @@ def completion_data(config: RunConfig, tokenizer, context_len: int, log):
     pairs = {s: [encode_pair(tokenizer, template, r["prompt"], r["completion"], context_len)
                  for r in rows if r["split"] == s] for s in ("train", "val")}
     unknown = Counter()
-    for r in rows:
-        unknown.update(tokenizer.unknown(r["prompt"] + r["completion"]))
+    for r in rows:  # the template's own characters too: they are in every example
+        unknown.update(tokenizer.unknown(render(template, r["prompt"]) + r["completion"]))
     report_unknown(dict(unknown.most_common()), tokenizer, log)
     val_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows if r["split"] == "val")
     t = config.train

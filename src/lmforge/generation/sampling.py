@@ -61,6 +61,7 @@ def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
+        drop[..., 0] = False  # also when top_p rounds to 0 in float32
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return probs
