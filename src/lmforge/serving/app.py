@@ -369,7 +369,8 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     elif not where and first.get("type") != "value_error":  # not an object (a value error: one of the checks)
         message = "the request body must be a JSON object, sent with Content-Type: application/json"
     elif not where:  # a check across fields names the parameter it refuses first
-        param = message.split()[0] if message.split()[0].isidentifier() else None
+        words = message.split()
+        param = words[0] if words and words[0].isidentifier() else None
     elif first.get("type") == "missing":
         message = f"{param} is required"
     elif len(where) < len(loc):
