@@ -247,16 +247,10 @@ def cmd_eval(args) -> int:
                                f"without --adapt)")
         from .finetuning.run import finetune_results
 
-        result = finetune_results(lm, log=lambda *_: None)
-        if dist.is_main():  # the task's own figures, on its held-out rows, as the run reported them
-            if args.json:
-                print(json.dumps(result, indent=2))
-            elif task == "classify":
-                print(f"held-out ({result['n']} examples): accuracy {result['accuracy']:.1%}, "
-                      f"macro-F1 {result['macro_f1']:.3f}")
-            else:
-                print(f"held-out ({result['n']} pairs): {result['completion_bits_per_byte']:.4f} bits per "
-                      f"completion byte")
+        # the task's own figures, on its held-out rows, in the line the run printed when it finished
+        result = finetune_results(lm, log=print if dist.is_main() and not args.json else lambda *_: None)
+        if dist.is_main() and args.json:
+            print(json.dumps(result, indent=2))
         return 0
     if args.report:
         from pathlib import Path

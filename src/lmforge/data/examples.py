@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,11 @@ def _example_batches(train: list, val: list, collate, batch_size: int, seed: int
     return Batches(sample, val_batches, val_tokens_per_byte, tokens_per_batch, description)
 
 
+def collate_pairs(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) pairs of unequal lengths as one padded batch (targets padded with IGNORE)."""
+    return pad([x for x, _ in items], pad_id), pad([y for _, y in items], IGNORE)
+
+
 def completion_batches(pairs: dict, val_bytes: int, pad_id: int, context_len: int, batch_size: int,
                        seed: int) -> Batches:
     """Batches of prompt -> completion pairs (`pairs` maps split -> [(ids, n_prompt)]); the loss is on
@@ -121,11 +127,8 @@ def completion_batches(pairs: dict, val_bytes: int, pad_id: int, context_len: in
     train = [inputs_targets(*e) for e in pairs["train"]]
     val = [inputs_targets(*e) for e in pairs["val"]]
 
-    def collate(items):
-        return pad([x for x, _ in items], pad_id), pad([y for _, y in items], IGNORE)
-
     targets = sum(sum(t != IGNORE for t in y) for _, y in val)
-    return _example_batches(train, val, collate, batch_size, seed, batch_size * context_len,
+    return _example_batches(train, val, partial(collate_pairs, pad_id=pad_id), batch_size, seed, batch_size * context_len,
                             targets / max(1, val_bytes),
                             f"{len(train):,} train / {len(val):,} val prompt -> completion pairs")
 

@@ -18,8 +18,8 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_overrides
 from ..data import lm_batches, prepare_data
-from ..data.examples import (DEFAULT_TEMPLATE, IGNORE, classification_batches, completion_batches, encode_pair,
-                             held_out, inputs_targets, pad, read_jsonl, render)
+from ..data.examples import (DEFAULT_TEMPLATE, IGNORE, classification_batches, collate_pairs, completion_batches,
+                             encode_pair, held_out, inputs_targets, pad, read_jsonl, render)
 from ..device import seed_everything
 from ..errors import LmforgeError
 from ..models import build_model
@@ -212,8 +212,7 @@ def evaluate_completions(lm, data=None, batch_size: int = 16) -> dict:
     context_len = lm.model.config.context_len
     pairs = [inputs_targets(*encode_pair(lm.tokenizer, ft["template"], r["prompt"], r["completion"], context_len))
              for r in rows]
-    batches = [(pad([x for x, _ in chunk], lm.tokenizer.eos_id), pad([y for _, y in chunk], IGNORE))
-               for chunk in (pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size))]
+    batches = [collate_pairs(pairs[i:i + batch_size], lm.tokenizer.eos_id) for i in range(0, len(pairs), batch_size)]
     loss = evaluate_loss(lm.model, batches, lm_loss, lm.device, torch.float32)  # per target
     targets = sum(sum(t != IGNORE for t in y) for _, y in pairs)
     completion_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows)

@@ -10,6 +10,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..api import ROLES
+
 MAX_N = 8  # completions per prompt
 MAX_STOP = 4  # stop strings, as OpenAI allows
 
@@ -68,7 +70,7 @@ class CompletionRequest(Sampling):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal[ROLES]  # the roles the Python API understands
     content: Union[str, list[dict], None] = ""
 
     @field_validator("content")
