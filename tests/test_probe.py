@@ -19,6 +19,8 @@ def test_doctor_reports_choices_that_follow_its_timings(capsys):
     else:
         assert "bfloat16" not in steps or min(v for k, v in steps.items() if k.startswith("bfloat16")) * 1.1 > steps["float32"]
     assert decode[choice["decoding"]] <= min(decode.values()) * 1.06
+    caches = choice["batch8_decode_step_us"]  # a bf16 KV cache only where it measured faster here
+    assert (choice["cache"] == "bf16") == bool(caches and caches["fp32"] >= caches["bf16"] * 1.05)
     assert main(["doctor"]) == 0  # the cached answer, as text
     out = capsys.readouterr().out
     assert f"training dtype: {choice['dtype']}" in out and report["machine"]["cpu"] in out
@@ -27,7 +29,10 @@ def test_doctor_reports_choices_that_follow_its_timings(capsys):
 def test_a_run_records_the_measured_dtype(served_run):
     config = json.loads((served_run / "config.json").read_text())
     assert config["train"]["dtype"] in ("float32", "bfloat16") and config["train"]["attention"] in ("float32", "native")
-    assert lmforge.load(served_run).decoding in ("int8", "fp16", "fp32")
+    lm = lmforge.load(served_run)
+    assert lm.decoding in ("int8", "fp16", "fp32") and lm.decoding_cache in ("fp32", "bf16")
+    assert lmforge.load(served_run, cache="bf16").decoding_cache == "bf16"
+    assert lmforge.load(served_run, decoding="fp32").decoding_cache == "fp32"
 
 
 def test_the_thread_tuner_follows_the_faster_count():

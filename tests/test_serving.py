@@ -34,6 +34,7 @@ def test_models_and_health(served, client):
     assert health["status"] == "ok" and health["running"] == 0
     info = httpx.get(server.url + "/info").json()
     assert info["parameters"] == lm.num_params and info["decoding"] == lm.decoding
+    assert info["decoding_cache"] == lm.decoding_cache
     assert info["val_bits_per_byte"] == pytest.approx(lm.evaluate()["bits_per_byte"])
 
 

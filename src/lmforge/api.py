@@ -31,7 +31,8 @@ class LanguageModel:
     """A trained model with its tokenizer and config: what `lmforge.load` returns.
 
     `decoder` runs generation; on a CPU it may use int8 or fp16 copies of a Transformer's weights
-    (`decoding` says which). `exact=True` on any call decodes with the fp32 weights instead."""
+    (`decoding` says which) and a bf16 KV cache (`decoding_cache`). `exact=True` on any call decodes
+    with the fp32 weights (and cache) instead."""
     model: torch.nn.Module
     tokenizer: object
     config: dict
@@ -47,6 +48,11 @@ class LanguageModel:
     def decoding(self) -> str:
         """The weights token-by-token decoding uses: fp32, fp16 or int8."""
         return self.decoder.weights
+
+    @property
+    def decoding_cache(self) -> str:
+        """The dtype of the KV cache those decoding steps keep: fp32, or bf16 where measured faster."""
+        return self.decoder.cache
 
     @property
     def template(self) -> str | None:
@@ -155,10 +161,12 @@ class LanguageModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def load(run: str | Path, device: str = "cpu", decoding: str = "auto") -> LanguageModel:
+def load(run: str | Path, device: str = "cpu", decoding: str = "auto", cache: str = "auto") -> LanguageModel:
     """Load a run folder made by `lmforge train` (weights, tokenizer and config). `decoding` picks the
     weights of token-by-token generation: auto (on a CPU, int8 or fp16 for a Transformer), fp32,
-    fp16 or int8; everything else (prompts, evaluation, training) always runs the fp32 weights."""
+    fp16 or int8; everything else (prompts, evaluation, training) always runs the fp32 weights.
+    `cache` is the dtype of the KV cache those int8/fp16 steps keep: auto (what the probe measured
+    faster here), fp32 or bf16; fp32 decoding always keeps an fp32 cache."""
     if not isinstance(run, (str, Path)):
         raise LmforgeError(f"load takes the path of a run folder, got {type(run).__name__}")
     if Path(run).is_file():
@@ -173,7 +181,13 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto") -> Langua
             from .probe import choices
 
             weights = choices(dev)["decoding"]
-    return LanguageModel(model, tokenizer, config, Path(run), dev, Decoder(model, weights))
+    if cache == "auto":
+        cache = "fp32"
+        if weights != "fp32" and dev.type == "cpu":
+            from .probe import choices
+
+            cache = choices(dev).get("cache", "fp32")
+    return LanguageModel(model, tokenizer, config, Path(run), dev, Decoder(model, weights, cache))
 
 
 def train(config: str | Path | dict | RunConfig | None = None, out: str | Path | None = None, *,

@@ -152,8 +152,9 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the batching engine every `lmforge generate` runs, after a warm-up; and the
     time to the first token after a 500-token prompt. The models decode as `lmforge.load` sets them up
-    (on a CPU, a Transformer's steps use int8 or fp16 weights); batch 1 with the fp32 modules is timed
-    too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its
+    (on a CPU, a Transformer's steps use int8 or fp16 weights and the KV cache dtype the probe
+    chose); batch 1 with the fp32 modules, and the largest batch with the other cache dtype, are
+    timed too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its
     `generate` (KV cache) is timed in the same run. `compile`: the Transformer's compiled batch-1
     step too (`Decoder.compile`: its compile time and step timings are reported, and batch 1 is
     timed through it when it was kept, that is measured faster).
@@ -161,6 +162,8 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     Every case is timed once per round, all cases in turn, for `rounds` rounds; each reports its median
     (and its runs). A shared machine's speed drifts from second to second; taking turns lets the
     reference and lmforge meet the same conditions, and the ratio is that of the medians."""
+    from .probe import choices
+
     dev = resolve_device(device)
     threads = set_threads(threads)
     vocab_size = vocab_size or austen_char_vocab()
@@ -170,20 +173,26 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         torch.manual_seed(0)
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
-        decoder = Decoder(model, default_weights(model, dev))
+        weights = default_weights(model, dev)
+        decoder = Decoder(model, weights, "fp32" if weights == "fp32" else choices(dev).get("cache", "fp32"))
         if decoder.weights != "fp32":
             cases[(arch, "fp32_modules")] = (Decoder(model), torch.zeros(1, 1, dtype=torch.long))
         for batch_size in batch_sizes:
             cases[(arch, str(batch_size))] = (decoder, torch.zeros(batch_size, 1, dtype=torch.long))
+        if decoder.weights != "fp32":  # the largest batch with the cache the probe did not choose, for comparison
+            other = "fp32" if decoder.cache == "bf16" else "bf16"
+            cases[(arch, f"{max(batch_sizes)} {other} cache")] = (Decoder(model, weights, other),
+                                                                 torch.zeros(max(batch_sizes), 1, dtype=torch.long))
         compiled = None
         if compile and arch == "transformer":
-            fast = Decoder(model, decoder.weights)
+            fast = Decoder(model, decoder.weights, decoder.cache)
             compiled = fast.compile()
             if compiled["compiled"]:  # batch 1 only: larger batches step uncompiled
                 cases[(arch, "1 compiled")] = (fast, torch.zeros(1, 1, dtype=torch.long))
         long_prompt = torch.randint(vocab_size, (1, 500))
         ttft = min(_time_case((arch,), decoder, long_prompt, 1, dev) for _ in range(3))
-        results[arch] = {"params": count_params(model), "decoding": decoder.weights, "batch": {},
+        results[arch] = {"params": count_params(model), "decoding": decoder.weights, "cache": decoder.cache,
+                         "batch": {},
                          "time_to_first_token_500_s": ttft}
         if compiled is not None:
             results[arch]["compiled"] = {**compiled, "batch": {}}
@@ -209,6 +218,8 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
             results[arch]["batch1_fp32_modules_new_tokens_per_s"] = speed((arch, which))["new_tokens_per_s"]
         elif which.endswith(" compiled"):
             results[arch]["compiled"]["batch"][which.split()[0]] = speed((arch, which))
+        elif which.endswith(" cache"):
+            results[arch].setdefault("other_cache", {})[which] = speed((arch, which))
         else:
             results[arch]["batch"][which] = speed((arch, which))
     out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,

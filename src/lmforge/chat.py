@@ -87,7 +87,7 @@ class Chat:
         compiled = ", compiled step" if self.lm.decoder.compiled else ""
         return (f"mode {self.mode}, temperature {s.temperature}, top_p {s.top_p or 'off'}, top_k {s.top_k or 'off'}, "
                 f"max {s.max_new_tokens}, seed {s.seed if s.seed is not None else 'random'}, "
-                f"stop {s.stop or 'off'}, {self.lm.decoding} weights{compiled}")
+                f"stop {s.stop or 'off'}, {self.lm.decoding} weights, {self.lm.decoding_cache} cache{compiled}")
 
     def answer(self, text: str) -> str:
         """Generate for one typed message, writing pieces as they come; returns the whole answer."""

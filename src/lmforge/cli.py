@@ -158,7 +158,8 @@ def cmd_generate(args) -> int:
         _compile_decoding(lm)
     if args.verbose:
         compiled = ", compiled step" if lm.decoder.compiled else ""
-        print(f"decoding with {lm.decoding} weights{compiled} on {lm.device.type}", file=sys.stderr)
+        print(f"decoding with {lm.decoding} weights, {lm.decoding_cache} KV cache{compiled} on {lm.device.type}",
+              file=sys.stderr)
     for i in range(args.num_samples):
         _print_out(args.prompt)
         seed = None if sampling.seed is None else sampling.seed + i
@@ -211,7 +212,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     compiled = ", compiled" if lm.decoder.compiled else ""
     print(f"serving {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters, {lm.decoding} "
-          f"decoding{compiled}) at http://{args.host}:{args.port}/  (OpenAI API under /v1)", file=sys.stderr)
+          f"decoding, {lm.decoding_cache} cache{compiled}) at http://{args.host}:{args.port}/  (OpenAI API under /v1)", file=sys.stderr)
     uvicorn.run(create_app(lm, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -436,9 +437,10 @@ def cmd_doctor(args) -> int:
     print(f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['capability']}, bf16 units: "
           f"{'yes' if m['bf16_units'] else 'no'}); torch {m['torch']}")
     print(f"training dtype: {c['dtype']}   CPU attention under bf16: {c['attention']}   decoding weights: "
-          f"{c['decoding']}")
-    for what, key, unit in (("training step", "train_step_ms", "ms"), ("decoding step", "decode_step_us", "µs")):
-        if key in c:
+          f"{c['decoding']}   KV cache: {c.get('cache', 'fp32')}")
+    for what, key, unit in (("training step", "train_step_ms", "ms"), ("decoding step", "decode_step_us", "µs"),
+                            ("8-row decoding step, 256 tokens in, cache", "batch8_decode_step_us", "µs")):
+        if c.get(key):
             print(f"  {what}: " + ", ".join(f"{k} {v:,} {unit}" for k, v in c[key].items()))
     if "cuda" in result:
         print(f"GPU: {result['cuda']['device']}: training dtype {result['cuda']['dtype']}, decoding fp32")

@@ -2,8 +2,9 @@
 
 A CPU with bf16 units may still multiply bf16 matrices slower than fp32 ones; an int8 kernel may be
 slower than fp16 on another. So a short probe (about a second) times the choices on the machine at
-hand — a training step in fp32 and in bf16 autocast (with attention in fp32 or bf16), and a decoding
-step with int8, fp16 and fp32 weights — taking turns, medians kept. The result is cached per machine
+hand — a training step in fp32 and in bf16 autocast (with attention in fp32 or bf16), a decoding
+step with int8, fp16 and fp32 weights, and a batch-8 decoding step deep into the context with its KV
+cache in fp32 and in bf16 — taking turns, medians kept. The result is cached per machine
 and torch version in the cache folder (re-run when either changes, or with `lmforge doctor
 --refresh`). `lmforge train` and `lmforge.load` use it for their "auto" choices, and a run's
 config.json records what was chosen. On a GPU nothing is probed: bf16 autocast where it is
@@ -30,12 +31,13 @@ from .models import build_model
 from .training.optim import build_optimizers
 from .training.step import lm_loss, train_step
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 SHAPE = {"vocab_size": 4096, "d_model": 256, "n_layers": 2, "n_heads": 4, "context_len": 128, "dropout": 0.0}
 BATCH = 8
 ROUNDS = 3  # each choice timed this many times, the choices taking turns
 BF16_MARGIN = 1.10  # bf16 must be this much faster than fp32 to be chosen: it rounds, fp32 does not
 INT8_MARGIN = 1.05  # the same for int8 over fp16 weights when decoding
+CACHE_MARGIN = 1.05  # and for a bf16 KV cache over an fp32 one
 
 
 def machine() -> dict:
@@ -58,11 +60,11 @@ def cache_file():
 
 
 def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
-    """{"dtype", "attention", "decoding"} for `device`, and the timings behind them (CPU)."""
+    """{"dtype", "attention", "decoding", "cache"} for `device`, and the timings behind them (CPU)."""
     if device.type != "cpu":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return {"dtype": "bfloat16" if bf16 else "float32", "attention": "native", "decoding": "fp32",
-                "why": f"{device.type}: not probed"}
+                "cache": "fp32", "why": f"{device.type}: not probed"}
     facts = machine()
     path = cache_file()
     if not refresh and path.exists():
@@ -92,9 +94,12 @@ def measure() -> dict:
     decoding = min(decode, key=decode.get)
     if decoding == "int8" and decode["fp16"] / decode["int8"] < INT8_MARGIN:
         decoding = "fp16"
-    return {"dtype": dtype, "attention": attention, "decoding": decoding,
+    caches = _cache_times(decoding) if decoding != "fp32" else {}
+    cache = "bf16" if caches and caches["fp32"] / caches["bf16"] >= CACHE_MARGIN else "fp32"
+    return {"dtype": dtype, "attention": attention, "decoding": decoding, "cache": cache,
             "train_step_ms": {k: round(v * 1e3, 2) for k, v in train.items()},
-            "decode_step_us": {k: round(v * 1e6, 1) for k, v in decode.items()}}
+            "decode_step_us": {k: round(v * 1e6, 1) for k, v in decode.items()},
+            "batch8_decode_step_us": {k: round(v * 1e6, 1) for k, v in caches.items()}}
 
 
 def _train_times() -> dict[str, float]:
@@ -138,6 +143,30 @@ def _decode_times(steps: int = 48) -> dict[str, float]:
             if round_:
                 times[w].append((time.perf_counter() - tic) / steps)
     return {w: statistics.median(t) for w, t in times.items()}
+
+
+@torch.inference_mode()
+def _cache_times(weights: str, rows: int = 8, position: int = 256, steps: int = 16) -> dict[str, float]:
+    """Median seconds per decoding step of `rows` rows `position` tokens into the context, with `weights`
+    and the KV cache in fp32 or bf16: the cache's share of a step grows with the rows and the length
+    (a server's batch), and whether reading half the bytes beats fp32 arithmetic depends on the CPU."""
+    torch.manual_seed(0)
+    model = build_model("transformer", **{**SHAPE, "n_layers": 4, "context_len": 2 * position}).eval()
+    decoders = {cache: Decoder(model, weights, cache) for cache in ("fp32", "bf16")}
+    prompt = torch.zeros(rows, position, dtype=torch.long)
+    states = {cache: decoder.prefill(prompt)[1] for cache, decoder in decoders.items()}
+    tokens = torch.zeros(rows, dtype=torch.long)
+    times = {cache: [] for cache in decoders}
+    for round_ in range(ROUNDS + 1):
+        for cache, decoder in decoders.items():
+            state = states[cache]
+            state.pos = [position] * rows
+            tic = time.perf_counter()
+            for _ in range(steps):
+                decoder.step(tokens, state)
+            if round_:
+                times[cache].append((time.perf_counter() - tic) / steps)
+    return {cache: statistics.median(t) for cache, t in times.items()}
 
 
 def report(refresh: bool = False) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -89,7 +90,8 @@ class TransformerStep:
     With x̂ = x · rsqrt(Σx² + D·eps), RMSNorm(x) · g = x̂ · (√D · g), so every norm's gain goes into
     the columns of the matrix after it and a norm costs three small ops. QK-norm's gain (times √hd)
     multiplies RoPE's cos and sin rows, and its per-head scale, being a scalar, is applied after the
-    rotation. The residual stream, attention and the KV cache stay fp32.
+    rotation. The residual stream stays fp32; attention runs in the KV cache's dtype, fp32 or bf16
+    (the decoder's choice: halving the bytes each step reads from a long cache pays on some CPUs).
 
     The matrices: on a CPU with bf16 units, int8 with a bf16 scale per row (bf16 activations),
     which halves the bytes again and has a fast kernel there. Elsewhere fp16, for each matrix whose
@@ -236,7 +238,7 @@ class TransformerStep:
                 k_cache.select(2, at).copy_(qk[:, H:])
                 v_cache.select(2, at).copy_(v)
             else:
-                k_cache[rows, :, at] = qk[:, H:]
+                k_cache[rows, :, at] = qk[:, H:].to(k_cache.dtype)
                 v_cache[rows, :, at] = v.to(v_cache.dtype)
             y = _attention(qk[:, :H], k_cache[:, :, :length], v_cache[:, :, :length], mask, self.traced)
             x += out_w(y.to(out_w.dtype))
@@ -265,11 +267,12 @@ def _inverse_norm(x: torch.Tensor, eps_n: torch.Tensor, traced: bool) -> torch.T
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                traced: bool) -> torch.Tensor:
     """One new query per row over its cached past: q (B, H, hd), keys and values (B, K, L, hd), mask
-    (B, L) or None -> (B, H · hd), heads grouped over K key heads as in grouped-query attention."""
+    (B, L) or None -> (B, H · hd), heads grouped over K key heads as in grouped-query attention;
+    in the cache's dtype eagerly, fp32 traced."""
     B, H, hd = q.shape
     K = keys.size(1)
-    if not traced:
-        y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=K != H,
+    if not traced:  # in the cache's dtype (traced, the products promote to fp32 and fuse with the casts)
+        y = F.scaled_dot_product_attention(q.to(keys.dtype).unsqueeze(2), keys, values, enable_gqa=K != H,
                                            attn_mask=None if mask is None else mask[:, None, None, :])
         return y.view(B, H * hd)
     q = q.view(B, K, H // K, 1, hd)
@@ -311,12 +314,18 @@ class CompiledStep:
                                 options={"cpp_wrapper": True, "guard_filter_fn": _all_but_global_state})
 
     @staticmethod
+    @contextlib.contextmanager
     def tracing():
         """The settings to make the first calls (the compilation) under: Python floats in the step (the
         value residual's weights) kept as constants. Otherwise Dynamo traces them as symbols, then
-        restarts its analysis to turn them back into constants: 7.4 s against 3.9 s on a warm cache."""
+        restarts its analysis to turn them back into constants: 7.4 s against 3.9 s on a warm cache.
+        Inductor's note that a fused loop mixes bf16 and fp16 (fp16 weights beside a bf16 cache) is
+        not for the user: the loop computes in fp32."""
         config = torch._dynamo.config
-        return config.patch(specialize_float=True) if hasattr(config, "specialize_float") else contextlib.nullcontext()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+            with config.patch(specialize_float=True) if hasattr(config, "specialize_float") else contextlib.nullcontext():
+                yield
 
     def __call__(self, tokens: torch.Tensor, state) -> torch.Tensor:
         length = max(state.pos[0] + 1, 2)

@@ -2,8 +2,9 @@
 
 `Decoder(model, weights)` is the object that `lmforge.load` prepares. With weights="fp32" every step
 runs the model's own modules (exact, any device). On a CPU a Transformer may instead take its
-single-position steps through `cpu_step.TransformerStep` over int8 or fp16 copies of its weights;
-the model itself is never changed, and prompts always run the fp32 modules.
+single-position steps through `cpu_step.TransformerStep` over int8 or fp16 copies of its weights,
+and keep its KV cache in bf16 (`cache="bf16"`) where the probe measured that faster; the model
+itself is never changed, and prompts always run the fp32 modules.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..errors import LmforgeError
 from .cpu_step import CompiledStep, TransformerStep, int8_matmul_available
 
 WEIGHTS = ("fp32", "fp16", "int8")
+CACHES = ("fp32", "bf16")
 MAX_STEP_ROWS = 32  # more rows than this take the modules (a batched product is compute-bound anyway)
 
 
@@ -31,14 +33,20 @@ def default_weights(model: nn.Module, device: torch.device) -> str:
 class Decoder:
     """prefill(ids) and step(tokens) for any family, batching rows that are at different positions."""
 
-    def __init__(self, model: nn.Module, weights: str = "fp32"):
+    def __init__(self, model: nn.Module, weights: str = "fp32", cache: str = "fp32"):
         if weights not in WEIGHTS:
             raise LmforgeError(f"unknown decoding weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+        if cache not in CACHES:
+            raise LmforgeError(f"unknown decoding cache {cache!r}; choose one of {', '.join(CACHES)}")
         device = next(model.parameters()).device
         if weights != "fp32" and (device.type != "cpu" or not TransformerStep.covers(model)):
             raise LmforgeError(f"{weights} decoding is for a plain Transformer on a CPU; use fp32 weights here")
-        self.model, self.weights, self.device = model, weights, device
+        if cache != "fp32" and weights == "fp32":
+            raise LmforgeError("a bf16 cache goes with int8 or fp16 decoding weights; fp32 decoding keeps an fp32 cache")
+        self.model, self.weights, self.cache, self.device = model, weights, cache, device
         self.dtype = next(model.parameters()).dtype
+        # The modules read and write caches of the model's dtype; the flat step takes either.
+        self.cache_dtype = torch.bfloat16 if cache == "bf16" else self.dtype
         self._step: TransformerStep | None = None
         self._compiled: CompiledStep | None = None  # set by compile(), for the weights it was built from
 
@@ -51,7 +59,7 @@ class Decoder:
         """(B, T) prompt ids -> (B, V) logits for the position after them, and the state that continues them."""
         state = self.model.init_state(ids.size(0), self.device, self.dtype)
         logits, state = self.model(ids.to(self.device), state)
-        return logits[:, -1], state
+        return logits[:, -1], self._cached(state, self.cache_dtype)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state):
@@ -62,8 +70,20 @@ class Decoder:
                 if self._compiled is not None and self._compiled.step is fast:
                     return self._compiled(tokens, state), state
                 return fast(tokens, state), state
-        logits, state = self.model(tokens.to(self.device)[:, None], state)
+        logits, state = self.model(tokens.to(self.device)[:, None], self._cached(state, self.dtype))
         return logits[:, 0], state
+
+    def new_state(self, batch_size: int):
+        """An empty state of `batch_size` rows, its cache in the decoder's cache dtype."""
+        return self.model.init_state(batch_size, self.device, self.cache_dtype)
+
+    def _cached(self, state, dtype: torch.dtype):
+        """`state` with its KV cache in `dtype`, converted in place (the caller's object is the engine's
+        running state). Only a bf16-cache decoder ever converts: every other state is left as it is."""
+        if self.cache != "fp32" and state.keys[0].dtype != dtype:
+            state.keys = [k.to(dtype) for k in state.keys]
+            state.values = [v.to(dtype) for v in state.values]
+        return state
 
     def _fast_step(self) -> TransformerStep | None:
         """The flat step, built once and rebuilt after any weight update; None when the model has
@@ -111,7 +131,7 @@ class Decoder:
     def _agreement(self, step: TransformerStep, compiled: CompiledStep, steps: int = 4) -> float:
         """The largest difference between the two steps' logits, relative to the logits' size, over
         a few batch-1 steps (which also compiles the step, so that no request waits for it later)."""
-        states = [self.model.init_state(1, self.device, self.dtype) for _ in range(2)]
+        states = [self.new_state(1) for _ in range(2)]
         tokens = torch.ones(1, dtype=torch.long, device=self.device)
         worst = 0.0
         for _ in range(min(steps, self.model.max_context - 1)):
@@ -146,4 +166,4 @@ class Decoder:
 
     @torch.inference_mode()
     def cat_states(self, states: list):
-        return self.model.cat_states(states)
+        return self.model.cat_states([self._cached(s, self.cache_dtype) for s in states])

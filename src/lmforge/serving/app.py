@@ -335,7 +335,7 @@ def model_info(lm, settings: Settings) -> dict:
     return {"name": settings.name, "arch": lm.config["model"]["arch"], "parameters": lm.num_params,
             "tokenizer": lm.tokenizer.kind, "vocab_size": lm.tokenizer.vocab_size,
             "context_len": lm.decoder.max_context, "decoding": lm.decoding,
-            "compiled_step": lm.decoder.compiled,
+            "decoding_cache": lm.decoding_cache, "compiled_step": lm.decoder.compiled,
             "size": {k: options[k] for k in ("d_model", "d_hidden", "n_layers", "n_heads") if k in options},
             "val_bits_per_byte": (summary.get("val") or {}).get("bits_per_byte") or summary.get("val_bits_per_byte"),
             "steps": summary.get("steps"), "train_time_s": summary.get("train_time_s"),
