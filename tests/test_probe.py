@@ -63,6 +63,44 @@ def _threads_used(tuner, costs, units):
     return used
 
 
+def test_the_thread_tuner_judges_a_count_by_its_total_time():
+    # beside a busy process two threads give some normal steps among much slower ones (measured while
+    # decoding: 1.9, 6.2, 2.0 ms ... against a steady 2.8 at one thread); the median of a trial favours
+    # two threads, the time taken favours one
+    before = torch.get_num_threads()
+    try:
+        tuner, used = ThreadTuner(2), []
+        pattern = {2: [1.9, 6.2, 2.0], 1: [2.8]}
+        for i in range(40):  # the next check is due at unit 43
+            n = torch.get_num_threads()
+            used.append(n)
+            tuner.record(pattern[n][i % len(pattern[n])])
+        assert tuner.current == 1 and used[6:] == [1] * 34
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_short_calls_start_from_the_count_the_last_one_kept(monkeypatch):
+    # generations and scorings come in short calls: the next one starts where the last one settled
+    # (beside a busy process, one thread) instead of spending its first units finding that out again
+    from lmforge import device
+
+    monkeypatch.setattr(device, "_kept", {})
+    before = torch.get_num_threads()
+    try:
+        busy = {2: 3.0, 1: 1.0}
+        first = ThreadTuner(2, period=20, kind="eval")
+        assert _threads_used(first, busy, 8) == [2, 2, 2, 1, 1, 1, 1, 1] and first.current == 1
+        torch.set_num_threads(2)  # whatever ran in between
+        second = ThreadTuner(2, period=20, kind="eval")
+        assert torch.get_num_threads() == 1 and _threads_used(second, busy, 20) == [1] * 20  # next check at 20
+        assert _threads_used(ThreadTuner(2, kind="decode"), busy, 3) == [2, 2, 2]  # another kind of work
+        stale = ThreadTuner(2, period=20, kind="eval", remember_s=0.0)  # too long ago: start afresh
+        assert _threads_used(stale, busy, 3) == [2, 2, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_thread_tuner_checks_a_quiet_machine_less_and_less_often():
     before = torch.get_num_threads()
     try:

@@ -92,6 +92,9 @@ def configured_threads() -> int:
     return _configured_threads or torch.get_num_threads()
 
 
+_kept: dict[str, tuple[int, float]] = {}  # a kind of work -> (the count its last tuner kept, when it checked)
+
+
 class ThreadTuner:
     """Keeps the intra-op thread count that runs this process's repeated work fastest, and re-checks it
     as the machine's load changes.
@@ -100,7 +103,7 @@ class ThreadTuner:
     fastest; with one other busy process on it, the second thread waits for the busy core and the
     steps become slower than with one thread (measured: 1,500 against 2,550 training tokens/s). A
     check runs `trial` units of work (training steps, decoding steps, scoring windows) with the other
-    candidate count and keeps whichever had the lower median time.
+    candidate count and keeps whichever took less time on average.
 
     Checks cost the trial's slower units, so a quiet machine is checked less and less often: after
     `first` units, then after gaps of `period`, twice that, four times, up to `max_gap` units (on a
@@ -113,18 +116,27 @@ class ThreadTuner:
     already done when a run resumes. Some CPUs round a result differently with one and two threads
     (fp32 matrix products on an Intel Xeon differ in the last bits), so a trial's steps at the other
     count change the run's numbers a little; at fixed positions a repeated run, and a resumed one,
-    take the same trials on a quiet machine and end with the same bits. On a GPU it does nothing."""
+    take the same trials on a quiet machine and end with the same bits. On a GPU it does nothing.
+
+    Work that comes in short calls (a generation, scoring a text) names its `kind`: a new tuner of
+    that kind then starts from the count the last one kept, when that one checked within
+    `remember_s` seconds, and checks next after `period` units rather than `first`. Otherwise every
+    call would spend its first units at a count already found slow, and its trial on the other one:
+    half of a short call beside a busy process."""
 
     def __init__(self, threads: int, period: int = 40, trial: int = 3, first: int = 3,
                  max_gap: int | None = None, drift: float | None = 1.3, period_s: float | None = None,
-                 start: int = 0, enabled: bool = True):
+                 start: int = 0, enabled: bool = True, kind: str | None = None, remember_s: float = 10.0):
         self.candidates = sorted({threads, max(1, threads // 2)}, reverse=True)
         self.enabled = enabled and len(self.candidates) > 1
+        self.kind, self.checked = kind, time.perf_counter()
+        kept, checked = _kept.get(kind, (None, None)) if kind is not None else (None, None)
+        if kept in self.candidates and self.checked - checked < remember_s:
+            threads, first, self.checked = kept, period, checked
         self.current, self.trial, self.period, self.first = threads, trial, period, first
         self.max_gap, self.drift, self.period_s = max_gap or 8 * period, drift, period_s
         self.recent: dict[int, list[float]] = {c: [] for c in self.candidates}
         self.units, self.trying, self.left, self.reference = start, None, 0, None
-        self.checked = time.perf_counter()
         self.due = self._next_check(start)
         last = self._last_check(start)
         if self.enabled:  # start from the given count, whatever work before this left set
@@ -184,12 +196,21 @@ class ThreadTuner:
         if self.left > 0:
             return
         kept = self.recent[self.current]  # none after a resume inside a trial: nothing to compare, keep
-        if kept and _median(self.recent[self.trying]) < 0.95 * _median(kept):
+        # Means, not medians: what the work costs is the time it takes in all. Beside a busy process,
+        # two threads give a few normal units among far slower ones (a thread waiting out the other's
+        # time slice), and a median of three could pick them.
+        if kept and _mean(self.recent[self.trying]) < 0.95 * _mean(kept):
             self.current = self.trying
         self.trying, self.checked = None, time.perf_counter()
+        if self.kind is not None:
+            _kept[self.kind] = (self.current, self.checked)
         self.reference = _median(self.recent[self.current]) if self.recent[self.current] else None
         self.due = self._next_check(self.units)
         torch.set_num_threads(self.current)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _median(values: list[float]) -> float:

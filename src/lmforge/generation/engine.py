@@ -75,7 +75,7 @@ class Engine:
         # a wrong choice (a trial misled by noise) still lasts only a fraction of a second. Step times
         # follow the batch size and context length, not only the load, so they do not trigger checks.
         self.tuner = ThreadTuner(configured_threads(), period=200, max_gap=200, drift=None, period_s=2.0,
-                                 enabled=decoder.device.type == "cpu")
+                                 enabled=decoder.device.type == "cpu", kind="decode")
         self.waiting: deque[Request] = deque()
         self.running: list[_Row] = []
         self.state = None
