@@ -154,8 +154,8 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     time to the first token after a 500-token prompt. The models decode as `lmforge.load` sets them up
     (on a CPU, a Transformer's steps use int8 or fp16 weights and the KV cache dtype the probe
     chose); batch 1 with the fp32 modules, and the largest batch with the other cache dtype, are
-    timed too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2 through its
-    `generate` (KV cache) is timed in the same run. `compile`: the Transformer's compiled batch-1
+    timed too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2
+    through its `generate` (KV cache) is timed in the same run. `compile`: the Transformer's compiled batch-1
     step too (`Decoder.compile`: its compile time and step timings are reported, and batch 1 is
     timed through it when it was kept, that is measured faster).
 

@@ -212,7 +212,8 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     compiled = ", compiled" if lm.decoder.compiled else ""
     print(f"serving {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters, {lm.decoding} "
-          f"decoding, {lm.decoding_cache} cache{compiled}) at http://{args.host}:{args.port}/  (OpenAI API under /v1)", file=sys.stderr)
+          f"decoding, {lm.decoding_cache} cache{compiled}) at http://{args.host}:{args.port}/  "
+          f"(OpenAI API under /v1)", file=sys.stderr)
     uvicorn.run(create_app(lm, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -322,10 +322,11 @@ class CompiledStep:
         Inductor's note that a fused loop mixes bf16 and fp16 (fp16 weights beside a bf16 cache) is
         not for the user: the loop computes in fp32."""
         config = torch._dynamo.config
-        with warnings.catch_warnings():
+        patch = hasattr(config, "specialize_float")
+        constants = config.patch(specialize_float=True) if patch else contextlib.nullcontext()
+        with warnings.catch_warnings(), constants:
             warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
-            with config.patch(specialize_float=True) if hasattr(config, "specialize_float") else contextlib.nullcontext():
-                yield
+            yield
 
     def __call__(self, tokens: torch.Tensor, state) -> torch.Tensor:
         length = max(state.pos[0] + 1, 2)

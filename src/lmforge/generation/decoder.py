@@ -42,7 +42,8 @@ class Decoder:
         if weights != "fp32" and (device.type != "cpu" or not TransformerStep.covers(model)):
             raise LmforgeError(f"{weights} decoding is for a plain Transformer on a CPU; use fp32 weights here")
         if cache != "fp32" and weights == "fp32":
-            raise LmforgeError("a bf16 cache goes with int8 or fp16 decoding weights; fp32 decoding keeps an fp32 cache")
+            raise LmforgeError("a bf16 cache goes with int8 or fp16 decoding weights; "
+                               "fp32 decoding keeps an fp32 cache")
         self.model, self.weights, self.cache, self.device = model, weights, cache, device
         self.dtype = next(model.parameters()).dtype
         # The modules read and write caches of the model's dtype; the flat step takes either.
