@@ -81,7 +81,7 @@ def test_the_thread_tuner_judges_a_count_by_its_total_time():
 
 
 def test_short_calls_start_from_the_count_the_last_one_kept(monkeypatch):
-    # generations and scorings come in short calls: the next one starts where the last one settled
+    # generations come in short calls: the next one starts where the last one settled
     # (beside a busy process, one thread) instead of spending its first units finding that out again
     from lmforge import device
 
@@ -89,13 +89,14 @@ def test_short_calls_start_from_the_count_the_last_one_kept(monkeypatch):
     before = torch.get_num_threads()
     try:
         busy = {2: 3.0, 1: 1.0}
-        first = ThreadTuner(2, period=20, kind="eval")
+        first = ThreadTuner(2, period=20, kind="decode")
         assert _threads_used(first, busy, 8) == [2, 2, 2, 1, 1, 1, 1, 1] and first.current == 1
         torch.set_num_threads(2)  # whatever ran in between
-        second = ThreadTuner(2, period=20, kind="eval")
+        second = ThreadTuner(2, period=20, kind="decode")
         assert torch.get_num_threads() == 1 and _threads_used(second, busy, 20) == [1] * 20  # next check at 20
-        assert _threads_used(ThreadTuner(2, kind="decode"), busy, 3) == [2, 2, 2]  # another kind of work
-        stale = ThreadTuner(2, period=20, kind="eval", remember_s=0.0)  # too long ago: start afresh
+        assert _threads_used(ThreadTuner(2, kind="serve"), busy, 3) == [2, 2, 2]  # another kind of work
+        assert _threads_used(ThreadTuner(2), busy, 3) == [2, 2, 2]  # no kind: every call starts afresh
+        stale = ThreadTuner(2, period=20, kind="decode", remember_s=0.0)  # too long ago: start afresh
         assert _threads_used(stale, busy, 3) == [2, 2, 2]
     finally:
         torch.set_num_threads(before)

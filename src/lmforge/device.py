@@ -118,11 +118,11 @@ class ThreadTuner:
     count change the run's numbers a little; at fixed positions a repeated run, and a resumed one,
     take the same trials on a quiet machine and end with the same bits. On a GPU it does nothing.
 
-    Work that comes in short calls (a generation, scoring a text) names its `kind`: a new tuner of
-    that kind then starts from the count the last one kept, when that one checked within
-    `remember_s` seconds, and checks next after `period` units rather than `first`. Otherwise every
-    call would spend its first units at a count already found slow, and its trial on the other one:
-    half of a short call beside a busy process."""
+    Work that comes in short calls whose numbers are not recorded (generations, which check on a
+    clock anyway) names its `kind`: a new tuner of that kind then starts from the count the last one
+    kept, when that one checked within `remember_s` seconds, and checks next after `period` units
+    rather than `first`. Otherwise every call would spend its first units at a count already found
+    slow, and its trial on the other one: half of a short call beside a busy process."""
 
     def __init__(self, threads: int, period: int = 40, trial: int = 3, first: int = 3,
                  max_gap: int | None = None, drift: float | None = 1.3, period_s: float | None = None,

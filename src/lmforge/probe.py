@@ -1,7 +1,7 @@
 """What runs fastest on this machine, measured instead of assumed from CPU flags.
 
 A CPU with bf16 units may still multiply bf16 matrices slower than fp32 ones; an int8 kernel may be
-slower than fp16 on another. So a short probe (about a second) times the choices on the machine at
+slower than fp16 on another. So a short probe (a few seconds) times the choices on the machine at
 hand — a training step in fp32 and in bf16 autocast (with attention in fp32 or bf16), a decoding
 step with int8, fp16 and fp32 weights, and a batch-8 decoding step deep into the context with its KV
 cache in fp32 and in bf16 — taking turns, medians kept. The result is cached per machine
@@ -75,7 +75,7 @@ def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
         except (OSError, ValueError, KeyError):
             pass
     if log is not None:
-        log("probing this machine's fastest training dtype and decoding weights (once; about a second)")
+        log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
     result = {"machine": facts, "choices": measure()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,9 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
         return total
     window, stride = limit + 1, max(1, limit // 2)  # window+1 tokens give `limit` predictions
     spans = list(_windows(n, window, stride))[part[0]::part[1]]
-    tuner = ThreadTuner(configured_threads(), period=20, trial=3, enabled=seq.device.type == "cpu", kind="eval")
+    # No `kind`: a scoring call checks at the same windows whatever ran before it, so its trials (which
+    # may round differently at the other count) fall alike in a repeated or resumed run.
+    tuner = ThreadTuner(configured_threads(), period=20, trial=3, enabled=seq.device.type == "cpu")
     for i in range(0, len(spans), batch_windows):
         tic = time.perf_counter()
         group = spans[i:i + batch_windows]
