@@ -174,19 +174,16 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto", cache: st
     model, tokenizer, config = ckpt.load_model(Path(run))
     dev = resolve_device(device)
     model = model.to(dev)
-    weights = decoding
+    weights = default_weights(model, dev) if decoding == "auto" else decoding
+    measured = {}
+    if weights != "fp32" and dev.type == "cpu" and "auto" in (decoding, cache):
+        from .probe import choices
+
+        measured = choices(dev)  # a CPU Transformer: what the probe measured fastest here
     if decoding == "auto":
-        weights = default_weights(model, dev)
-        if weights != "fp32":  # a CPU Transformer: the format the probe measured fastest here
-            from .probe import choices
-
-            weights = choices(dev)["decoding"]
+        weights = measured.get("decoding", weights)
     if cache == "auto":
-        cache = "fp32"
-        if weights != "fp32" and dev.type == "cpu":
-            from .probe import choices
-
-            cache = choices(dev).get("cache", "fp32")
+        cache = measured.get("cache", "fp32") if weights != "fp32" else "fp32"
     return LanguageModel(model, tokenizer, config, Path(run), dev, Decoder(model, weights, cache))
 
 

@@ -12,6 +12,7 @@ supported, and the fp32 modules for decoding.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -102,6 +103,18 @@ def measure() -> dict:
             "batch8_decode_step_us": {k: round(v * 1e6, 1) for k, v in caches.items()}}
 
 
+def _take_turns(cases: dict) -> dict[str, float]:
+    """Each case's median seconds over ROUNDS rounds, the cases taking turns after a warm-up round; a
+    case is a function that runs once and returns the seconds it took."""
+    times = {name: [] for name in cases}
+    for round_ in range(ROUNDS + 1):  # the first round warms up
+        for name, case in cases.items():
+            seconds = case()
+            if round_:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _train_times() -> dict[str, float]:
     """Median seconds per training step of a small Transformer, per dtype / attention precision."""
     device = torch.device("cpu")
@@ -113,16 +126,26 @@ def _train_times() -> dict[str, float]:
     optimizers = build_optimizers(model, TrainConfig(max_steps=1))
     batch = torch.randint(SHAPE["vocab_size"], (BATCH, SHAPE["context_len"] + 1), generator=torch.Generator().manual_seed(0))
     micro = [(batch[:, :-1], batch[:, 1:])]
-    times = {name: [] for name in variants}
-    for round_ in range(ROUNDS + 1):  # the first round warms up
-        for name, (dtype, upcast) in variants.items():
-            model.set_attention_upcast(upcast)
-            tic = time.perf_counter()
-            train_step(model, model, optimizers, micro, lm_loss, device=device, dtype=dtype, grad_clip=1.0)
-            if round_:
-                times[name].append(time.perf_counter() - tic)
+
+    def step(dtype, upcast) -> float:
+        model.set_attention_upcast(upcast)
+        tic = time.perf_counter()
+        train_step(model, model, optimizers, micro, lm_loss, device=device, dtype=dtype, grad_clip=1.0)
+        return time.perf_counter() - tic
+
+    times = _take_turns({name: functools.partial(step, *variant) for name, variant in variants.items()})
     model.set_attention_upcast(True)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _steps(decoder: Decoder, tokens: torch.Tensor, state, steps: int, position: int | None = None) -> float:
+    """Seconds per decoding step over `steps` steps of `state` (from `position` in every row, when given)."""
+    if position is not None:
+        state.pos = [position] * tokens.size(0)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(tokens, state)
+    return (time.perf_counter() - tic) / steps
 
 
 @torch.inference_mode()
@@ -131,18 +154,12 @@ def _decode_times(steps: int = 48) -> dict[str, float]:
     torch.manual_seed(0)
     model = build_model("transformer", **{**SHAPE, "n_layers": 4}).eval()
     formats = ["fp32", "fp16"] + (["int8"] if int8_matmul_available() else [])
-    decoders = {w: Decoder(model, w) for w in formats}
-    times = {w: [] for w in formats}
     tokens = torch.zeros(1, dtype=torch.long)
-    for round_ in range(ROUNDS + 1):
-        for w, decoder in decoders.items():
-            _, state = decoder.prefill(torch.zeros(1, 1, dtype=torch.long))
-            tic = time.perf_counter()
-            for _ in range(steps):
-                _, state = decoder.step(tokens, state)
-            if round_:
-                times[w].append((time.perf_counter() - tic) / steps)
-    return {w: statistics.median(t) for w, t in times.items()}
+
+    def run(decoder: Decoder) -> float:  # from a fresh one-token prompt each time
+        return _steps(decoder, tokens, decoder.prefill(torch.zeros(1, 1, dtype=torch.long))[1], steps)
+
+    return _take_turns({w: functools.partial(run, Decoder(model, w)) for w in formats})
 
 
 @torch.inference_mode()
@@ -152,21 +169,12 @@ def _cache_times(weights: str, rows: int = 8, position: int = 256, steps: int = 
     (a server's batch), and whether reading half the bytes beats fp32 arithmetic depends on the CPU."""
     torch.manual_seed(0)
     model = build_model("transformer", **{**SHAPE, "n_layers": 4, "context_len": 2 * position}).eval()
-    decoders = {cache: Decoder(model, weights, cache) for cache in ("fp32", "bf16")}
-    prompt = torch.zeros(rows, position, dtype=torch.long)
-    states = {cache: decoder.prefill(prompt)[1] for cache, decoder in decoders.items()}
-    tokens = torch.zeros(rows, dtype=torch.long)
-    times = {cache: [] for cache in decoders}
-    for round_ in range(ROUNDS + 1):
-        for cache, decoder in decoders.items():
-            state = states[cache]
-            state.pos = [position] * rows
-            tic = time.perf_counter()
-            for _ in range(steps):
-                decoder.step(tokens, state)
-            if round_:
-                times[cache].append((time.perf_counter() - tic) / steps)
-    return {cache: statistics.median(t) for cache, t in times.items()}
+    prompt, tokens = torch.zeros(rows, position, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    cases = {}
+    for cache in ("fp32", "bf16"):
+        decoder = Decoder(model, weights, cache)  # each round steps on from the same prompt, prefilled once
+        cases[cache] = functools.partial(_steps, decoder, tokens, decoder.prefill(prompt)[1], steps, position)
+    return _take_turns(cases)
 
 
 def report(refresh: bool = False) -> dict:

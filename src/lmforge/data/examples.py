@@ -114,6 +114,11 @@ def _example_batches(train: list, val: list, collate, batch_size: int, seed: int
     return Batches(sample, val_batches, val_tokens_per_byte, tokens_per_batch, description)
 
 
+def count_targets(pairs: list[tuple[list[int], list[int]]]) -> int:
+    """The scored positions of (x, y) pairs: the targets that are not IGNORE."""
+    return sum(sum(t != IGNORE for t in y) for _, y in pairs)
+
+
 def collate_pairs(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) pairs of unequal lengths as one padded batch (targets padded with IGNORE)."""
     return pad([x for x, _ in items], pad_id), pad([y for _, y in items], IGNORE)
@@ -127,9 +132,8 @@ def completion_batches(pairs: dict, val_bytes: int, pad_id: int, context_len: in
     train = [inputs_targets(*e) for e in pairs["train"]]
     val = [inputs_targets(*e) for e in pairs["val"]]
 
-    targets = sum(sum(t != IGNORE for t in y) for _, y in val)
-    return _example_batches(train, val, partial(collate_pairs, pad_id=pad_id), batch_size, seed, batch_size * context_len,
-                            targets / max(1, val_bytes),
+    return _example_batches(train, val, partial(collate_pairs, pad_id=pad_id), batch_size, seed,
+                            batch_size * context_len, count_targets(val) / max(1, val_bytes),
                             f"{len(train):,} train / {len(val):,} val prompt -> completion pairs")
 
 

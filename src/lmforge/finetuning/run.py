@@ -18,8 +18,8 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_overrides
 from ..data import lm_batches, prepare_data
-from ..data.examples import (DEFAULT_TEMPLATE, IGNORE, classification_batches, collate_pairs, completion_batches,
-                             encode_pair, held_out, inputs_targets, pad, read_jsonl, render)
+from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, collate_pairs, completion_batches,
+                             count_targets, encode_pair, held_out, inputs_targets, pad, read_jsonl, render)
 from ..device import seed_everything
 from ..errors import LmforgeError
 from ..models import build_model
@@ -214,7 +214,7 @@ def evaluate_completions(lm, data=None, batch_size: int = 16) -> dict:
              for r in rows]
     batches = [collate_pairs(pairs[i:i + batch_size], lm.tokenizer.eos_id) for i in range(0, len(pairs), batch_size)]
     loss = evaluate_loss(lm.model, batches, lm_loss, lm.device, torch.float32)  # per target
-    targets = sum(sum(t != IGNORE for t in y) for _, y in pairs)
+    targets = count_targets(pairs)
     completion_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows)
     return {"completion_bits_per_byte": loss * targets / max(1, completion_bytes) / math.log(2), "n": len(rows),
             "tokens": targets, "bytes": completion_bytes}
