@@ -48,20 +48,26 @@ def fraction_of(prepared, fraction: float):
     return dataclasses.replace(prepared, train=np.concatenate(parts))
 
 
+def pretrain_base(work: Path, more: Path, pretrain_time: float = 240.0, cache_dir=None, threads: int | None = None,
+                  log=print) -> dict:
+    """The base both reports start from, pretrained into `work`/base unless an earlier run left it there;
+    returns its summary (base.json)."""
+    if not (work / "base.json").exists():
+        train = {"max_time": pretrain_time, "batch_size": 16, "lr": 3e-3, "eval_interval": 250,
+                 **({"threads": threads} if threads else {}), "progress": False, "sample_tokens": 0}
+        cfg = {"data": {"sources": pretrain_sources(more), "cache_dir": cache_dir}, "train": train,
+               "tokenizer": {"kind": "bpe", "vocab_size": 2048}, "model": MODEL}
+        _, result = lmforge.train(cfg, out=work / "base", log=log, final_eval=False)
+        (work / "base.json").write_text(json.dumps({"steps": result.steps, "train_time_s": result.train_time,
+                                                    "tokens": result.tokens, "val_bpb": result.best_val_bpb}))
+    return json.loads((work / "base.json").read_text())
+
+
 def run_transfer(out: Path, work: Path, more: Path, pretrain_time: float = 240.0, finetune_time: float = 60.0,
                  fractions=FRACTIONS, cache_dir=None, threads: int | None = None, log=print) -> list[dict]:
     work, out = Path(work), Path(out)
     base = work / "base"
-    train = {"max_time": pretrain_time, "batch_size": 16, "lr": 3e-3, "eval_interval": 250,
-             **({"threads": threads} if threads else {}),
-             "progress": False, "sample_tokens": 0}
-    if not (work / "base.json").exists():
-        cfg = {"data": {"sources": pretrain_sources(more), "cache_dir": cache_dir}, "train": train,
-               "tokenizer": {"kind": "bpe", "vocab_size": 2048}, "model": MODEL}
-        _, result = lmforge.train(cfg, out=base, log=log, final_eval=False)
-        (work / "base.json").write_text(json.dumps({"steps": result.steps, "train_time_s": result.train_time,
-                                                    "tokens": result.tokens, "val_bpb": result.best_val_bpb}))
-    summary = json.loads((work / "base.json").read_text())
+    summary = pretrain_base(work, more, pretrain_time, cache_dir, threads, log)
     # the same number of optimizer steps for every fine-tune, from the pretraining's measured speed
     steps = max(20, int(finetune_time * summary["steps"] / summary["train_time_s"]))
     base_lm = lmforge.load(base)
@@ -142,7 +148,8 @@ def write_outputs(out: Path, rows: list[dict], base_summary: dict, steps: int) -
 
 
 def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, threads: int | None = None,
-                adapter_time: float = 60.0, adapter_mode: str = "full", log=print) -> dict:
+                adapter_time: float = 60.0, adapter_mode: str = "full", pretrain_time: float = 240.0,
+                log=print) -> dict:
     """Author attribution with the transfer base, three ways, against bag-of-words: a classification head
     on the pretrained body (full fine-tune), the same from scratch, and the language model's own
     likelihood: one copy of the base fine-tuned per author (`adapter_mode` full, or lora for small
@@ -159,7 +166,7 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
         write_authors(data, more)
     rows = read_jsonl(data, ("text", "label"))
     labels = sorted({r["label"] for r in rows})
-    base = json.loads((work / "base.json").read_text())
+    base = pretrain_base(work, more, pretrain_time, threads=threads, log=log)
     steps = steps or base.get("finetune_steps") or max(20, int(60.0 * base["steps"] / base["train_time_s"]))
     quiet = ["train.progress=false"] + ([f"train.threads={threads}"] if threads else [])
     results = {}
@@ -230,7 +237,8 @@ def main(argv=None) -> None:
         run_transfer(Path(args.out), Path(args.work), Path(args.more), args.pretrain_time, args.finetune_time,
                      threads=args.threads)
     if args.skip != "authors":
-        run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads)
+        run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads,
+                    pretrain_time=args.pretrain_time)
 
 
 if __name__ == "__main__":

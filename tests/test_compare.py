@@ -4,6 +4,7 @@ import json
 import shlex
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.compare import matched_sizes, original_passage
@@ -106,6 +107,21 @@ def test_bench_train_prints_json(capsys):
         assert 0 < family["peak_flops"] <= result["peak_flops_best"] and family["mfu"] > 0
         assert family["context_len"] == 8
     assert result["cpu"]  # every figure names the machine it was measured on
+
+
+def test_bench_generate_decodes_as_load_sets_up(capsys):
+    from lmforge.probe import choices
+
+    code = main(["bench", "generate", "--arch", "transformer", "--batch-sizes", "1,2", "--new-tokens", "4",
+                 "--warmup", "2", "--rounds", "1", "--threads", "1", "model.d_model=32", "model.n_layers=1",
+                 "model.n_heads=2", "model.context_len=16"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    family = result["families"]["transformer"]
+    measured = choices(torch.device("cpu"))  # the probe's choice is what lmforge.load decodes with here
+    assert family["decoding"] == measured["decoding"]
+    assert family["cache"] == (measured["cache"] if measured["decoding"] != "fp32" else "fp32")
+    assert set(family["batch"]) == {"1", "2"} and all(b["new_tokens_per_s"] > 0 for b in family["batch"].values())
 
 
 @pytest.mark.parametrize("argv, needle", [

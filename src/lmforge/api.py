@@ -174,6 +174,13 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto", cache: st
     model, tokenizer, config = ckpt.load_model(Path(run))
     dev = resolve_device(device)
     model = model.to(dev)
+    decoder = Decoder(model, *decoding_setup(model, dev, decoding, cache))
+    return LanguageModel(model, tokenizer, config, Path(run), dev, decoder)
+
+
+def decoding_setup(model, dev: torch.device, decoding: str = "auto", cache: str = "auto") -> tuple[str, str]:
+    """The (weights, cache) a Decoder of `model` takes, "auto" resolved as `load` resolves it: for a
+    CPU Transformer, what this machine's probe measured fastest; fp32 everywhere else."""
     weights = default_weights(model, dev) if decoding == "auto" else decoding
     measured = {}
     if weights != "fp32" and dev.type == "cpu" and "auto" in (decoding, cache):
@@ -184,7 +191,7 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto", cache: st
         weights = measured.get("decoding", weights)
     if cache == "auto":
         cache = measured.get("cache", "fp32") if weights != "fp32" else "fp32"
-    return LanguageModel(model, tokenizer, config, Path(run), dev, Decoder(model, weights, cache))
+    return weights, cache
 
 
 def train(config: str | Path | dict | RunConfig | None = None, out: str | Path | None = None, *,

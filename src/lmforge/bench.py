@@ -16,7 +16,7 @@ import torch
 from .config import TrainConfig
 from .device import measure_peak_flops, resolve_device, resolve_dtype, set_threads, synchronize as _sync
 from .errors import LmforgeError
-from .generation import Decoder, Engine, SamplingConfig, default_weights
+from .generation import Decoder, Engine, SamplingConfig
 from .models import MODELS, build_model, config_class, count_params
 from .training.optim import build_optimizers
 from .training.step import lm_loss, train_step
@@ -162,7 +162,7 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     Every case is timed once per round, all cases in turn, for `rounds` rounds; each reports its median
     (and its runs). A shared machine's speed drifts from second to second; taking turns lets the
     reference and lmforge meet the same conditions, and the ratio is that of the medians."""
-    from .probe import choices
+    from .api import decoding_setup
 
     dev = resolve_device(device)
     threads = set_threads(threads)
@@ -173,8 +173,8 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         torch.manual_seed(0)
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
-        weights = default_weights(model, dev)
-        decoder = Decoder(model, weights, "fp32" if weights == "fp32" else choices(dev).get("cache", "fp32"))
+        weights, cache = decoding_setup(model, dev)
+        decoder = Decoder(model, weights, cache)
         if decoder.weights != "fp32":
             cases[(arch, "fp32_modules")] = (Decoder(model), torch.zeros(1, 1, dtype=torch.long))
         for batch_size in batch_sizes:

@@ -7,11 +7,11 @@ machine's training speed at the default size; the compute of the whole budget th
 
 N ∝ C^0.5 is the compute-optimal scaling measured by Hoffmann et al. (2022). The anchor (N0, C0) is
 counted in FLOPs, not seconds, so it holds on any machine: on the Austen split the default size
-(d_model 256, 4 layers; 5.25M parameters with BPE-4096 and an untied head) was the best of the
-sizes tried at C0, and d_model 192 was best at C0 / 3, which the rule also picks. Since then the
-size is also capped by the training tokens there are (best_params). Sizes come from one ladder with
-64-wide heads and as many layers as heads; the rung whose parameter count is nearest to N (on a
-log scale) wins. Larger budgets and faster machines get larger models.
+(d_model 256, 4 layers) was the best of the sizes measured near C0. Below C0 the best size shrank
+about linearly with the compute (d_model 128 was best at a fifth of it), so the rule is
+N = N0 · C / C0 there. The size is also capped by the training tokens there are (best_params).
+Sizes come from one ladder with 64-wide heads and as many layers as heads; the rung whose parameter
+count is nearest to N (on a log scale) wins. Larger budgets and faster machines get larger models.
 
 Dropout and weight decay follow the passes a run will make over its training text, for `--budget`
 and for any new Transformer run that leaves them alone (regularise_for_passes).
@@ -36,11 +36,16 @@ from .step import lm_loss, train_step
 LADDER = (128, 192, 256, 384, 512, 768, 1024)  # d_model; n_heads = n_layers = d_model / 64 (2 at least)
 DEFAULT_D_MODEL = 256
 SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
-# The anchor: on the Austen split, the default rung (d_model 256, 4 layers; 5.25M parameters with
-# BPE-4096 and an untied head) was the best of the sizes tried after 300 s of fp32 training at 3,873
-# tokens/s with batch 16 x 128 tokens, i.e. after this many training FLOPs (docs/benchmarks.md has
-# the measurements). Sizes scale from the default rung's parameter count under the run's own options.
-ANCHOR_COMPUTE = 26_738_688 * 3873 * 300
+# The anchor C0: the compute at which the default rung (d_model 256, 4 layers) is the best size, in
+# the FLOPs the budget's probe counts. Sizes scale from the default rung's parameter count under the
+# run's own options. Set first (old defaults) where d_model 256 was the best of the sizes tried after
+# 300 s at 3,873 tokens/s. With the defaults of 6 December on the Austen split (an Intel Xeon whose
+# probe timed 8,400-11,000 tokens/s, so about 1.6e13 FLOPs a minute; docs/benchmarks.md), bits per
+# byte after 30 s: d_model 128 1.642, 192 1.706; after 60 s: 128 1.556, 192 1.577, 256 1.61; after
+# 300 s: 128 1.497, 192 1.466, 256 1.462. The best size grew about as fast as the compute there (the
+# square root would need 25 times the compute from 128 to 256, not 5), so below C0 the rule is linear:
+# it switches from 128 to 192 at 0.33 C0 and from 192 to 256 at 0.71 C0, here 2.6e13 and 5.5e13.
+ANCHOR_COMPUTE = 7.8e13
 ANCHOR_TOKENS = 320_399  # the Austen split's training tokens with BPE-4096, which that run read about six times
 # Dropout for runs that read the training text many times. On the Austen split, default size:
 # 0.1 instead of the default 0.05 lost 0.0035 bits per byte at 880 steps (about 5.6 passes) and
@@ -62,10 +67,13 @@ def rung(d_model: int) -> dict:
 
 
 def best_params(anchor: float, compute: float, tokens: int | None = None) -> float:
-    """N0 · sqrt(C / C0) for the anchor's N0 parameters, and no more than the data supports: past the
-    anchor's six passes over its text, more passes over the same tokens buy overfitting, not a model
-    that can use more parameters, so the size is capped at N0 · D / D0 for D training tokens."""
-    target = anchor * math.sqrt(compute / ANCHOR_COMPUTE)
+    """N0 · sqrt(C / C0) for the anchor's N0 parameters, N0 · C / C0 below the anchor (short budgets
+    favour small models more steeply than the square root: measured, see ANCHOR_COMPUTE), and no more
+    than the data supports: past the anchor's six passes over its text, more passes over the same
+    tokens buy overfitting, not a model that can use more parameters, so the size is capped at
+    N0 · D / D0 for D training tokens."""
+    ratio = compute / ANCHOR_COMPUTE
+    target = anchor * (math.sqrt(ratio) if ratio >= 1 else ratio)
     return target if tokens is None else min(target, anchor * tokens / ANCHOR_TOKENS)
 
 
