@@ -41,7 +41,7 @@ SIZE_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
 # run's own options. Set first (old defaults) where d_model 256 was the best of the sizes tried after
 # 300 s at 3,873 tokens/s. With the defaults of 6 December on the Austen split (an Intel Xeon whose
 # probe timed 8,400-11,000 tokens/s, so about 1.6e13 FLOPs a minute; docs/benchmarks.md), bits per
-# byte after 30 s: d_model 128 1.642, 192 1.706; after 60 s: 128 1.556, 192 1.577, 256 1.61; after
+# byte after 30 s: d_model 128 1.642, 192 1.706; after 60 s: 128 1.556, 192 1.576, 256 1.61; after
 # 300 s: 128 1.497, 192 1.466, 256 1.462. The best size grew about as fast as the compute there (the
 # square root would need 25 times the compute from 128 to 256, not 5), so below C0 the rule is linear:
 # it switches from 128 to 192 at 0.33 C0 and from 192 to 256 at 0.71 C0, here 2.6e13 and 5.5e13.
