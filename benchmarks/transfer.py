@@ -34,7 +34,7 @@ def pretrain_sources(more: Path) -> list[str]:
 
     held = {s.split(":", 1)[1] for s in AUSTEN}
     if not Path(more).is_dir():
-        raise LmforgeError(f"--more {more} is not a folder; point it at shared/corpora/gutenberg-more")
+        raise LmforgeError(f"--more {more} is not a folder; point it at the folder of extra Gutenberg novels")
     return [f"gutenberg:{f}" for f in gutenberg_corpus().fileids() if f not in held] + [str(more)]
 
 
@@ -233,12 +233,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--skip", choices=["transfer", "authors"], help="leave out one of the two reports")
     args = p.parse_args(argv)
-    if args.skip != "transfer":
-        run_transfer(Path(args.out), Path(args.work), Path(args.more), args.pretrain_time, args.finetune_time,
-                     threads=args.threads)
-    if args.skip != "authors":
-        run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads,
-                    pretrain_time=args.pretrain_time)
+    try:
+        if args.skip != "transfer":
+            run_transfer(Path(args.out), Path(args.work), Path(args.more), args.pretrain_time, args.finetune_time,
+                         threads=args.threads)
+        if args.skip != "authors":
+            run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads,
+                        pretrain_time=args.pretrain_time)
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        p.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":
