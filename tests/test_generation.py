@@ -147,6 +147,27 @@ def test_a_seeded_request_gives_the_same_text_alone_and_among_others(arch, char)
     assert early.finished and late.finish_reason == "length" and len(late.new_ids) == 8
 
 
+def test_requests_arriving_together_join_the_batch_in_one_concatenation(char, monkeypatch):
+    # each concatenation copies every row's cache: eight requests at once cost one, not seven
+    model = make("transformer", char.vocab_size)
+    decoder = Decoder(model)
+    settings = dict(max_new_tokens=12, temperature=0.9)
+    alone = []
+    for seed in range(8):
+        engine = Engine(decoder, char)
+        alone.append(engine.submit(char.encode("Emma"), SamplingConfig(seed=seed, **settings)))
+        engine.run()
+    joins = []
+    cat_states = decoder.cat_states
+    monkeypatch.setattr(decoder, "cat_states", lambda states: joins.append(len(states)) or cat_states(states))
+    engine = Engine(decoder, char, max_batch=8)
+    together = [engine.submit(char.encode("Emma"), SamplingConfig(seed=seed, **settings)) for seed in range(8)]
+    engine.step()
+    assert len(engine.running) == 8 and joins == [8]
+    engine.run()
+    assert [r.new_ids for r in together] == [r.new_ids for r in alone]
+
+
 def test_cancelled_requests_leave_the_batch_and_others_continue(char):
     model = make("transformer", char.vocab_size)
     engine = Engine(Decoder(model), char, max_batch=2)

@@ -361,6 +361,25 @@ def test_a_bf16_cache_is_handed_to_the_modules_in_their_dtype():
         torch.testing.assert_close(logits[1].log_softmax(-1), model(b[:, :4])[0][0, 3].log_softmax(-1), rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("cache", ["fp32", "bf16"])
+def test_a_prompt_leaves_the_same_state_as_one_fed_into_a_full_cache(cache):
+    # the decoder feeds a prompt over buffers of its own length, then moves them into full-context
+    # ones of its cache dtype: the logits and the cache are exactly those of the plain path
+    from lmforge.generation import Decoder
+
+    model = make("transformer")
+    decoder = Decoder(model, "fp16", cache)
+    for length in (1, 7, model.max_context):
+        x = tokens(batch=2, length=length)
+        with torch.inference_mode():
+            logits, state = decoder.prefill(x)
+            plain_logits, plain = model(x, model.init_state(2, torch.device("cpu"), torch.float32))
+        assert torch.equal(logits, plain_logits[:, -1]) and state.pos == plain.pos == [length, length]
+        for ours, theirs in zip(state.keys + state.values, plain.keys + plain.values):
+            assert ours.shape == theirs.shape and ours.dtype == decoder.cache_dtype
+            assert torch.equal(ours, theirs.to(ours.dtype))
+
+
 def test_a_bf16_cache_is_refused_with_fp32_decoding():
     from lmforge.generation import Decoder
 

@@ -106,17 +106,22 @@ class Engine:
 
     def step(self) -> None:
         self._retire()
-        while self.waiting and len(self.running) < self.max_batch:
+        joining = []  # (row, state) of the rows that join the batch at this step, in order
+        while self.waiting and len(self.running) + len(joining) < self.max_batch:
             request = self.waiting.popleft()
             if request.cancelled:
                 request.finish_reason = "cancelled"
                 self._emit(request, "")
             else:
-                self._start(request)
+                joining += self._start(request)
         limit = self.decoder.max_context
         for row in [r for r in self.running if limit is not None and r.length >= limit]:
             self._remove([row])  # its cache is full: re-feed the recent past, then it rejoins at the end
-            self._prefill(row, row.history[-refill_length(limit):])
+            joining += self._prefill(row, row.history[-refill_length(limit):])
+        if joining:  # one concatenation for all of them: each one copies every row's cache
+            self.running += [row for row, _ in joining]
+            states = ([] if self.state is None else [self.state]) + [state for _, state in joining]
+            self.state = states[0] if len(states) == 1 else self.decoder.cat_states(states)
         if not self.running:
             return
         tokens = torch.tensor([row.pending for row in self.running])
@@ -139,7 +144,7 @@ class Engine:
 
     # ---- rows -------------------------------------------------------------------------------------
 
-    def _start(self, request: Request) -> None:
+    def _start(self, request: Request) -> list[tuple[_Row, object]]:
         cfg = request.sampling
         generator = None
         if cfg.seed is not None:
@@ -152,16 +157,16 @@ class Engine:
         row = _Row(request, generator, stream, list(ids))
         if cfg.max_new_tokens == 0:
             self._finish(row, "length")
-            return
-        self._prefill(row, ids)
+            return []
+        return self._prefill(row, ids)
 
-    def _prefill(self, row: _Row, ids: list[int]) -> None:
+    def _prefill(self, row: _Row, ids: list[int]) -> list[tuple[_Row, object]]:
+        """Feed `ids` to a new state and sample the row's next token: [(row, state)] to join the batch,
+        or [] when that token ended the request."""
         logits, state = self.decoder.prefill(torch.tensor([ids]))
         row.length = len(ids)
         self._accept(row, sample_rows(logits, [row.request.sampling], [row.generator])[0])
-        if not row.request.finished:
-            self.running.append(row)
-            self.state = state if self.state is None else self.decoder.cat_states([self.state, state])
+        return [] if row.request.finished else [(row, state)]
 
     def _accept(self, row: _Row, token: int) -> None:
         request = row.request

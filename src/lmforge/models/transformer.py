@@ -381,9 +381,11 @@ class Transformer(nn.Module):
         return {"embeddings": embeddings, "layers": [list(block.parameters()) for block in self.blocks],
                 "head": [] if self.lm_head is None else [self.lm_head.weight], "other": list(self.norm.parameters())}
 
-    def init_state(self, batch_size: int, device, dtype) -> KVCache:
+    def init_state(self, batch_size: int, device, dtype, length: int | None = None) -> KVCache:
+        """Empty buffers for `length` positions (default: the whole context; a prompt that fills a
+        shorter buffer can be moved into a full one after, see Decoder.prefill)."""
         cfg = self.config
-        shape = (batch_size, cfg.n_kv_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
+        shape = (batch_size, cfg.n_kv_heads, length or cfg.context_len, cfg.d_model // cfg.n_heads)
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]
         return KVCache(keys, [torch.zeros_like(k) for k in keys], [0] * batch_size)
 
