@@ -152,3 +152,39 @@ def test_the_thread_tuner_hands_back_the_count_it_kept_when_the_work_pauses():
         assert tuner.trying is None and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_long_cpu_run_compiles_its_step_where_that_measured_worth_its_cost(monkeypatch):
+    from lmforge import api, probe
+    from lmforge.config import build_config
+
+    asked = []
+    measured = {"gain": 1.3, "compile_s": 15.0, "step_ms": {"eager": 130.0, "compiled": 100.0}}
+
+    def compile_gain(dtype, attention, log=None, measure=True):  # as measured once on this machine
+        if not measure:
+            return None
+        asked.append(dtype)
+        return measured
+
+    monkeypatch.setattr(probe, "compile_gain", compile_gain)
+    monkeypatch.setattr(probe, "choices", lambda device: {"train_step_ms": {"float32": 100.0}})
+
+    def decided(*overrides):
+        base = ["train.device=cpu", "train.dtype=float32", "train.attention=float32"]
+        return api.with_compile_choice(build_config(None, None, base + list(overrides)), log=lambda *_: None)[0].train.compile
+
+    # 300 s at 1.3x saves 69 s, more than twice the 15 s of compiling; 100 s would save 23
+    assert decided("train.max_time=300") is True and asked == ["float32"]
+    assert decided("train.max_time=100", "model.d_model=512") is False and len(asked) == 1  # too short to measure
+    measured["gain"] = 1.05
+    assert decided("train.max_time=600") is False  # not faster by enough to be worth rounding differently
+    measured.update(gain=0.0, why="torch.compile failed: no C++ compiler")
+    assert decided("train.max_time=600") is False
+    measured.update(gain=1.3)
+    # a step limit: the probe's 100-ms step at its own shape, scaled to this run's work per step
+    assert decided("train.max_time=0", "train.max_steps=20") is False
+    assert decided("train.max_time=0", "train.max_steps=20000") is True
+    asked.clear()
+    assert decided("train.max_time=600", "train.compile=false") is False and not asked  # the user's word stands
+    assert decided("train.max_time=600", "model.arch=lstm") is None and not asked  # other families: not measured

@@ -102,6 +102,31 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
+def test_a_compiled_cpu_run_repeats_bitwise_and_resumes_as_it_would_have_gone_on(tiny_file, tmp_path):
+    # a compiled step on a CPU adds its partial sums in a fixed order (deterministic algorithms), so a
+    # repeated run, and a resumed one, end with the same weights as an uninterrupted one
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(3))
+    except Exception as e:  # noqa: BLE001 - no working C++ compiler here
+        pytest.skip(f"torch.compile does not work here: {type(e).__name__}")
+    config = tiny_config(tiny_file, tmp_path / "cache", steps=10, compile=True, threads=2)
+    for name in ("first", "second"):
+        lmforge.train(config, out=tmp_path / name, log=quiet, final_eval=False)
+
+    def interrupt(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    _, result = lmforge.train(config, out=tmp_path / "resumed", log=quiet, on_step=interrupt)
+    assert result.interrupted and result.steps == 4
+    lmforge.train(None, out=tmp_path / "resumed", resume=True, log=quiet, final_eval=False)
+    first = load_file(str(tmp_path / "first" / "model.safetensors"))
+    assert json.loads((tmp_path / "first" / "config.json").read_text())["train"]["compile"] is True
+    for other in ("second", "resumed"):
+        weights = load_file(str(tmp_path / other / "model.safetensors"))
+        assert all(torch.equal(first[key], weights[key]) for key in first), other
+
+
 def test_a_run_saved_before_the_value_residual_the_embeddings_rate_and_attention_dropout_loads_as_it_was(
         tiny_file, tmp_path):
     from lmforge import checkpoint as ckpt

@@ -6,6 +6,7 @@ The CLI and the server are thin shells over these functions, and every run folde
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,14 +237,17 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if budget is not None:
         check_budget(cfg, budget)
     cfg = with_measured_choices(cfg, log)
+    speedup = None
+    if not resume:  # a resumed run compiles, or not, as it started
+        cfg, speedup = with_compile_choice(cfg, log)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_main():
         ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
     if budget is not None:
-        cfg = size_for_budget(cfg, budget, log, decay_given)
+        cfg = size_for_budget(cfg, budget, log, decay_given, speedup)
     elif not resume:
-        cfg = regularise_for_passes(cfg, log, decay_given)
+        cfg = regularise_for_passes(cfg, log, decay_given, speedup)
     with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
         if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
             job = dist.main_first(lambda: finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)),
@@ -292,6 +296,49 @@ def with_measured_choices(cfg: RunConfig, log=print) -> RunConfig:
         if raw["train"][key] == "auto":
             raw["train"][key] = picked[key]
     return RunConfig.from_dict(raw)
+
+
+def with_compile_choice(cfg: RunConfig, log=print) -> tuple[RunConfig, float | None]:
+    """`cfg` with train.compile decided, where the user left it unset, for a new Transformer run on a
+    CPU: compiled where the probe measured the compiled step faster on this machine by enough to win
+    back the compile time over the run's planned length (lmforge.probe.compile_gain), eager otherwise.
+    Elsewhere it stays unset (CUDA compiles, other devices and families run eagerly). Also returns
+    the measured speed-up of a CPU run that will compile (None where not measured), for the sizing
+    probes to time eager steps instead of compiling a model of their own."""
+    from .models import build_model, resolve_config
+    from .probe import COMPILE_MIN_GAIN, COMPILE_MIN_S, COMPILE_PAYBACK, SHAPE, BATCH, choices, compile_gain
+
+    train = cfg.train
+    cpu = resolve_device(train.device).type == "cpu"
+    if train.compile is not None or cfg.model.arch != "transformer" or cfg.finetune is not None or not cpu:
+        measured = compile_gain(train.dtype, train.attention, measure=False) \
+            if train.compile and cpu and train.dtype != "auto" else None
+        return cfg, measured["gain"] if measured and measured["gain"] > 0 else None
+    seconds = train.max_time if train.max_time is not None else math.inf
+    if train.max_steps is not None:  # the steps' length, from the probe's step scaled by the work per step
+        name = "float32" if train.dtype == "float32" else \
+            "bfloat16 attention float32" if train.attention == "float32" else "bfloat16"
+        probe_ms = choices(torch.device("cpu")).get("train_step_ms", {}).get(name)
+        options = {"vocab_size": SHAPE["vocab_size"], **cfg.model.options}
+        with torch.device("meta"):
+            run_flops = build_model("transformer", **options).flops_per_token()
+            probe_flops = build_model("transformer", **SHAPE).flops_per_token()
+        step_tokens = train.batch_size * train.grad_accum * resolve_config("transformer", **options).context_len
+        if probe_ms is not None:
+            per_step = probe_ms / 1e3 * run_flops * step_tokens / (probe_flops * BATCH * SHAPE["context_len"])
+            seconds = min(seconds, train.max_steps * per_step)
+    compile_, gain = False, None
+    if seconds >= COMPILE_MIN_S:
+        measured = compile_gain(train.dtype, train.attention, log=log)
+        gain, compile_s = measured["gain"], measured.get("compile_s", math.inf)
+        saved = seconds * (1 - 1 / gain) if gain > 0 else 0.0
+        compile_ = gain >= COMPILE_MIN_GAIN and saved >= COMPILE_PAYBACK * compile_s
+        how = f"{gain:.2f}× the eager step's speed here, {compile_s:.0f} s to compile" if gain > 0 else measured["why"]
+        log(f"{'compiling' if compile_ else 'not compiling'} the training step ({how}; "
+            f"train.compile=true/false decides)")
+    raw = cfg.to_dict()
+    raw["train"]["compile"] = compile_
+    return RunConfig.from_dict(raw), gain if compile_ else None
 
 
 def final_figures(lm: LanguageModel, log=print) -> dict:

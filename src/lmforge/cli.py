@@ -443,6 +443,15 @@ def cmd_doctor(args) -> int:
                             ("8-row decoding step, 256 tokens in, cache", "batch8_decode_step_us", "µs")):
         if c.get(key):
             print(f"  {what}: " + ", ".join(f"{k} {v:,} {unit}" for k, v in c[key].items()))
+    compiled = result["compiled_training_step"]
+    if compiled is None:
+        print("  compiled training step: not measured yet (the first CPU run of 2 minutes or more measures it)")
+    elif compiled["gain"] > 0:
+        print(f"  compiled training step: {compiled['gain']:.2f}× the eager one's speed "
+              f"({compiled['step_ms']['compiled']:,} against {compiled['step_ms']['eager']:,} ms), "
+              f"{compiled['compile_s']:.0f} s to compile: runs compile where that pays for itself")
+    else:
+        print(f"  compiled training step: not available ({compiled['why']})")
     if "cuda" in result:
         print(f"GPU: {result['cuda']['device']}: training dtype {result['cuda']['dtype']}, decoding fp32")
     print(f"(probed in {result['probe_s']} s; cached in {result['cache']}; lmforge doctor --refresh probes again)")

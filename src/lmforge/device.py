@@ -209,6 +209,16 @@ class ThreadTuner:
         torch.set_num_threads(self.current)
 
 
+def all_but_global_state(guards) -> list[bool]:
+    """For torch.compile's guard_filter_fn: keep every guard but the one on global state, which includes
+    the thread count. ThreadTuner moves that between its candidates while training or decoding, and
+    each new count would compile the step again (seconds: 10 s for a training step) though the same C++
+    loops serve any count (their OpenMP regions take the count at run time). The rest of that state
+    (grad mode, autocast) does not change between the calls of one compiled step: a decoding step
+    always runs under inference mode, a training forward under the run's autocast."""
+    return [guard.guard_type != "GLOBAL_STATE" for guard in guards]
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 

@@ -25,7 +25,7 @@ from .checkpoint import write_json
 from .config import TrainConfig
 from .data.prepare import cache_root
 from .errors import LmforgeError
-from .device import cpu_has_bf16
+from .device import all_but_global_state, cpu_has_bf16
 from .generation import Decoder
 from .generation.cpu_step import int8_matmul_available
 from .models import build_model
@@ -177,12 +177,88 @@ def _cache_times(weights: str, rows: int = 8, position: int = 256, steps: int = 
     return _take_turns(cases)
 
 
+# A CPU run compiles its training step (torch.compile) where that measured worth its cost: on an Intel
+# Xeon with AMX the compiled bf16 step took 187-191 ms against 247-256 eagerly (the default model, batch
+# 16), and a 300-s `lmforge bench austen` trained 1,555 steps (1.4535 bits per byte) against 1,317 (1.4629)
+# though compiling took 12-30 s of its time; on an AMD Zen 4 the fp32 step gained 7%.
+COMPILE_MIN_GAIN = 1.10  # the compiled step must be this much faster...
+COMPILE_PAYBACK = 2.0  # ...and save this many times the compile time over the run
+COMPILE_MIN_S = 120.0  # runs shorter than this train eagerly without measuring (compiling alone takes 10-30 s)
+
+
+def compile_file():
+    return cache_root(None) / "probe-compile.json"
+
+
+def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> dict | None:
+    """How much faster a compiled training step runs on this machine than an eager one, in `dtype` with
+    attention in `attention` (the probe's shape): {"gain": eager / compiled seconds per step, "compile_s",
+    "step_ms": {"eager", "compiled"}}, or {"gain": 0, "why": ...} where compiling failed (no C++
+    compiler, say). Measured once per machine, torch version and setting (10-30 s, most of it compiling),
+    then cached; None when not cached and `measure` is False."""
+    facts = {**machine(), "dtype": dtype, "attention": attention}
+    path = compile_file()
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("machine") == facts:
+            return cached["result"]
+    except (OSError, ValueError, KeyError):
+        pass
+    if not measure:
+        return None
+    if log is not None:
+        log("timing a compiled training step against an eager one on this machine (once; 10-30 s)")
+    result = _compile_times(getattr(torch, dtype), attention == "float32")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"machine": facts, "result": result})
+    except (OSError, LmforgeError):
+        pass
+    return result
+
+
+def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
+    from .training.step import deterministic_compiled
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    models = [build_model("transformer", **SHAPE).train() for _ in range(2)]
+    for model in models:
+        model.set_attention_upcast(upcast)
+    optimizers = [build_optimizers(model, TrainConfig(max_steps=1)) for model in models]
+    batch = torch.randint(SHAPE["vocab_size"], (BATCH, SHAPE["context_len"] + 1), generator=torch.Generator().manual_seed(0))
+    micro = [(batch[:, :-1], batch[:, 1:])]
+    try:
+        compiled = torch.compile(models[1], options={"guard_filter_fn": all_but_global_state})  # as a run compiles
+    except Exception as e:  # noqa: BLE001 - a torch without a working compiler backend
+        return {"gain": 0.0, "why": f"torch.compile failed: {type(e).__name__}"}
+
+    def step(i, forward) -> float:
+        tic = time.perf_counter()
+        train_step(models[i], forward, optimizers[i], micro, lm_loss, device=device, dtype=dtype, grad_clip=1.0)
+        return time.perf_counter() - tic
+
+    with deterministic_compiled():
+        try:
+            compile_s = step(1, compiled) + step(1, compiled)  # the first builds the forward, the second the backward
+        except Exception as e:  # noqa: BLE001 - Inductor's errors have no common type (a missing C++ compiler...)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return {"gain": 0.0, "why": f"torch.compile failed: {type(e).__name__}: {reason[:200]}"}
+        times = _take_turns({"eager": functools.partial(step, 0, models[0]),
+                             "compiled": functools.partial(step, 1, compiled)})
+    return {"gain": round(times["eager"] / times["compiled"], 3), "compile_s": round(compile_s, 1),
+            "step_ms": {k: round(v * 1e3, 2) for k, v in times.items()}}
+
+
 def report(refresh: bool = False) -> dict:
     """What `lmforge doctor` prints: the machine, the choices and the timings behind them."""
     tic = time.perf_counter()
     picked = choices(torch.device("cpu"), refresh=refresh)
+    if refresh:  # measured again by the next run long enough to ask
+        compile_file().unlink(missing_ok=True)
     out = {"machine": machine(), "choices": picked, "probe_s": round(time.perf_counter() - tic, 2),
-           "cache": str(cache_file()), "threads": torch.get_num_threads()}
+           "cache": str(cache_file()), "threads": torch.get_num_threads(),
+           "compiled_training_step": compile_gain(picked["dtype"], picked["attention"], measure=False)}
     if torch.cuda.is_available():
         out["cuda"] = {"device": torch.cuda.get_device_name(), **choices(torch.device("cuda"))}
     return out

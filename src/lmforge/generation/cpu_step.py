@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device import all_but_global_state
+
 FP16_MAX = 60000.0  # fp16 overflows at 65504: weights whose products could pass this keep fp32
 
 
@@ -283,15 +285,6 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     return (weights * values.unsqueeze(2)).sum(-2).reshape(B, H * hd)
 
 
-def _all_but_global_state(guards) -> list[bool]:
-    """Which of the compiled step's guards to keep: all but the one on global state, which includes the
-    thread count. The thread tuner moves that between its candidates while decoding, and each new
-    count would compile the step again (seconds) though the same C++ loops serve any count (their
-    OpenMP regions take the count at run time). The rest of that state (grad mode: the step always
-    runs under inference mode) does not change between calls."""
-    return [guard.guard_type != "GLOBAL_STATE" for guard in guards]
-
-
 class CompiledStep:
     """A TransformerStep's batch-1 steps compiled by torch.compile: Inductor turns the step's
     hundred-odd small operations into a few fused C++ loops and calls the matrix products' kernels
@@ -311,7 +304,7 @@ class CompiledStep:
         traced = copy.copy(step)
         traced.traced = True
         self.fn = torch.compile(traced.run, dynamic=True,
-                                options={"cpp_wrapper": True, "guard_filter_fn": _all_but_global_state})
+                                options={"cpp_wrapper": True, "guard_filter_fn": all_but_global_state})
 
     @staticmethod
     @contextlib.contextmanager

@@ -24,14 +24,15 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import RunConfig, check_type
 from ..data.batches import Batches
-from ..device import ThreadTuner, measure_peak_flops, physical_cores, resolve_device, resolve_dtype, set_threads
+from ..device import (ThreadTuner, all_but_global_state, measure_peak_flops, physical_cores, resolve_device,
+                      resolve_dtype, set_threads)
 from ..errors import LmforgeError
 from ..models import count_params
 from . import distributed as dist
 from .average import WeightAverage
 from .optim import build_optimizers, lr_factor, progress, set_lr
 from .plots import plot_losses
-from .step import evaluate_loss, lm_loss, train_step
+from .step import deterministic_compiled, evaluate_loss, lm_loss, train_step
 
 LOG_INTERVAL = 10
 EVALS_PER_TIME_BUDGET = 10  # under a time budget, evaluate every max_time / 10 seconds of training
@@ -132,9 +133,13 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     # its checks fall on the same steps in a resumed run as in an uninterrupted one
     tuner = ThreadTuner(threads or 1, start=state.step, enabled=device.type == "cpu" and cfg.threads is None)
     forward = dist.wrap(model, device) if dist.world_size() > 1 and not fsdp else model
-    if cfg.compile if cfg.compile is not None else device.type == "cuda":  # auto: where compiling pays
-        forward = torch.compile(forward)
-    log(describe(config, job, model, device, dtype, threads))
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"  # unset: where compiling pays
+    if compiled:  # on a CPU the thread tuner changes the thread count, which need not compile anew
+        forward = torch.compile(forward, options={"guard_filter_fn": all_but_global_state}) \
+            if device.type == "cpu" else torch.compile(forward)
+    # a compiled CPU step adds its partial sums in a fixed order only under deterministic algorithms
+    settings = deterministic_compiled() if compiled and device.type == "cpu" else contextlib.nullcontext()
+    log(describe(config, job, model, device, dtype, threads, compiled))
     # a GPU's progress line shows MFU against the matmul peak this GPU reaches in the training dtype
     peak = measure_peak_flops(device, 4096, dtype=dtype) * dist.world_size() if device.type == "cuda" else None
 
@@ -143,7 +148,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     stop, interrupted, last_loss, tokens_per_s = StopSignals(), False, math.nan, 0.0
     model.train()
     try:
-        with stop:
+        with stop, settings:
             while (done := progress(state.step, state.train_time, cfg)) < 1.0:
                 tic = time.perf_counter()
                 torch.manual_seed(step_seed(cfg.seed, state.step, dist.rank()))  # dropout: a function of the step
@@ -223,7 +228,7 @@ def speed(tokens_per_s: float, model, peak: float | None) -> str:
     return f"{tokens_per_s:,.0f} tok/s{mfu}"
 
 
-def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threads) -> str:
+def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threads, compiled: bool = False) -> str:
     tokenizer = job.tokenizer
     where = f"{device.type}" + (f", {threads} threads" if threads else "")
     if dist.world_size() > 1:
@@ -232,7 +237,8 @@ def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threa
             f"({count_params(model, exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
             f"{model.flops_per_token() / 1e6:.1f} MFLOPs per training token; tokenizer: {tokenizer.kind} "
             f"(vocab {tokenizer.vocab_size}); data: {job.batches.description}; {where}, "
-            f"{str(dtype).removeprefix('torch.')}{' autocast' if dtype != torch.float32 else ''}")
+            f"{str(dtype).removeprefix('torch.')}{' autocast' if dtype != torch.float32 else ''}"
+            f"{', compiled step' if compiled else ''}")
 
 
 def evaluation_due(state: TrainerState, cfg) -> bool:

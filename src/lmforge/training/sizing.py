@@ -87,10 +87,12 @@ def choose(options: dict, compute: float, tokens: int | None = None) -> tuple[di
 
 
 def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: dict | None = None, warmup: int = 1,
-                       pick=statistics.median) -> tuple[float, int]:
+                       pick=statistics.median, speedup: float | None = None) -> tuple[float, int]:
     """Training tokens/s of the d_model 256 rung (or of `options` as they are, with size={}) on this
     machine, timed through train_step with the run's own settings (device, threads, dtype, optimizer,
-    accumulation, torch.compile): `pick` (the median) of `steps` timed steps after `warmup`, summed
+    accumulation, torch.compile; or, given `speedup`, eager steps times that: what compiling measured on
+    this machine, where compiling the probe would cost more than its steps): `pick` (the median) of
+    `steps` timed steps after `warmup`, summed
     over the processes under torchrun (each trains its share). Also returns the probe's FLOPs per token."""
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -100,7 +102,7 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: di
     size = rung(DEFAULT_D_MODEL) if size is None else size
     probe = build_model("transformer", **{**options, **size}).to(device).train()
     optimizers = build_optimizers(probe, cfg)
-    forward = torch.compile(probe) if cfg.compile else probe
+    forward = torch.compile(probe) if cfg.compile and speedup is None else probe
     T, V = probe.config.context_len, probe.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     times = []
@@ -115,7 +117,7 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: di
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - tic)
-    return dist.sum_float(cfg.batch_size * cfg.grad_accum * T / pick(times)), probe.flops_per_token()
+    return dist.sum_float(cfg.batch_size * cfg.grad_accum * T / pick(times) * (speedup or 1.0)), probe.flops_per_token()
 
 
 def check_budget(config: RunConfig, seconds: float) -> None:
@@ -137,12 +139,13 @@ def _prepared(config: RunConfig):
     return prepared, {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
 
 
-def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True) -> RunConfig:
+def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True,
+                    speedup: float | None = None) -> RunConfig:
     """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
     on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
     check_budget(config, seconds)
     prepared, options = _prepared(config)
-    tokens_per_s, flops = probe_tokens_per_s(options, config.train)
+    tokens_per_s, flops = probe_tokens_per_s(options, config.train, speedup=speedup)
     compute = flops * tokens_per_s * seconds
     size, table = choose(options, compute, len(prepared.train))
     log(f"budget {seconds:.0f} s: this machine trains the d_model {DEFAULT_D_MODEL} model at {tokens_per_s:,.0f} "
@@ -180,7 +183,8 @@ def _regularise(passes: float, config: RunConfig, raw: dict, decay_given: bool, 
             f"(set model.dropout or train.weight_decay to choose)")
 
 
-def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True) -> RunConfig:
+def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True,
+                          speedup: float | None = None) -> RunConfig:
     """`config` with the dropout and (AdamW's) weight decay for the passes a new Transformer run will
     make over its training text, where the user left them alone (`decay_given` False: the weight
     decay in `config` is the family default): MANY_PASSES_DROPOUT and MANY_PASSES_WEIGHT_DECAY past
@@ -198,7 +202,7 @@ def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True
     if passes > MANY_PASSES and cfg.max_time is not None:
         # The fastest of four steps after two: a new process's first steps run slow for a while (fresh
         # pages, cold caches), and a median of them read a 250-s run's 10.4 passes as under 8 once.
-        tokens_per_s, _ = probe_tokens_per_s(options, cfg, steps=4, size={}, warmup=2, pick=min)
+        tokens_per_s, _ = probe_tokens_per_s(options, cfg, steps=4, size={}, warmup=2, pick=min, speedup=speedup)
         passes = min(passes, tokens_per_s * cfg.max_time / n_train)
     raw = config.to_dict()
     _regularise(passes, config, raw, decay_given, log)

@@ -63,6 +63,20 @@ class StepResult:
     skipped: bool  # the loss or a gradient was not finite: no update was made
 
 
+@contextlib.contextmanager
+def deterministic_compiled():
+    """The setting a compiled CPU training step runs under: deterministic algorithms, so that Inductor
+    adds the partial sums of its backward in a fixed order and a run repeats bitwise (without it two
+    compiled runs of 60 steps ended with different weights; eager ones were the same). Ops that have
+    no deterministic form warn rather than fail."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def train_step(model, forward, optimizers, micro_batches, loss, *, device, dtype, grad_clip: float) -> StepResult:
     """Forward and backward over every (x, y) micro-batch (CPU tensors, moved to `device` here), then
     clip and step. `forward` is `model` or its torch.compile / DistributedDataParallel wrapper.
