@@ -170,9 +170,10 @@ def test_a_long_cpu_run_compiles_its_step_where_that_measured_worth_its_cost(mon
     monkeypatch.setattr(probe, "compile_gain", compile_gain)
     monkeypatch.setattr(probe, "choices", lambda device: {"train_step_ms": {"float32": 100.0}})
 
-    def decided(*overrides):
+    def decided(*overrides, budget=None):
         base = ["train.device=cpu", "train.dtype=float32", "train.attention=float32"]
-        return api.with_compile_choice(build_config(None, None, base + list(overrides)), log=lambda *_: None)[0].train.compile
+        config = build_config(None, None, base + list(overrides))
+        return api.with_compile_choice(config, log=lambda *_: None, budget=budget)[0].train.compile
 
     # 300 s at 1.3x saves 69 s, more than twice the 15 s of compiling; 100 s would save 23
     assert decided("train.max_time=300") is True and asked == ["float32"]
@@ -185,6 +186,7 @@ def test_a_long_cpu_run_compiles_its_step_where_that_measured_worth_its_cost(mon
     # a step limit: the probe's 100-ms step at its own shape, scaled to this run's work per step
     assert decided("train.max_time=0", "train.max_steps=20") is False
     assert decided("train.max_time=0", "train.max_steps=20000") is True
+    assert decided("train.max_time=600", budget=60) is False  # --budget 1m: a minute, whatever the time limit
     asked.clear()
     assert decided("train.max_time=600", "train.compile=false") is False and not asked  # the user's word stands
     assert decided("train.max_time=600", "model.arch=lstm") is None and not asked  # other families: not measured

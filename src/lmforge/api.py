@@ -239,7 +239,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     cfg = with_measured_choices(cfg, log)
     speedup = None
     if not resume:  # a resumed run compiles, or not, as it started
-        cfg, speedup = with_compile_choice(cfg, log)
+        cfg, speedup = with_compile_choice(cfg, log, budget)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if dist.is_main():
@@ -298,13 +298,14 @@ def with_measured_choices(cfg: RunConfig, log=print) -> RunConfig:
     return RunConfig.from_dict(raw)
 
 
-def with_compile_choice(cfg: RunConfig, log=print) -> tuple[RunConfig, float | None]:
+def with_compile_choice(cfg: RunConfig, log=print, budget: float | None = None) -> tuple[RunConfig, float | None]:
     """`cfg` with train.compile decided, where the user left it unset, for a new Transformer run on a
     CPU: compiled where the probe measured the compiled step faster on this machine by enough to win
     back the compile time over the run's planned length (lmforge.probe.compile_gain), eager otherwise.
     Elsewhere it stays unset (CUDA compiles, other devices and families run eagerly). Also returns
     the measured speed-up of a CPU run that will compile (None where not measured), for the sizing
-    probes to time eager steps instead of compiling a model of their own."""
+    probes to time eager steps instead of compiling a model of their own. `budget`: a --budget's
+    seconds, which replace the time limit."""
     from .models import build_model, resolve_config
     from .probe import COMPILE_MIN_GAIN, COMPILE_MIN_S, COMPILE_PAYBACK, SHAPE, BATCH, choices, compile_gain
 
@@ -314,7 +315,7 @@ def with_compile_choice(cfg: RunConfig, log=print) -> tuple[RunConfig, float | N
         measured = compile_gain(train.dtype, train.attention, measure=False) \
             if train.compile and cpu and train.dtype != "auto" else None
         return cfg, measured["gain"] if measured and measured["gain"] > 0 else None
-    seconds = train.max_time if train.max_time is not None else math.inf
+    seconds = budget if budget is not None else train.max_time if train.max_time is not None else math.inf
     if train.max_steps is not None:  # the steps' length, from the probe's step scaled by the work per step
         name = "float32" if train.dtype == "float32" else \
             "bfloat16 attention float32" if train.attention == "float32" else "bfloat16"

@@ -226,7 +226,8 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
     for model in models:
         model.set_attention_upcast(upcast)
     optimizers = [build_optimizers(model, TrainConfig(max_steps=1)) for model in models]
-    batch = torch.randint(SHAPE["vocab_size"], (BATCH, SHAPE["context_len"] + 1), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(SHAPE["vocab_size"], (BATCH, SHAPE["context_len"] + 1), generator=gen)
     micro = [(batch[:, :-1], batch[:, 1:])]
     try:
         compiled = torch.compile(models[1], options={"guard_filter_fn": all_but_global_state})  # as a run compiles
