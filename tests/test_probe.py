@@ -190,3 +190,7 @@ def test_a_long_cpu_run_compiles_its_step_where_that_measured_worth_its_cost(mon
     asked.clear()
     assert decided("train.max_time=600", "train.compile=false") is False and not asked  # the user's word stands
     assert decided("train.max_time=600", "model.arch=lstm") is None and not asked  # other families: not measured
+    from lmforge.training import distributed
+
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    assert decided("train.max_time=600") is None and not asked  # torchrun's processes would time it side by side

@@ -302,16 +302,19 @@ def with_compile_choice(cfg: RunConfig, log=print, budget: float | None = None) 
     """`cfg` with train.compile decided, where the user left it unset, for a new Transformer run on a
     CPU: compiled where the probe measured the compiled step faster on this machine by enough to win
     back the compile time over the run's planned length (lmforge.probe.compile_gain), eager otherwise.
-    Elsewhere it stays unset (CUDA compiles, other devices and families run eagerly). Also returns
-    the measured speed-up of a CPU run that will compile (None where not measured), for the sizing
-    probes to time eager steps instead of compiling a model of their own. `budget`: a --budget's
-    seconds, which replace the time limit."""
+    Elsewhere it stays unset (CUDA compiles; other devices and families, fine-tuning and torchrun jobs
+    on a CPU run eagerly). Also returns the measured speed-up of a CPU run that will compile (None where
+    not measured), for the sizing probes to time eager steps instead of compiling a model of their own.
+    `budget`: a --budget's seconds, which replace the time limit."""
     from .models import build_model, resolve_config
-    from .probe import COMPILE_MIN_GAIN, COMPILE_MIN_S, COMPILE_PAYBACK, SHAPE, BATCH, choices, compile_gain
+    from .probe import BATCH, COMPILE_MIN_GAIN, COMPILE_MIN_S, COMPILE_PAYBACK, SHAPE, choices, compile_gain
+    from .training import distributed as dist
 
     train = cfg.train
     cpu = resolve_device(train.device).type == "cpu"
-    if train.compile is not None or cfg.model.arch != "transformer" or cfg.finetune is not None or not cpu:
+    # under torchrun every process would time the step at once, on shared cores, and could decide apart
+    if train.compile is not None or cfg.model.arch != "transformer" or cfg.finetune is not None or not cpu \
+            or dist.launched():
         measured = compile_gain(train.dtype, train.attention, measure=False) \
             if train.compile and cpu and train.dtype != "auto" else None
         return cfg, measured["gain"] if measured and measured["gain"] > 0 else None

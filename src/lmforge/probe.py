@@ -179,8 +179,9 @@ def _cache_times(weights: str, rows: int = 8, position: int = 256, steps: int = 
 
 # A CPU run compiles its training step (torch.compile) where that measured worth its cost: on an Intel
 # Xeon with AMX the compiled bf16 step took 187-191 ms against 247-256 eagerly (the default model, batch
-# 16), and a 300-s `lmforge bench austen` trained 1,555 steps (1.4535 bits per byte) against 1,317 (1.4629)
-# though compiling took 12-30 s of its time; on an AMD Zen 4 the fp32 step gained 7%.
+# 16), and 300-s `lmforge bench austen` runs trained 1,697 and 1,714 steps (1.4506 and 1.4495 bits per
+# byte) against 1,386 and 1,387 eagerly (1.4593, 1.4592), compiling included; on an AMD Zen 4 the fp32
+# step gained 7%.
 COMPILE_MIN_GAIN = 1.10  # the compiled step must be this much faster...
 COMPILE_PAYBACK = 2.0  # ...and save this many times the compile time over the run
 COMPILE_MIN_S = 120.0  # runs shorter than this train eagerly without measuring (compiling alone takes 10-30 s)

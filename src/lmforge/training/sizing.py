@@ -90,10 +90,10 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: di
                        pick=statistics.median, speedup: float | None = None) -> tuple[float, int]:
     """Training tokens/s of the d_model 256 rung (or of `options` as they are, with size={}) on this
     machine, timed through train_step with the run's own settings (device, threads, dtype, optimizer,
-    accumulation, torch.compile; or, given `speedup`, eager steps times that: what compiling measured on
-    this machine, where compiling the probe would cost more than its steps): `pick` (the median) of
-    `steps` timed steps after `warmup`, summed
-    over the processes under torchrun (each trains its share). Also returns the probe's FLOPs per token."""
+    accumulation, torch.compile): `pick` (the median) of `steps` timed steps after `warmup`, summed over
+    the processes under torchrun (each trains its share). Given `speedup` (what compiling measured on
+    this machine), eager steps times that, rather than compiling the probe (10-30 s). Also returns the
+    probe's FLOPs per token."""
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         set_threads(cfg.threads)
@@ -117,7 +117,8 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: di
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - tic)
-    return dist.sum_float(cfg.batch_size * cfg.grad_accum * T / pick(times) * (speedup or 1.0)), probe.flops_per_token()
+    tokens_per_s = cfg.batch_size * cfg.grad_accum * T / pick(times) * (speedup or 1.0)
+    return dist.sum_float(tokens_per_s), probe.flops_per_token()
 
 
 def check_budget(config: RunConfig, seconds: float) -> None:

@@ -69,7 +69,8 @@ def deterministic_compiled():
     adds the partial sums of its backward in a fixed order and a run repeats bitwise (without it two
     compiled runs of 60 steps ended with different weights; eager ones were the same). Ops that have
     no deterministic form warn rather than fail."""
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
