@@ -168,6 +168,34 @@ def test_requests_arriving_together_join_the_batch_in_one_concatenation(char, mo
     assert [r.new_ids for r in together] == [r.new_ids for r in alone]
 
 
+def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char, monkeypatch):
+    # the server ends what ran with the error and keeps serving: no request may be left waiting forever,
+    # also those prefilled at the same step before the one that failed
+    model = make("transformer", char.vocab_size)
+    decoder = Decoder(model)
+    engine = Engine(decoder, char, max_batch=4)
+    requests = [engine.submit(char.encode(p), SamplingConfig(max_new_tokens=5, temperature=0))
+                for p in ("Emma", "Harriet", "Jane", "Mr. Knightley")]
+    prefill, calls = decoder.prefill, []
+
+    def failing(ids):
+        calls.append(ids)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return prefill(ids)
+
+    monkeypatch.setattr(decoder, "prefill", failing)
+    with pytest.raises(RuntimeError):
+        engine.step()
+    engine.fail("generation failed (RuntimeError: out of memory)")
+    assert [r.finish_reason for r in requests] == ["error"] * 4
+    assert all("out of memory" in r.error for r in requests) and engine.idle
+    monkeypatch.setattr(decoder, "prefill", prefill)
+    again = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=5, temperature=0))
+    engine.run()  # the engine stays usable
+    assert again.finish_reason == "length" and len(again.new_ids) == 5
+
+
 def test_cancelled_requests_leave_the_batch_and_others_continue(char):
     model = make("transformer", char.vocab_size)
     engine = Engine(Decoder(model), char, max_batch=2)

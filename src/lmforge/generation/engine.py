@@ -78,6 +78,7 @@ class Engine:
                                  enabled=decoder.device.type == "cpu", kind="decode")
         self.waiting: deque[Request] = deque()
         self.running: list[_Row] = []
+        self.joining: list[_Row] = []  # rows being prefilled at this step, until they join the batch
         self.state = None
 
     @property
@@ -98,15 +99,17 @@ class Engine:
 
     def fail(self, message: str) -> None:
         """End every request with `message` as its error (the decoder raised); the engine stays usable."""
-        for request in [r.request for r in self.running] + list(self.waiting):
+        for request in [r.request for r in self.running + self.joining] + list(self.waiting):
+            if request.finished:  # a row whose prefill ended it before another's failed
+                continue
             request.error = message
-            request.finish_reason = request.finish_reason or "error"
+            request.finish_reason = "error"
             self._emit(request, "")
-        self.running, self.waiting, self.state = [], deque(), None
+        self.running, self.joining, self.waiting, self.state = [], [], deque(), None
 
     def step(self) -> None:
         self._retire()
-        joining = []  # (row, state) of the rows that join the batch at this step, in order
+        self.joining, joining = [], []  # (row, state) of the rows that join the batch at this step, in order
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             request = self.waiting.popleft()
             if request.cancelled:
@@ -122,6 +125,7 @@ class Engine:
             self.running += [row for row, _ in joining]
             states = ([] if self.state is None else [self.state]) + [state for _, state in joining]
             self.state = states[0] if len(states) == 1 else self.decoder.cat_states(states)
+        self.joining = []
         if not self.running:
             return
         tokens = torch.tensor([row.pending for row in self.running])
@@ -163,6 +167,7 @@ class Engine:
     def _prefill(self, row: _Row, ids: list[int]) -> list[tuple[_Row, object]]:
         """Feed `ids` to a new state and sample the row's next token: [(row, state)] to join the batch,
         or [] when that token ended the request."""
+        self.joining.append(row)  # fail() reaches it from here on, should a prefill raise
         logits, state = self.decoder.prefill(torch.tensor([ids]))
         row.length = len(ids)
         self._accept(row, sample_rows(logits, [row.request.sampling], [row.generator])[0])
