@@ -67,23 +67,32 @@ def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
         return {"dtype": "bfloat16" if bf16 else "float32", "attention": "native", "decoding": "fp32",
                 "cache": "fp32", "why": f"{device.type}: not probed"}
     facts = machine()
-    path = cache_file()
-    if not refresh and path.exists():
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("machine") == facts:
-                return cached["choices"]
-        except (OSError, ValueError, KeyError):
-            pass
+    cached = None if refresh else _cached(cache_file(), facts, "choices")
+    if cached is not None:
+        return cached
     if log is not None:
         log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
-    result = {"machine": facts, "choices": measure()}
+    return _store(cache_file(), facts, "choices", measure())
+
+
+def _cached(path, facts: dict, key: str):
+    """What `path` holds under `key`, if it was measured on a machine with these `facts`; else None."""
+    try:
+        cached = json.loads(path.read_text())
+        return cached[key] if cached.get("machine") == facts else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _store(path, facts: dict, key: str, result):
+    """Write `result` under `key` beside the machine's `facts`, and return it. A read-only cache folder
+    is no error: the next call measures again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, result)
-    except (OSError, LmforgeError):  # a read-only cache folder: probe again next time
+        write_json(path, {"machine": facts, key: result})
+    except (OSError, LmforgeError):
         pass
-    return result["choices"]
+    return result
 
 
 def measure() -> dict:
@@ -198,24 +207,12 @@ def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> 
     compiler, say). Measured once per machine, torch version and setting (10-30 s, most of it compiling),
     then cached; None when not cached and `measure` is False."""
     facts = {**machine(), "dtype": dtype, "attention": attention}
-    path = compile_file()
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("machine") == facts:
-            return cached["result"]
-    except (OSError, ValueError, KeyError):
-        pass
-    if not measure:
-        return None
+    cached = _cached(compile_file(), facts, "result")
+    if cached is not None or not measure:
+        return cached
     if log is not None:
         log("timing a compiled training step against an eager one on this machine (once; 10-30 s)")
-    result = _compile_times(getattr(torch, dtype), attention == "float32")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"machine": facts, "result": result})
-    except (OSError, LmforgeError):
-        pass
-    return result
+    return _store(compile_file(), facts, "result", _compile_times(getattr(torch, dtype), attention == "float32"))
 
 
 def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
