@@ -136,6 +136,8 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["train", "--out", "{tmp}/r", "--budget", "1m", "--max-time", "30"], ["--budget", "--max-time"]),
     (["train", "--out", "{tmp}/r", "--budget", "1m", "--arch", "gru"], ["--budget", "gru", "--max-time"]),
     (["train", "--out", "{tmp}/r", "--budget", "soon"], ["soon"]),
+    (["train", "--out", "{tmp}/r", "gutenberg:austen-sense.txt"], ["--data gutenberg:austen-sense.txt"]),
+    (["train", "--out", "{tmp}/r", "train.lr"], ["section.key=value"]),
 ])
 def test_bad_input_gets_one_clear_line(cli_run, tmp_path, capsys, args, needles):
     args = [a.format(run=cli_run / "run", tmp=tmp_path) for a in args]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.compare import matched_sizes, original_passage
+from lmforge.compare import matched_sizes, original_passage, seed_phrase
 from lmforge.config import RunConfig, parse_overrides
 from lmforge.models import build_model, count_params
 
@@ -93,6 +93,16 @@ def test_original_passage_follows_the_first_whole_word():
     docs = [("a", "Theatre aside, the day was fine and the evening finer.")]
     name, text = original_passage(docs, "the", 12)
     assert name == "a" and text == " day was" and original_passage(docs, "nowhere", 10) is None
+
+
+def test_the_sample_after_training_on_other_text_starts_from_words_of_that_text():
+    # "Emma Woodhouse" (the default seed) is in no Dickens: the sample starts from the validation text
+    # instead, so that what Dickens wrote next can be printed beside it
+    dickens = [("carol", "to begin with. Marley was dead: there is no doubt whatever about that.")]
+    assert seed_phrase(dickens, "Emma Woodhouse") == "Marley was dead"
+    assert original_passage(dickens, seed_phrase(dickens, "Emma Woodhouse"), 10) == ("carol", ": there is")
+    austen = [("emma", "said Emma Woodhouse, handsome, clever")]
+    assert seed_phrase(austen, "Emma Woodhouse") == "Emma Woodhouse"
 
 
 def test_bench_train_prints_json(capsys):

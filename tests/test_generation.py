@@ -7,6 +7,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generation import Decoder, Engine, SamplingConfig, sample_next, sample_rows
+from lmforge.generation.healing import heal
 from lmforge.generation.text import TextStream
 from lmforge.models import MODELS, build_model
 from lmforge.tokenizers import train_tokenizer
@@ -226,3 +227,45 @@ def test_stop_strings_end_a_request_with_the_text_before_them(char):
     assert stopped.finish_reason == "stop" and stopped.stopped_by == stop
     assert stopped.text == free.text[:free.text.index(stop)]
     assert stopped.take() == stopped.text  # what was streamed is exactly the final text
+
+
+class Scripted:
+    """A decoder whose next-token scores never change: what the engine picks from them is plain to see."""
+    device, max_context = torch.device("cpu"), None
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def prefill(self, ids):
+        return self.scores.expand(ids.size(0), -1).clone(), None
+
+    def step(self, tokens, state):
+        return self.scores.expand(tokens.size(0), -1).clone(), state
+
+
+def test_token_healing_lets_the_model_choose_how_the_prompts_last_word_goes_on():
+    # The word tokenizer keeps a word's trailing space: "was" without one ends a prompt, but in the
+    # text it only comes before punctuation, so a model asked to go on after it broke the line.
+    word = train_tokenizer("word", ["Emma was happy. It was, she said.\nShe wasted time.\n" * 2])
+    fed, known, allowed = heal(word, word.encode("Emma was"))
+    assert word.decode(fed) == "Emma " and known == "was"
+    assert sorted(word.decode([i]) for i in allowed.tolist()) == ["was", "was ", "wasted "]
+    assert heal(word, word.encode("Emma was ")) is None  # the last token is the only one that begins so
+    assert heal(train_tokenizer("char", [TEXT]), [3, 4]) is None  # one character per token: nothing to heal
+    bpe = train_tokenizer("bpe", [TEXT], vocab_size=300)
+    fed, known, allowed = heal(bpe, bpe.encode("Emma "))  # a prompt ending in a space, for byte-level BPE
+    assert bpe.decode(fed) + known == "Emma " and len(allowed) > 1
+    assert all(bpe.decode([i]).startswith(" ") for i in allowed.tolist())
+    assert heal(bpe, bpe.encode("café")) is None  # its last token is not a whole character
+
+    scores = torch.zeros(word.vocab_size)  # a line break is the likeliest token, "was " the next
+    scores[word.encode("\n")[0]], scores[word.encode("was ")[0]] = 5.0, 4.0
+    texts = {}
+    for healing in (True, False):
+        engine = Engine(Scripted(scores), word)
+        request = engine.submit(word.encode("Emma was"),
+                                SamplingConfig(max_new_tokens=3, temperature=0, stop=["was"], token_healing=healing))
+        engine.run()
+        assert request.finish_reason == "length"  # the prompt's own "was" is not a stop string's match
+        texts[healing] = request.text
+    assert texts == {True: " \n\n", False: "\n\n\n"}

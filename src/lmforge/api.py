@@ -105,8 +105,9 @@ class LanguageModel:
 
     def generate(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: list[str] | None = None, on_text=None, exact: bool = False) -> str:
-        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [])
+                 stop: list[str] | None = None, on_text=None, exact: bool = False, token_healing: bool = True) -> str:
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [],
+                                  token_healing=token_healing)
         return self.complete(prompt, sampling, on_text, exact).text
 
     def complete(self, prompt: str, sampling: SamplingConfig, on_text=None, exact: bool = False) -> Generation:
@@ -119,9 +120,10 @@ class LanguageModel:
 
     def stream(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: list[str] | None = None, exact: bool = False) -> Iterator[str]:
+               stop: list[str] | None = None, exact: bool = False, token_healing: bool = True) -> Iterator[str]:
         """Yield text pieces as they are generated."""
-        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [])
+        sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [],
+                                  token_healing=token_healing)
         return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling)
 
     def validation_documents(self) -> list[tuple[str, str]]:

@@ -70,14 +70,18 @@ def cmd_train(args) -> int:
     tokens = lm.config["train"]["sample_tokens"]
     if lm.config.get("finetune") or not tokens:
         return 0
+    from .compare import original_passage, seed_phrase
+    from .config import TrainConfig
+
+    documents = lm.validation_documents()
+    if args.prompt is None and prompt == TrainConfig().sample_prompt:  # the default, made for Austen
+        prompt = seed_phrase(documents, prompt)
     print(f"\nsample ({prompt!r}, temperature 0.8):\n")
     _print_out(prompt)
     text = lm.generate(prompt, max_new_tokens=tokens, temperature=0.8, seed=0, on_text=_print_out)
     print("\n")
-    from .compare import original_passage
-
     # Beside the sample, what the author wrote after the same seed in text the model never trained on.
-    original = original_passage(lm.validation_documents(), prompt, len(text))
+    original = original_passage(documents, prompt, len(text))
     if original is not None:
         print(f"original (validation text of {original[0]}, after its first {prompt!r}):\n")
         print(prompt + original[1] + "\n")
@@ -142,7 +146,7 @@ def cmd_generate(args) -> int:
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples must be at least 1, got {args.num_samples}")
     sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
-                              args.top_p, args.seed, args.stop or [])
+                              args.top_p, args.seed, args.stop or [], token_healing=not args.no_token_healing)
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
     if unknown:
@@ -569,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-token-healing", action="store_true",
+                   help="feed the prompt's last token as it is (by default the model chooses how the prompt's "
+                        "last word goes on: 'was' may become 'was ' or 'wasn')")
     p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step (seconds once; faster steps where measured so)")

@@ -233,6 +233,18 @@ def original_passage(documents: list[tuple[str, str]], prompt: str, n_chars: int
     return None
 
 
+def seed_phrase(documents: list[tuple[str, str]], prompt: str) -> str:
+    """`prompt` if some validation document holds it, else three words from the validation text (a
+    capitalised word and the two after it), so that a sample on any text has an original beside it."""
+    if original_passage(documents, prompt, 1) is not None:
+        return prompt
+    for _, text in documents:
+        hit = re.search(r"(?<![\w'])[A-Z][a-z]+ [a-z]+ [a-z]+\b", text)
+        if hit:
+            return hit.group()
+    return prompt
+
+
 def row_summary(row: dict) -> str:
     if row["status"] != "ok":
         return row["status"]

@@ -364,10 +364,19 @@ def parse_overrides(items: list[str], sections=tuple(SECTION_TYPES), what: str =
         if sep and len(parts) == 2 and parts[1] and parts[0] in SECTION_TYPES and parts[0] not in sections:
             raise LmforgeError(f"{what} {item!r}: {parts[0]} settings cannot be set here, only "
                                f"{' and '.join(sections)} settings")
+        if not sep and "data" in sections and _names_text(item):
+            raise LmforgeError(f"{what} {item!r} is not section.key=value; to train on that text, pass --data {item}")
         if not sep or len(parts) != 2 or parts[0] not in sections or not parts[1]:
             raise LmforgeError(f"{what} {item!r} is not section.key=value (sections: {', '.join(sections)})")
         out.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())
     return out
+
+
+def _names_text(item: str) -> bool:
+    """Whether a word reads as a data source (a Gutenberg id, a file, a folder or a glob that matches)."""
+    import glob
+
+    return item.startswith("gutenberg:") or Path(item).exists() or bool(glob.glob(item))
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -21,7 +21,7 @@ __all__ = ["Decoder", "Engine", "Generation", "Request", "SamplingConfig", "defa
 @dataclass
 class Generation:
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # the new ids; with token healing the first one rewrites the prompt's last token
     prompt_tokens: int
     finish_reason: str  # "stop" (end of text or a stop string) or "length" (max_new_tokens)
     stopped_by: str | None = None

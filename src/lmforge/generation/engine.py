@@ -15,6 +15,7 @@ import torch
 
 from ..device import ThreadTuner, configured_threads
 from .decoder import Decoder
+from .healing import heal
 from .sampling import SamplingConfig, sample_rows
 from .text import TextStream
 
@@ -59,6 +60,7 @@ class _Row:
     history: list[int]  # prompt (as fed) and generated ids: what a refill re-feeds
     length: int = 0  # positions held in the state
     pending: int = 0  # the last sampled id, fed at the next step
+    allowed: torch.Tensor | None = None  # the ids the first new token may be (token healing), until it is drawn
 
 
 class Engine:
@@ -157,8 +159,12 @@ class Engine:
         limit = self.decoder.max_context
         if limit is not None and len(ids) > limit:
             ids = ids[-refill_length(limit):]
-        stream = None if self.tokenizer is None else TextStream(self.tokenizer, cfg.stop, ids)
-        row = _Row(request, generator, stream, list(ids))
+        healed = heal(self.tokenizer, ids) if cfg.token_healing else None
+        allowed, known = None, ""  # known: the text of the prompt's last token, which the first new one repeats
+        if healed is not None:
+            ids, known, allowed = healed
+        stream = None if self.tokenizer is None else TextStream(self.tokenizer, cfg.stop, ids, skip=len(known))
+        row = _Row(request, generator, stream, list(ids), allowed=allowed)
         if cfg.max_new_tokens == 0:
             self._finish(row, "length")
             return []
@@ -170,6 +176,9 @@ class Engine:
         self.joining.append(row)  # fail() reaches it from here on, should a prefill raise
         logits, state = self.decoder.prefill(torch.tensor([ids]))
         row.length = len(ids)
+        if row.allowed is not None:
+            logits = torch.full_like(logits, float("-inf")).index_copy_(1, row.allowed, logits[:, row.allowed])
+            row.allowed = None
         self._accept(row, sample_rows(logits, [row.request.sampling], [row.generator])[0])
         return [] if row.request.finished else [(row, state)]
 

@@ -21,6 +21,7 @@ class SamplingConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past the end-of-text token (fixed-length benchmarks)
+    token_healing: bool = True  # regenerate the prompt's last token (see healing.py); False feeds it as is
 
     def __post_init__(self):
         def number(value, integer=False) -> bool:
@@ -40,6 +41,7 @@ class SamplingConfig:
              f"seed must be a whole number >= 0, got {self.seed!r}"),
             (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop),
              f"stop must be a list of strings, got {self.stop!r}"),
+            (isinstance(self.token_healing, bool), f"token_healing must be true or false, got {self.token_healing!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -14,8 +14,11 @@ class TextStream:
     decodes the ids from `prefix` on and keeps the part after what ids[prefix:read] decode to, so the
     cost per token stays constant and tokenizers whose decoding depends on neighbours stay right."""
 
-    def __init__(self, tokenizer, stop: list[str], prompt_ids: list[int] = ()):
+    def __init__(self, tokenizer, stop: list[str], prompt_ids: list[int] = (), skip: int = 0):
+        """`skip`: characters at the start of the generated text that are the prompt's already (token
+        healing regenerates the prompt's last token); they are neither shown nor searched for stops."""
         self.tokenizer = tokenizer
+        self.skip = skip
         self.stop = [s for s in stop if s]
         self.ids = list(prompt_ids)[-CONTEXT_TOKENS:]
         self.prefix, self.read = 0, len(self.ids)
@@ -32,7 +35,7 @@ class TextStream:
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self.text += after[len(before):]
+            self._add(after[len(before):])
             self.prefix, self.read = self.read, len(self.ids)
             self._cut_at_stop()
         return self._take(final=False)
@@ -41,10 +44,15 @@ class TextStream:
         """The rest of the text at the end of generation (an unfinished character decodes as U+FFFD)."""
         if self.stopped_by is None and self.read < len(self.ids):
             before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-            self.text += self.tokenizer.decode(self.ids[self.prefix:])[len(before):]
+            self._add(self.tokenizer.decode(self.ids[self.prefix:])[len(before):])
             self.read = len(self.ids)
             self._cut_at_stop()
         return self._take(final=True)
+
+    def _add(self, new: str) -> None:
+        cut = min(self.skip, len(new))
+        self.skip -= cut
+        self.text += new[cut:]
 
     def _cut_at_stop(self) -> None:
         # A stop string can only be found where the new text is, or reach back into the old by its length.

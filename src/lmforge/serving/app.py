@@ -155,7 +155,8 @@ def sampling_for(body, settings: Settings, lm, prompt_ids: list[int], index: int
                        param="max_tokens")
     seed = None if body.seed is None else body.seed + index
     return SamplingConfig(wanted, body.temperature, body.top_k, None if body.top_p >= 1.0 else body.top_p,
-                          seed, list(body.stop), ignore_eos=body.ignore_eos)
+                          seed, list(body.stop), ignore_eos=body.ignore_eos,
+                          token_healing=body.token_healing)
 
 
 async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):

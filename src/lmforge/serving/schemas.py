@@ -2,7 +2,8 @@
 
 Fields OpenAI clients send that do not change what lmforge does (user, a logprobs of null...) are
 accepted and ignored; values lmforge cannot honour (logprobs, penalties, logit_bias, best_of) are a
-400 that names the parameter. `top_k` and `ignore_eos` are extensions (vLLM has the same two).
+400 that names the parameter. `top_k` and `ignore_eos` are extensions (vLLM has the same two), and
+`token_healing` (true unless sent false: see lmforge.generation.healing) is lmforge's own.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Sampling(BaseModel):
     logit_bias: dict | None = None
     stream_options: dict | None = None
     ignore_eos: bool = False  # an extension (as vLLM's): generate past the end-of-text token
+    token_healing: bool = True  # an extension: regenerate the prompt's last token
 
     @field_validator("stop")
     @classmethod

@@ -173,6 +173,19 @@ class BPETokenizer:
         vocab = self._hf.get_vocab(with_added_tokens=True)
         return sorted(vocab, key=vocab.get)
 
+    def token_bytes(self) -> list[bytes | None] | None:
+        """The bytes each id writes (None for special tokens), for token healing; None unless this is
+        GPT-2-style byte-level BPE, whose decoding is the concatenation of its tokens' bytes."""
+        if not gpt2_style(self._hf):
+            return None
+        to_byte = {char: byte for byte, char in enumerate(_byte_chars())}
+        specials = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
+        out: list[bytes | None] = [None] * self.vocab_size
+        for token, i in self._hf.get_vocab(with_added_tokens=True).items():
+            if i not in specials and i < len(out) and all(c in to_byte for c in token):
+                out[i] = bytes(to_byte[c] for c in token)
+        return out
+
     def to_json(self) -> str:
         return self._hf.to_str()
 

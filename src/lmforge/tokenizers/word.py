@@ -134,6 +134,10 @@ class WordTokenizer:
     def token_strings(self) -> list[str]:
         return FIXED + self.words
 
+    def token_bytes(self) -> list[bytes | None]:
+        """What decode writes for each id, as UTF-8 (None for <|endoftext|> and <unk>): for token healing."""
+        return [None, None] + [s.encode("utf-8") for s in self._strings[2:]]
+
     def to_json(self) -> str:
         data = {"kind": self.kind, "format_version": FORMAT_VERSION, "options": self.options, "words": self.words}
         return json.dumps(data, ensure_ascii=False, indent=1)
