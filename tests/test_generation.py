@@ -269,3 +269,18 @@ def test_token_healing_lets_the_model_choose_how_the_prompts_last_word_goes_on()
         assert request.finish_reason == "length"  # the prompt's own "was" is not a stop string's match
         texts[healing] = request.text
     assert texts == {True: " \n\n", False: "\n\n\n"}
+
+
+def test_a_word_known_only_with_a_space_after_it_is_written_by_the_model_not_fed_as_unk():
+    word = train_tokenizer("word", ["Mr. Knightley came; Mr. Elton went.\n" * 2])
+    ids = word.encode("It was Mr.")  # "Mr." is in the vocabulary only as "Mr. "
+    assert ids[-1] == word.unk_id and word.prompt_tail("It was Mr.") == "Mr."
+    assert word.prompt_tail("It was Mr. ") == "" and word.prompt_tail("Mr. Knightley came") == ""  # "came;"
+    fed, known, allowed = heal(word, ids, "Mr.")
+    assert fed == ids[:-1] and known == "Mr." and [word.decode([i]) for i in allowed.tolist()] == ["Mr. "]
+    scores = torch.zeros(word.vocab_size)
+    scores[word.encode("\n")[0]] = 5.0
+    engine = Engine(Scripted(scores), word)
+    request = engine.submit(ids, SamplingConfig(max_new_tokens=2, temperature=0), tail="Mr.")
+    engine.run()
+    assert request.text == " \n"  # "Mr. " less the "Mr." the prompt has, then the likeliest token

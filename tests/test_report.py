@@ -133,6 +133,13 @@ def test_word_tokenizer_report_flags_bits_per_byte_as_a_lower_bound(tmp_path, au
     assert lik["bits_per_byte_is_lower_bound"] is True and lik["unknown_rate"] > 0
     assert lik["top_unknown"]
     assert "lower bound" in (tmp_path / "report" / "report.md").read_text()
+    # a prompt ending in a word the vocabulary has only with a space after it: the model writes that word
+    words = lm.tokenizer.token_strings()
+    spaced = next(w for w in words if w.endswith(" ") and w[:-1].isalpha() and w[:-1] not in words)
+    prompt = "and then " + spaced[:-1]
+    assert lm.prompt_ids(prompt)[-1] == lm.tokenizer.unk_id and lm.prompt_tail(prompt) == spaced[:-1]
+    out = lm.complete(prompt, lmforge.generation.SamplingConfig(3, 0.0))
+    assert lm.tokenizer.decode(out.token_ids[:1]).startswith(spaced[:-1])
 
 
 def test_prompts_are_spread_over_documents_by_length():

@@ -23,6 +23,7 @@ from .errors import LmforgeError
 from .generation import Decoder, Engine, Generation, SamplingConfig, default_weights
 from .generation import generate as _generate
 from .generation import stream as _stream
+from .generation.healing import prompt_tail
 
 __all__ = ["LanguageModel", "build_config", "finetune", "load", "train"]
 
@@ -63,10 +64,18 @@ class LanguageModel:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What the model reads for `prompt`: the run's template applied, then encoded."""
+        text = self._prompt_text(prompt)
+        return self.tokenizer.encode(text) if text else []
+
+    def prompt_tail(self, prompt: str) -> str:
+        """The last word of `prompt` (templated) when prompt_ids ends in <unk> for a word the vocabulary
+        has only with a space after it: generation lets the model write it (token healing)."""
+        return prompt_tail(self.tokenizer, self._prompt_text(prompt))
+
+    def _prompt_text(self, prompt: str) -> str:
         if not isinstance(prompt, str):
             raise LmforgeError(f"the prompt must be a string, got {type(prompt).__name__}")
-        text = prompt if self.template is None else render(self.template, prompt)
-        return self.tokenizer.encode(text) if text else []
+        return prompt if self.template is None else render(self.template, prompt)
 
     def chat_prompt(self, messages: list[tuple[str, str]]) -> tuple[str, list[str]]:
         """The prompt a conversation ([(role, text)], roles system/user/assistant) becomes, and the stop
@@ -116,7 +125,8 @@ class LanguageModel:
             raise LmforgeError(f"sampling must be a lmforge.generation.SamplingConfig, got {type(sampling).__name__}")
         if on_text is not None and not callable(on_text):
             raise LmforgeError(f"on_text must be a function taking each piece of text, got {type(on_text).__name__}")
-        return _generate(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling, on_text)
+        return _generate(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling, on_text,
+                         self.prompt_tail(prompt))
 
     def stream(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -124,7 +134,8 @@ class LanguageModel:
         """Yield text pieces as they are generated."""
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [],
                                   token_healing=token_healing)
-        return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling)
+        return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling,
+                       self.prompt_tail(prompt))
 
     def validation_documents(self) -> list[tuple[str, str]]:
         """(name, text) of each document's validation part, as the run's prepared data holds them."""

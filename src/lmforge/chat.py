@@ -93,15 +93,15 @@ class Chat:
         """Generate for one typed message, writing pieces as they come; returns the whole answer."""
         if self.mode == "chat":
             prompt, stops = self.lm.chat_prompt(self.messages + [("user", text)])
-            ids = self.lm.prompt_ids(prompt)
         else:
-            stops, ids = [], self.lm.prompt_ids(text)
+            prompt, stops = text, []
+        ids, tail = self.lm.prompt_ids(prompt), self.lm.prompt_tail(prompt)
         sampling = replace(self.sampling, stop=list(self.sampling.stop) + stops)
         from .generation import stream
 
         pieces = []
         try:
-            for piece in stream(self.lm.decoder, self.lm.tokenizer, ids, sampling):
+            for piece in stream(self.lm.decoder, self.lm.tokenizer, ids, sampling, tail):
                 pieces.append(piece)
                 self.write(piece)
                 sys.stdout.flush()

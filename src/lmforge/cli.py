@@ -149,6 +149,9 @@ def cmd_generate(args) -> int:
                               args.top_p, args.seed, args.stop or [], token_healing=not args.no_token_healing)
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
+    tail = lm.prompt_tail(args.prompt) if sampling.token_healing else ""
+    if unknown.get(tail):  # the model writes that word itself (token healing): not lost
+        unknown = {k: n - (k == tail) for k, n in unknown.items() if n - (k == tail)}
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)

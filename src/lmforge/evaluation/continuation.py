@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LmforgeError
 from ..generation import SamplingConfig
+from ..generation.healing import prompt_tail
 from .copying import CopyIndex
 from .likelihood import score_ids
 from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_starts
@@ -84,7 +85,8 @@ def model_continuations(lm, prompts: list[Prompt], seed: int, progress: bool = T
                dynamic_ncols=True)
     engine = lm.engine(max_batch=BATCH)
     requests = [engine.submit(ids, SamplingConfig(_token_budget(tokenizer, p.original), TEMPERATURE, TOP_K,
-                                                  seed=seed * 100_003 + i), max_chars=len(p.original))
+                                                  seed=seed * 100_003 + i), max_chars=len(p.original),
+                              tail=prompt_tail(tokenizer, p.prompt))
                 for i, (ids, p) in enumerate(zip(encoded, prompts))]
     while not engine.idle:
         done = sum(r.finished for r in requests)

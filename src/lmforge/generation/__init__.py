@@ -27,10 +27,12 @@ class Generation:
     stopped_by: str | None = None
 
 
-def stream(decoder: Decoder, tokenizer, prompt_ids: list[int], sampling: SamplingConfig) -> Iterator[str]:
-    """Yield the continuation of `prompt_ids` piece by piece; the generator returns a Generation."""
+def stream(decoder: Decoder, tokenizer, prompt_ids: list[int], sampling: SamplingConfig,
+           tail: str = "") -> Iterator[str]:
+    """Yield the continuation of `prompt_ids` piece by piece; the generator returns a Generation.
+    `tail`: the prompt's last word when its last id is <unk> for it (healing.prompt_tail)."""
     engine = Engine(decoder, tokenizer, max_batch=1)
-    request = engine.submit(prompt_ids, sampling)
+    request = engine.submit(prompt_ids, sampling, tail=tail)
     while not request.finished:
         engine.step()
         piece = request.take()
@@ -40,9 +42,9 @@ def stream(decoder: Decoder, tokenizer, prompt_ids: list[int], sampling: Samplin
 
 
 def generate(decoder: Decoder, tokenizer, prompt_ids: list[int], sampling: SamplingConfig,
-             on_text: Callable[[str], None] | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, tail: str = "") -> Generation:
     """Continue `prompt_ids`; `on_text` receives the new text piece by piece as it is decoded."""
-    pieces = stream(decoder, tokenizer, prompt_ids, sampling)
+    pieces = stream(decoder, tokenizer, prompt_ids, sampling, tail)
     while True:
         try:
             piece = next(pieces)

@@ -34,6 +34,7 @@ class Request:
     sampling: SamplingConfig
     max_chars: int | None = None  # also end ("length") once the text is this long
     on_update: Callable[["Request", str], None] | None = None  # (request, new text): from the engine's thread
+    tail: str = ""  # the prompt's last word when its last id is <unk> for it (healing.prompt_tail)
     new_ids: list[int] = field(default_factory=list)
     text: str = ""  # the text handed out so far
     finish_reason: str | None = None  # "stop" (end of text or a stop string), "length", "cancelled" or "error"
@@ -88,8 +89,8 @@ class Engine:
         return not self.waiting and not self.running
 
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig, *, max_chars: int | None = None,
-               on_update=None) -> Request:
-        return self.add(Request(list(prompt_ids), sampling, max_chars, on_update))
+               on_update=None, tail: str = "") -> Request:
+        return self.add(Request(list(prompt_ids), sampling, max_chars, on_update, tail))
 
     def add(self, request: Request) -> Request:
         self.waiting.append(request)
@@ -159,7 +160,7 @@ class Engine:
         limit = self.decoder.max_context
         if limit is not None and len(ids) > limit:
             ids = ids[-refill_length(limit):]
-        healed = heal(self.tokenizer, ids) if cfg.token_healing else None
+        healed = heal(self.tokenizer, ids, request.tail) if cfg.token_healing else None
         allowed, known = None, ""  # known: the text of the prompt's last token, which the first new one repeats
         if healed is not None:
             ids, known, allowed = healed

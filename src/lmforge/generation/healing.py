@@ -8,9 +8,13 @@ the same problem. Healing feeds the prompt without its last token and lets the m
 the entries that begin with that token's bytes ("was", "was ", ...), how the prompt's last word goes
 on; the text handed out leaves off the part the prompt already has.
 
-In: prompt ids. Out: the ids to feed, the bytes the first new token must begin with, and the ids
-allowed at that first step. Tokenizers that cannot say what bytes each id writes (imported
-SentencePiece-style ones) are not healed.
+The word tokenizer cannot encode a word it knows only with a space after it ("Mr." where the text
+always had "Mr. "): the prompt's ids then end in <unk>, and the word itself (the prompt's tail,
+`prompt_tail`) comes along with them, so that the first new token can be made to write it.
+
+In: prompt ids (and that tail). Out: the ids to feed, the text the first new token must begin with,
+and the ids allowed at that first step. Tokenizers that cannot say what bytes each id writes
+(imported SentencePiece-style ones) are not healed.
 """
 from __future__ import annotations
 
@@ -48,14 +52,25 @@ def _table(tokenizer) -> _Table | None:
         return table
 
 
-def heal(tokenizer, ids: list[int]) -> tuple[list[int], str, torch.Tensor] | None:
+def prompt_tail(tokenizer, text: str) -> str:
+    """The word at the end of `text` that the tokenizer wrote as <unk> but knows with a space after it
+    (the word tokenizer's `prompt_tail`), else ""."""
+    tail = getattr(tokenizer, "prompt_tail", None)
+    return tail(text) if tail is not None and text else ""
+
+
+def heal(tokenizer, ids: list[int], tail: str = "") -> tuple[list[int], str, torch.Tensor] | None:
     """(the prompt ids to feed, the text the first new token must begin with, the ids it may be), or
     None when there is nothing to heal: the last token is the only entry that begins with its bytes,
-    it is special or unknown, or it is not a whole character on its own. A one-token prompt is fed
-    as the end-of-text token, as an empty prompt is."""
+    it is special or unknown, or it is not a whole character on its own. `tail`: the text of the last
+    id when that is <unk> (see prompt_tail). A one-token prompt is fed as the end-of-text token, as an
+    empty prompt is."""
     table = None if not ids or tokenizer is None else _table(tokenizer)
     if table is None:
         return None
+    if tail and ids[-1] == getattr(tokenizer, "unk_id", None):
+        allowed = table.starting_with(tail.encode("utf-8"))
+        return (ids[:-1] or [tokenizer.eos_id], tail, torch.tensor(allowed)) if allowed else None
     piece = table.pieces[ids[-1]] if 0 <= ids[-1] < len(table.pieces) else None
     if not piece:
         return None

@@ -108,7 +108,7 @@ def create_app(lm, settings: Settings) -> FastAPI:
         check_model(body.model, settings)
         text, stops = lm.chat_prompt([(m.role, m.content) for m in body.messages])
         body.stop = list(dict.fromkeys(body.stop + stops))
-        return await respond(app, request, body, [(text, lm.prompt_ids(text))], chat=True)
+        return await respond(app, request, body, [(text, lm.prompt_ids(text), lm.prompt_tail(text))], chat=True)
 
     return app
 
@@ -121,22 +121,23 @@ def check_model(model_id: str, settings: Settings) -> None:
                        param="model", code="model_not_found")
 
 
-def completion_prompts(lm, prompt) -> list[tuple[str, list[int]]]:
-    """(text, ids) per prompt: a string or a list of them (the run's template applied), or token ids."""
+def completion_prompts(lm, prompt) -> list[tuple[str, list[int], str]]:
+    """(text, ids, tail) per prompt: a string or a list of them (the run's template applied), or token
+    ids. The tail is the last word when the ids end in <unk> for it (LanguageModel.prompt_tail)."""
     if isinstance(prompt, str):
-        return [(prompt, lm.prompt_ids(prompt))]
+        return [(prompt, lm.prompt_ids(prompt), lm.prompt_tail(prompt))]
     if prompt and all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((p, lm.prompt_ids(p)))
+            out.append((p, lm.prompt_ids(p), lm.prompt_tail(p)))
             continue
         bad = [i for i in p if not 0 <= i < lm.tokenizer.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})",
                            param="prompt")
-        out.append((lm.tokenizer.decode(p), list(p)))
+        out.append((lm.tokenizer.decode(p), list(p), ""))
     if not out:
         raise APIError(400, "prompt is an empty list; send a string or a list of strings", param="prompt")
     return out
@@ -161,11 +162,11 @@ def sampling_for(body, settings: Settings, lm, prompt_ids: list[int], index: int
 
 async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
     lm, settings, worker = app.state.lm, app.state.settings, app.state.worker
-    jobs = []  # (choice index, prompt text, prompt ids, sampling)
-    for p, (text, ids) in enumerate(prompts):
+    jobs = []  # (choice index, prompt text, prompt ids, sampling, prompt tail)
+    for p, (text, ids, tail) in enumerate(prompts):
         for j in range(body.n):
             index = p * body.n + j
-            jobs.append((index, text, ids, sampling_for(body, settings, lm, ids, index, chat)))
+            jobs.append((index, text, ids, sampling_for(body, settings, lm, ids, index, chat), tail))
     most = settings.max_batch + settings.max_waiting
     if len(jobs) > most:  # waiting cannot help: refuse for good, not with a 429
         raise APIError(400, f"this request asks for {len(jobs)} completions (n times the prompts); this server "
@@ -173,8 +174,8 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
     created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     streams = [Stream(worker) for _ in jobs]
     try:
-        for stream, (_, _, ids, sampling) in zip(streams, jobs):
-            stream.start(ids, sampling)
+        for stream, (_, _, ids, sampling, tail) in zip(streams, jobs):
+            stream.start(ids, sampling, tail)
     except Busy as exc:
         for stream in streams:
             stream.cancel()
@@ -185,7 +186,7 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     texts = await gather(request, streams)
     choices, completion_tokens = [], 0
-    for stream, (index, text, _, _), out in zip(streams, jobs, texts):
+    for stream, (index, text, *_), out in zip(streams, jobs, texts):
         completion_tokens += len(stream.request.new_ids)
         if chat:
             choices.append({"index": index, "message": {"role": "assistant", "content": out.lstrip()},
@@ -193,7 +194,7 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
         else:
             choices.append({"index": index, "text": (text if body.echo else "") + out, "logprobs": None,
                             "finish_reason": stream.finish_reason})
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    prompt_tokens = sum(len(ids) for _, ids, _ in prompts)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": settings.name, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -208,8 +209,8 @@ class Stream:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def start(self, prompt_ids, sampling) -> None:
-        self.request = self.worker.submit(prompt_ids, sampling, self._update)
+    def start(self, prompt_ids, sampling, tail: str = "") -> None:
+        self.request = self.worker.submit(prompt_ids, sampling, self._update, tail)
 
     def _update(self, request, piece: str) -> None:  # on the worker's thread
         try:
@@ -284,7 +285,7 @@ async def sse(streams, jobs, body, rid: str, created: int, chat: bool, include_u
 
     tasks = [asyncio.ensure_future(forward(i, s)) for i, s in enumerate(streams)]
     try:
-        for (index, text, _, _) in jobs:  # every choice opens at once (with the prompt, for echo)
+        for (index, text, *_) in jobs:  # every choice opens at once (with the prompt, for echo)
             yield event([choice(index, text if getattr(body, "echo", False) else "", first=True)])
         open_streams = len(streams)
         while open_streams:
@@ -305,7 +306,7 @@ async def sse(streams, jobs, body, rid: str, created: int, chat: bool, include_u
                 if piece:
                     yield event([choice(index, piece)])
         if include_usage:
-            prompt_tokens = sum(len(ids) for _, _, ids, _ in jobs[::body.n])
+            prompt_tokens = sum(len(ids) for _, _, ids, *_ in jobs[::body.n])
             completion = sum(len(s.request.new_ids) for s in streams)
             yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                              "total_tokens": prompt_tokens + completion})

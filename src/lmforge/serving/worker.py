@@ -31,7 +31,7 @@ class Worker:
     def load(self) -> dict:
         return {"running": len(self.engine.running), "waiting": len(self.engine.waiting), "active": self._active}
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, on_update) -> Request:
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, on_update, tail: str = "") -> Request:
         """Queue a request; `on_update(request, piece)` follows it to the end (finish_reason set)."""
         with self._lock:
             if self._active >= self.max_batch + self.max_waiting:
@@ -45,7 +45,7 @@ class Worker:
                     self._active -= 1
             on_update(request, piece)
 
-        request = Request(list(prompt_ids), sampling, on_update=update)
+        request = Request(list(prompt_ids), sampling, on_update=update, tail=tail)
         self._inbox.put(("submit", request))
         return request
 

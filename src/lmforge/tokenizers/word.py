@@ -134,6 +134,16 @@ class WordTokenizer:
     def token_strings(self) -> list[str]:
         return FIXED + self.words
 
+    def prompt_tail(self, text: str) -> str:
+        """The last word of `text` when it is outside the vocabulary as it stands but inside it with a
+        space after it ("Mr." where the text always had "Mr. "): encode writes <unk> for it, and token
+        healing lets the model write it instead. "" otherwise."""
+        pieces = self._pieces(text)
+        last = pieces[-1] if pieces else ""
+        if not last or last in self._index or last != last.rstrip():
+            return ""
+        return last
+
     def token_bytes(self) -> list[bytes | None]:
         """What decode writes for each id, as UTF-8 (None for <|endoftext|> and <unk>): for token healing."""
         return [None, None] + [s.encode("utf-8") for s in self._strings[2:]]
