@@ -41,7 +41,8 @@ def main() -> None:
         for healing in (True, False):
             same = sum(lm.complete(text[c - CONTEXT:c], SamplingConfig(4, 0.0, token_healing=healing)).text[:1]
                        == text[c] for c in cuts)
-            out["first_character_matches"][f"{kind}, {'healed' if healing else 'as typed'}"] = round(same / len(cuts), 3)
+            name = f"{kind}, {'healed' if healing else 'as typed'}"
+            out["first_character_matches"][name] = round(same / len(cuts), 3)
     print(json.dumps(out, indent=1))
 
 

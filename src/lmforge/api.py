@@ -68,8 +68,8 @@ class LanguageModel:
         return self.tokenizer.encode(text) if text else []
 
     def prompt_tail(self, prompt: str) -> str:
-        """The last word of `prompt` (templated) when prompt_ids ends in <unk> for a word the vocabulary
-        has only with a space after it: generation lets the model write it (token healing)."""
+        """The end of `prompt` (templated) when prompt_ids ends in <unk> for it (a word the vocabulary has
+        only with a space after it, or part of a word): generation lets the model write it (token healing)."""
         return prompt_tail(self.tokenizer, self._prompt_text(prompt))
 
     def _prompt_text(self, prompt: str) -> str:

@@ -9,8 +9,9 @@ the entries that begin with that token's bytes ("was", "was ", ...), how the pro
 on; the text handed out leaves off the part the prompt already has.
 
 The word tokenizer cannot encode a word it knows only with a space after it ("Mr." where the text
-always had "Mr. "): the prompt's ids then end in <unk>, and the word itself (the prompt's tail,
-`prompt_tail`) comes along with them, so that the first new token can be made to write it.
+always had "Mr. "), or the start of a word ("Woodh"): the prompt's ids then end in <unk>, and that
+text (the prompt's tail, `prompt_tail`) comes along with them, so that the first new token can be
+made to write it.
 
 In: prompt ids (and that tail). Out: the ids to feed, the text the first new token must begin with,
 and the ids allowed at that first step. Tokenizers that cannot say what bytes each id writes
@@ -53,8 +54,8 @@ def _table(tokenizer) -> _Table | None:
 
 
 def prompt_tail(tokenizer, text: str) -> str:
-    """The word at the end of `text` that the tokenizer wrote as <unk> but knows with a space after it
-    (the word tokenizer's `prompt_tail`), else ""."""
+    """The text at the end of `text` that the tokenizer wrote as <unk> (the word tokenizer's
+    `prompt_tail`), else ""."""
     tail = getattr(tokenizer, "prompt_tail", None)
     return tail(text) if tail is not None and text else ""
 

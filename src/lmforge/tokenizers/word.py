@@ -135,9 +135,10 @@ class WordTokenizer:
         return FIXED + self.words
 
     def prompt_tail(self, text: str) -> str:
-        """The last word of `text` when it is outside the vocabulary as it stands but inside it with a
-        space after it ("Mr." where the text always had "Mr. "): encode writes <unk> for it, and token
-        healing lets the model write it instead. "" otherwise."""
+        """The last piece of `text` when encode writes <unk> for it and nothing follows it: a word the
+        vocabulary has only with a space after it ("Mr." where the text always had "Mr. ") or the start
+        of a word ("Woodh"). Token healing lets the model write an entry that begins with it instead.
+        "" otherwise."""
         pieces = self._pieces(text)
         last = pieces[-1] if pieces else ""
         if not last or last in self._index or last != last.rstrip():
