@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.compare import matched_sizes, original_passage, seed_phrase
+from lmforge.compare import matched_sizes, original_passage, seed_phrase, validation_parts
 from lmforge.config import RunConfig, parse_overrides
 from lmforge.models import build_model, count_params
 
@@ -103,6 +103,14 @@ def test_the_sample_after_training_on_other_text_starts_from_words_of_that_text(
     assert original_passage(dickens, seed_phrase(dickens, "Emma Woodhouse"), 10) == ("carol", ": there is")
     austen = [("emma", "said Emma Woodhouse, handsome, clever")]
     assert seed_phrase(austen, "Emma Woodhouse") == "Emma Woodhouse"
+
+
+def test_compare_on_other_text_takes_its_seed_from_that_texts_validation_part(tmp_path):
+    from lmforge.config import DataConfig, RunConfig
+
+    (tmp_path / "carol.txt").write_text("Scrooge signed it. " * 90 + "Marley was dead, to begin with. " * 10)
+    config = RunConfig(data=DataConfig(sources=[str(tmp_path / "carol.txt")]))
+    assert seed_phrase(validation_parts(config), "Emma Woodhouse") == "Marley was dead"
 
 
 def test_bench_train_prints_json(capsys):

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import RunConfig
+from .config import AUSTEN, RunConfig, TrainConfig
 from .errors import LmforgeError
 from .models import build_model, config_class, count_params
 from .training.plots import read_metrics
@@ -45,8 +45,11 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
     """
     base = base_config or RunConfig()
     tokenizers = tokenizers or [base.tokenizer.kind]
-    prompt = base.train.sample_prompt if prompt is None else prompt
     check_request(archs, tokenizers, budget_s, max_steps, match)
+    if prompt is None:
+        prompt = base.train.sample_prompt
+        if prompt == TrainConfig().sample_prompt and list(base.data.sources) != AUSTEN:
+            prompt = seed_phrase(validation_parts(base), prompt)  # the default seed is Austen's
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LmforgeError(f"{out_dir} exists and is not empty; choose another --out (nothing was written)")
@@ -231,6 +234,16 @@ def original_passage(documents: list[tuple[str, str]], prompt: str, n_chars: int
             cut = max(rest.rfind(" "), rest.rfind("\n"))
             return name, rest[:cut] if len(rest) > n_chars and cut > 0 else rest[:n_chars]
     return None
+
+
+def validation_parts(config: RunConfig) -> list[tuple[str, str]]:
+    """(name, validation text) of each document the config's data names, split as prepare splits it."""
+    from .data.prepare import split_text
+    from .data.sources import read_sources
+
+    d = config.data
+    documents = read_sources(d.sources, jsonl_field=d.jsonl_field, encoding=d.encoding, errors=d.errors)
+    return [(doc.name, split_text(doc.text, d.val_fraction)[1]) for doc in documents]
 
 
 def seed_phrase(documents: list[tuple[str, str]], prompt: str) -> str:
