@@ -219,3 +219,24 @@ def test_a_completion_run_chats_in_its_own_template(served_run, tmp_path):
         assert chat.choices[0].message.content == expected.lstrip() and completion.choices[0].text == expected
     finally:
         server.stop()
+
+
+def test_a_prompt_ending_in_a_word_written_as_unk_is_healed_through_the_api(tmp_path):
+    # "Mr." is in this vocabulary only as "Mr. ": the prompt's ids end in <unk>, and its text rides along
+    (tmp_path / "mr.txt").write_text("Mr. Knightley came; Mr. Elton went.\n" * 60)
+    config = {"data": {"sources": [str(tmp_path / "mr.txt")], "cache_dir": str(tmp_path / "cache")},
+              "tokenizer": {"kind": "word"},
+              "model": {"arch": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2, "context_len": 32},
+              "train": {"max_steps": 30, "max_time": 0, "batch_size": 8, "warmup_steps": 5, "threads": 1,
+                        "progress": False, "sample_tokens": 0}}
+    lm, _ = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)
+    assert lm.prompt_ids("It was Mr.")[-1] == lm.tokenizer.unk_id
+    server = Server(create_app(lm, Settings("mr")))
+    try:
+        body = {"model": "mr", "prompt": "It was Mr.", "max_tokens": 4, "temperature": 0}
+        healed = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+        typed = httpx.post(server.url + "/v1/completions", json={**body, "token_healing": False}).json()
+        assert healed == lm.generate("It was Mr.", 4, temperature=0) and healed.startswith(" ")  # "Mr. ", less "Mr."
+        assert typed["choices"][0]["text"] == lm.generate("It was Mr.", 4, temperature=0, token_healing=False)
+    finally:
+        server.stop()
