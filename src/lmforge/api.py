@@ -320,7 +320,8 @@ def with_compile_choice(cfg: RunConfig, log=print, budget: float | None = None) 
     not measured), for the sizing probes to time eager steps instead of compiling a model of their own.
     `budget`: a --budget's seconds, which replace the time limit."""
     from .models import build_model, resolve_config
-    from .probe import BATCH, COMPILE_MIN_GAIN, COMPILE_MIN_S, COMPILE_PAYBACK, SHAPE, choices, compile_gain
+    from .probe import (BATCH, COMPILE_MIN_GAIN, COMPILE_MIN_S, COMPILE_PAYBACK, SHAPE, choices, compile_gain,
+                        train_variant)
     from .training import distributed as dist
 
     train = cfg.train
@@ -333,9 +334,8 @@ def with_compile_choice(cfg: RunConfig, log=print, budget: float | None = None) 
         return cfg, measured["gain"] if measured and measured["gain"] > 0 else None
     seconds = budget if budget is not None else train.max_time if train.max_time is not None else math.inf
     if train.max_steps is not None:  # the steps' length, from the probe's step scaled by the work per step
-        name = "float32" if train.dtype == "float32" else \
-            "bfloat16 attention float32" if train.attention == "float32" else "bfloat16"
-        probe_ms = choices(torch.device("cpu")).get("train_step_ms", {}).get(name)
+        probe_ms = choices(torch.device("cpu")).get("train_step_ms", {}).get(
+            train_variant(train.dtype, train.attention))
         options = {"vocab_size": SHAPE["vocab_size"], **cfg.model.options}
         with torch.device("meta"):
             run_flops = build_model("transformer", **options).flops_per_token()

@@ -97,9 +97,11 @@ def _store(path, facts: dict, key: str, result):
 
 def measure() -> dict:
     train = _train_times()
-    fp32, bf16 = train["float32"], min(train.get("bfloat16 attention float32", 1e9), train.get("bfloat16", 1e9))
+    upcast = train.get(train_variant("bfloat16", "float32"), 1e9)
+    native = train.get(train_variant("bfloat16", "native"), 1e9)
+    fp32, bf16 = train[train_variant("float32", "float32")], min(upcast, native)
     dtype = "bfloat16" if fp32 / bf16 >= BF16_MARGIN else "float32"
-    attention = "float32" if train.get("bfloat16 attention float32", 1e9) <= train.get("bfloat16", 1e9) else "native"
+    attention = "float32" if upcast <= native else "native"
     decode = _decode_times()
     decoding = min(decode, key=decode.get)
     if decoding == "int8" and decode["fp16"] / decode["int8"] < INT8_MARGIN:
@@ -124,12 +126,21 @@ def _take_turns(cases: dict) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def train_variant(dtype: str, attention: str) -> str:
+    """The name under which the probe times a training step in `dtype` with attention in `attention`
+    (the keys of train_step_ms)."""
+    if dtype == "float32":
+        return "float32"
+    return "bfloat16 attention float32" if attention == "float32" else "bfloat16"
+
+
 def _train_times() -> dict[str, float]:
     """Median seconds per training step of a small Transformer, per dtype / attention precision."""
     device = torch.device("cpu")
-    variants = {"float32": (torch.float32, True)}
+    variants = {train_variant("float32", "float32"): (torch.float32, True)}
     if cpu_has_bf16():
-        variants.update({"bfloat16 attention float32": (torch.bfloat16, True), "bfloat16": (torch.bfloat16, False)})
+        variants.update({train_variant("bfloat16", "float32"): (torch.bfloat16, True),
+                         train_variant("bfloat16", "native"): (torch.bfloat16, False)})
     torch.manual_seed(0)
     model = build_model("transformer", **SHAPE).train()
     optimizers = build_optimizers(model, TrainConfig(max_steps=1))

@@ -61,7 +61,6 @@ class _Row:
     history: list[int]  # prompt (as fed) and generated ids: what a refill re-feeds
     length: int = 0  # positions held in the state
     pending: int = 0  # the last sampled id, fed at the next step
-    allowed: torch.Tensor | None = None  # the ids the first new token may be (token healing), until it is drawn
 
 
 class Engine:
@@ -165,21 +164,20 @@ class Engine:
         if healed is not None:
             ids, known, allowed = healed
         stream = None if self.tokenizer is None else TextStream(self.tokenizer, cfg.stop, ids, skip=len(known))
-        row = _Row(request, generator, stream, list(ids), allowed=allowed)
+        row = _Row(request, generator, stream, list(ids))
         if cfg.max_new_tokens == 0:
             self._finish(row, "length")
             return []
-        return self._prefill(row, ids)
+        return self._prefill(row, ids, allowed)
 
-    def _prefill(self, row: _Row, ids: list[int]) -> list[tuple[_Row, object]]:
-        """Feed `ids` to a new state and sample the row's next token: [(row, state)] to join the batch,
-        or [] when that token ended the request."""
+    def _prefill(self, row: _Row, ids: list[int], allowed: torch.Tensor | None = None) -> list[tuple[_Row, object]]:
+        """Feed `ids` to a new state and sample the row's next token, one of `allowed` if given (token
+        healing): [(row, state)] to join the batch, or [] when that token ended the request."""
         self.joining.append(row)  # fail() reaches it from here on, should a prefill raise
         logits, state = self.decoder.prefill(torch.tensor([ids]))
         row.length = len(ids)
-        if row.allowed is not None:
-            logits = torch.full_like(logits, float("-inf")).index_copy_(1, row.allowed, logits[:, row.allowed])
-            row.allowed = None
+        if allowed is not None:
+            logits = torch.full_like(logits, float("-inf")).index_copy_(1, allowed, logits[:, allowed])
         self._accept(row, sample_rows(logits, [row.request.sampling], [row.generator])[0])
         return [] if row.request.finished else [(row, state)]
 
