@@ -8,6 +8,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generation import Decoder, Engine, SamplingConfig, sample_next, sample_rows
 from lmforge.generation.healing import heal
+from lmforge.generation.sampling import choose
 from lmforge.generation.text import TextStream
 from lmforge.models import MODELS, build_model
 from lmforge.tokenizers import train_tokenizer
@@ -66,6 +67,26 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p_and_renormalises():
     assert (frequencies - expected).abs().max() < 0.015
     always_first = draw(probs.log()[None], SamplingConfig(temperature=1.0, top_p=0.3), n=2000)
     assert always_first[0] == 1.0  # p below the largest probability: that token alone
+
+
+@pytest.mark.parametrize("head", [0.85, 0.5])  # a nucleus of about 70 tokens; one of about 600
+def test_top_p_over_a_large_vocabulary_keeps_exactly_the_nucleus(head):
+    V, top_p = 1000, 0.86 if head > 0.8 else 0.8
+    tail = torch.linspace(2.0, 1.0, V - 1)  # strictly decreasing, so the nucleus is one prefix
+    probs = torch.cat([torch.tensor([head]), tail / tail.sum() * (1 - head)])
+    before = probs.cumsum(0) - probs
+    size = int((before < top_p).sum())  # tokens whose predecessors hold less than top_p
+    frequencies = draw(probs.log()[None], SamplingConfig(temperature=1.0, top_p=top_p))
+    assert frequencies[size:].sum() == 0 and frequencies[size - 1] > 0
+    assert abs(frequencies[0] - head / probs[:size].sum()) < 0.015
+    assert (size < 256) == (head > 0.8)  # within the first look, or past it
+
+
+def test_a_token_with_no_probability_is_never_drawn_even_at_the_ends_of_the_uniform_range():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0]] * 2)
+    lowest, highest = torch.tensor([[0.0], [1.0 - 2 ** -52]], dtype=torch.float64).unbind(0)
+    assert int(choose(probs[:1], lowest[None].clone())) == 1
+    assert int(choose(probs[:1], highest[None].clone())) == 3
 
 
 def test_rows_sample_with_their_own_settings_and_generators():

@@ -52,43 +52,72 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p."""
+NUCLEUS_FIRST_LOOK = 256  # top-p alone: the likeliest tokens examined before sorting the whole vocabulary
+
+
+def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, V) logits -> (probs, ids): the probabilities of the tokens each row may draw, after
+    temperature, top-k and top-p, as (B, n) with ids (B, n) naming them, or ids None when n = V and
+    column i is token i. Top-k works on the k likeliest tokens only, sorted, and top-p on the sorted
+    probabilities after it; top-p alone first looks at the 256 likeliest tokens and sorts the whole
+    vocabulary only for rows whose nucleus is larger (a 4096-token sort costs several times more)."""
     logits = logits.float() / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    V = logits.size(-1)
+    top_p = cfg.top_p if cfg.top_p is not None and cfg.top_p < 1.0 else None
+    if cfg.top_k is not None and cfg.top_k < V:
+        values, ids = torch.topk(logits, cfg.top_k, dim=-1)  # sorted, the likeliest first
+        probs = torch.softmax(values, dim=-1)
+    elif top_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        if V > NUCLEUS_FIRST_LOOK:
+            first, ids = torch.topk(probs, NUCLEUS_FIRST_LOOK, dim=-1)
+            if bool((first.sum(-1) - first[:, -1] >= top_p).all()):  # every nucleus ends within them
+                probs = first
+        if probs.size(-1) == V:
+            probs, ids = torch.sort(probs, dim=-1, descending=True)
+    else:
+        return torch.softmax(logits, dim=-1), None
+    if top_p is not None:
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p
         drop[..., 0] = False  # also when top_p rounds to 0 in float32
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return probs
+        probs = probs.masked_fill(drop, 0.0)
+    return probs, ids
 
 
-def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """An exponential race: argmax of p_i / E_i with E_i ~ Exp(1) is token i with probability p_i. It is
-    one draw per token like torch.multinomial, at half its fixed cost (which shows in every step). E is
-    kept above 0, so a token with p = 0 can never win."""
-    return probs.div_(noise.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
+def choose(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B, n) probabilities (not necessarily summing to 1) and (B, 1) uniforms from `uniforms()` ->
+    (B,) columns, column i with probability p_i: the first column whose running sum passes u · Σp.
+    One random number per row: drawing one per token (an exponential race) cost 100 µs a row at
+    4,096 tokens. A column with p = 0 adds nothing to the sum, so it is never the first to pass it;
+    and u < 1 - 2⁻⁵² makes u · Σp round to below Σp, so some column always passes it."""
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    return torch.searchsorted(cdf, uniforms.mul_(cdf[:, -1:]), right=True).squeeze(1)
+
+
+def uniforms(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """(n, 1) float64 numbers uniform in [0, 1 - 2⁻⁵²], for `choose`."""
+    return torch.empty(n, 1, dtype=torch.float64, device=device).uniform_(0.0, 1.0 - 2 ** -52, generator=generator)
+
+
+def _draw(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> torch.Tensor:
+    probs, ids = candidates(logits, cfg)
+    columns = choose(probs, u)
+    return columns if ids is None else ids.gather(1, columns[:, None]).squeeze(1)
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids, every row with the same settings and one generator."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, cfg)
-    return race(probs, torch.empty_like(probs).exponential_(generator=generator))
+    return _draw(logits, cfg, uniforms(logits.size(0), generator, logits.device))
 
 
 def sample_rows(logits: torch.Tensor, configs: list[SamplingConfig],
                 generators: list[torch.Generator | None]) -> list[int]:
     """(B, V) logits -> B token ids, row i with configs[i] and generators[i]. Rows that share settings
-    are filtered together; each row draws its noise from its own generator, so a seeded request
-    gives the same tokens whatever else is in the batch (and the same as sample_next at batch 1)."""
+    are filtered together; each row draws its random number from its own generator, so a seeded
+    request gives the same tokens whatever else is in the batch (and the same as sample_next at batch 1)."""
     out = [0] * logits.size(0)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(configs):
@@ -99,11 +128,11 @@ def sample_rows(logits: torch.Tensor, configs: list[SamplingConfig],
         if cfg.greedy:
             ids = part.argmax(dim=-1)
         else:
-            probs = filtered_probs(part, cfg)
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(rows):
-                noise[j].exponential_(generator=generators[i])
-            ids = race(probs, noise)
+            if all(generators[i] is None for i in rows):  # unseeded rows: one call
+                u = uniforms(len(rows), None, logits.device)
+            else:
+                u = torch.cat([uniforms(1, generators[i], logits.device) for i in rows])
+            ids = _draw(part, cfg, u)
         for i, token in zip(rows, ids.tolist()):
             out[i] = token
     return out
