@@ -81,3 +81,16 @@ def test_chat_commands_keep_what_was_typed(served_run):
     assert said[-1].startswith("cannot set seed") and chat.sampling.seed is None
     chat.command("/stop off")
     assert chat.sampling.stop == []
+
+
+def test_chat_reads_piped_lines_and_writes_only_the_answers(served_run):
+    import subprocess
+
+    lm = lmforge.load(served_run)
+    expected = lm.generate("Emma", 20, temperature=0)
+    # the last line has no newline: it is a message all the same
+    done = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(served_run), "--no-history", "-n", "20"],
+                          input="/temperature 0\n\nEmma", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Emma" + expected + "\n"  # no prompts, no terminal control codes
+    assert "temperature 0" in done.stderr and "not a terminal" not in done.stderr

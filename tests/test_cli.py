@@ -91,6 +91,10 @@ def test_prepare_reports_and_reuses_its_cache(tmp_path, tiny_file, capsys):
     assert capsys.readouterr().out.startswith("written")
     assert main(args) == 0
     assert capsys.readouterr().out.startswith("reused")
+    (tmp_path / "new.txt").write_text("abc " * 300 + "zé😀qq")  # the last 10% holds characters never trained on
+    assert main(["prepare", str(tmp_path / "new.txt"), "--tokenizer", "char", "--cache-dir", str(tmp_path / "c")]) == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert "<unk>" in note and "'é'×1" in note and "'q'×2" in note
 
 
 def test_unknown_prompt_characters_are_reported(cli_run, capsys):
@@ -138,6 +142,9 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["train", "--out", "{tmp}/r", "--budget", "soon"], ["soon"]),
     (["train", "--out", "{tmp}/r", "gutenberg:austen-sense.txt"], ["--data gutenberg:austen-sense.txt"]),
     (["train", "--out", "{tmp}/r", "train.lr"], ["section.key=value"]),
+    (["serve", "{run}", "--port", "99999"], ["--port", "65535"]),
+    (["serve", "{run}", "--threads", "-5"], ["--threads", "at least 1"]),
+    (["serve", "{run}", "--max-waiting", "-1"], ["--max-waiting", "at least 0"]),
 ])
 def test_bad_input_gets_one_clear_line(cli_run, tmp_path, capsys, args, needles):
     args = [a.format(run=cli_run / "run", tmp=tmp_path) for a in args]
@@ -223,3 +230,21 @@ def test_the_python_api_names_wrong_arguments(cli_run, tmp_path):
     # a nucleus so small it rounds to nothing in float32 still keeps the likeliest token: greedy
     tiny = lm.complete("Emma", SamplingConfig(10, top_p=1e-46, seed=0)).text
     assert tiny == lm.generate("Emma", 10, temperature=0)
+
+
+def test_settings_written_after_data_sources_are_settings_not_sources():
+    from lmforge.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "--data", "book.txt", "train.max_time=5", "--out", "r"])
+    assert args.data == ["book.txt"] and args.overrides == ["train.max_time=5"]
+
+
+def test_a_stop_string_typed_with_backslash_escapes(cli_run, capsys):
+    import lmforge
+
+    lm = lmforge.load(cli_run / "run")
+    capsys.readouterr()
+    assert main(["generate", str(cli_run / "run"), "--prompt", "Emma", "-n", "300", "--seed", "1", "--stop", r"\n"]) == 0
+    out = capsys.readouterr().out
+    assert "\n" in lm.generate("Emma", max_new_tokens=300, seed=1)  # without the stop, a line ends in there
+    assert out == "Emma" + lm.generate("Emma", max_new_tokens=300, seed=1, stop=["\n"]) + "\n" and out.count("\n") == 1

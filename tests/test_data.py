@@ -44,6 +44,19 @@ def test_files_folders_globs_and_crlf(tmp_path):
         read_sources([str(tmp_path / "*.csv")])
 
 
+def test_a_file_named_twice_is_read_once_and_paths_read_as_a_user_types_them(tmp_path, monkeypatch, gutenberg_dir):
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "notes[1].txt").write_text("bracketed", encoding="utf-8")
+    # the same file by name, by glob and by folder: its text once, not three times
+    assert [d.text for d in read_sources([str(tmp_path / "a.txt"), str(tmp_path / "a*.txt"), str(tmp_path)])] \
+        == ["first", "bracketed"]
+    assert [d.name for d in read_sources(["gutenberg:austen-emma.txt", "gutenberg:austen-*"])] == \
+        ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt", "gutenberg:austen-sense.txt"]
+    assert [d.text for d in read_sources([str(tmp_path / "notes[1].txt")])] == ["bracketed"]  # a file, not a glob
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert [d.text for d in read_sources(["~/a*.txt"])] == ["first"]  # "~" in a quoted glob too
+
+
 def test_jsonl_documents_and_bad_lines(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "one", "body": "x"}\n\n{"body": "y", "text": "two"}\n', encoding="utf-8")

@@ -157,9 +157,13 @@ def test_malformed_bodies_keys_and_sizes(served):
             (b"", auth, "body is empty", None),
             (b'{"model": "austen", "prompt": }', auth, "not valid JSON", None),
             (b'{"model": "austen", "prompt": 5}', auth, "prompt", "prompt"),
+            (b'{"model": "austen", "prompt": "Emma \\ud800", "echo": true}', auth, "surrogate", "prompt"),
             (b"Emma", {**auth, "Content-Type": "text/plain"}, "application/json", None)]:
         error = httpx.post(server.url + "/v1/completions", content=content, headers=headers).json()["error"]
         assert message in error["message"] and error["param"] == param, error
+    lone = b'{"model": "austen", "messages": [{"role": "user", "content": "\\udc00"}]}'
+    error = httpx.post(server.url + "/v1/chat/completions", content=lone, headers=auth).json()["error"]
+    assert "surrogate" in error["message"] and error["param"] == "messages.0.content", error
     assert httpx.get(server.url + "/v1/models").status_code == 401
     wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
@@ -238,5 +242,19 @@ def test_a_prompt_ending_in_a_word_written_as_unk_is_healed_through_the_api(tmp_
         typed = httpx.post(server.url + "/v1/completions", json={**body, "token_healing": False}).json()
         assert healed == lm.generate("It was Mr.", 4, temperature=0) and healed.startswith(" ")  # "Mr. ", less "Mr."
         assert typed["choices"][0]["text"] == lm.generate("It was Mr.", 4, temperature=0, token_healing=False)
+    finally:
+        server.stop()
+
+
+def test_a_request_that_names_no_length_gets_at_most_the_servers_limit(served_run):
+    lm = lmforge.load(served_run)
+    server = Server(create_app(lm, Settings("austen", max_tokens=20)))
+    try:
+        body = {"model": "austen", "messages": [{"role": "user", "content": "Emma"}], "ignore_eos": True}
+        answer = httpx.post(server.url + "/v1/chat/completions", json=body)  # the default, 256, is over 20
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 20
+        asked = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 21})
+        assert asked.status_code == 400 and "at most 20" in asked.json()["error"]["message"]
     finally:
         server.stop()

@@ -5,7 +5,9 @@ model's text, streamed as it is generated. Settings change in place (`/temperatu
 0.9`, `/max 200`, `/help` lists them); Ctrl-C stops a generation and returns to the prompt; Ctrl-D or
 `/quit` leaves. A plain language model continues what you type (`/mode complete`); a prompt ->
 completion run answers each message in its template, and `/mode chat` keeps a conversation
-(lmforge's transcript template, as the server's chat endpoint uses).
+(lmforge's transcript template, as the server's chat endpoint uses). With input or output
+redirected, each line read is one message, and only the answers are written out (replies to
+commands go to stderr).
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ def unescape(text: str) -> str:
 class Chat:
     """The state of one session: sampling settings, mode and the conversation so far."""
 
-    def __init__(self, lm, sampling: SamplingConfig, write=sys.stdout.write):
-        self.lm, self.sampling, self.write = lm, sampling, write
+    def __init__(self, lm, sampling: SamplingConfig, write=sys.stdout.write, say=None):
+        """`write`: where answers go; `say`: where replies to commands go (by default the same)."""
+        self.lm, self.sampling, self.write, self.say = lm, sampling, write, say or write
         self.mode = "chat" if lm.template is not None else "complete"
         self.messages: list[tuple[str, str]] = []
 
@@ -52,21 +55,21 @@ class Chat:
         if name in ("quit", "exit"):
             return False
         if name == "help":
-            self.write(HELP + "\n")
+            self.say(HELP + "\n")
         elif name == "settings":
-            self.write(self.describe() + "\n")
+            self.say(self.describe() + "\n")
         elif name == "reset":
             self.messages = []
-            self.write("conversation cleared\n")
+            self.say("conversation cleared\n")
         elif name == "mode" and arg in ("chat", "complete"):
             self.mode, self.messages = arg, []
-            self.write(f"mode {arg}\n")
+            self.say(f"mode {arg}\n")
         elif name == "eos" and arg in ("on", "off"):
             self.sampling = replace(self.sampling, ignore_eos=arg == "off")
-            self.write(f"eos {arg}\n")
+            self.say(f"eos {arg}\n")
         elif name == "stop":
             self.sampling = replace(self.sampling, stop=[] if arg in ("", "off") else [unescape(arg)])
-            self.write(f"stop {self.sampling.stop or 'off'}\n")
+            self.say(f"stop {self.sampling.stop or 'off'}\n")
         elif name in numbers:
             field, kind = numbers[name]
             try:
@@ -75,11 +78,11 @@ class Chat:
                     value = None
                 self.sampling = replace(self.sampling, **{field: value})
             except (ValueError, LmforgeError) as exc:
-                self.write(f"cannot set {name} to {arg!r}: {str(exc) or 'not a number'}\n")
+                self.say(f"cannot set {name} to {arg!r}: {str(exc) or 'not a number'}\n")
             else:
-                self.write(f"{name} {arg}\n")
+                self.say(f"{name} {arg}\n")
         else:
-            self.write(f"unknown command {line.strip()!r}; /help lists the commands\n")
+            self.say(f"unknown command {line.strip()!r}; /help lists the commands\n")
         return True
 
     def describe(self) -> str:
@@ -113,7 +116,39 @@ class Chat:
 
 
 def run(lm, sampling: SamplingConfig, history_file=None) -> None:
-    """The interactive loop (prompt_toolkit: line editing, history, multi-line input)."""
+    """The chat loop: interactive in a terminal (prompt_toolkit: line editing, history, multi-line
+    input); with input or output redirected (`lmforge chat RUN < questions.txt > answers.txt`), one
+    message per line read plainly, and only the answers written."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started where Ctrl-C is ignored (a shell's background job, nohup): Python keeps that, and
+        # Ctrl-C could then never stop an answer, which is what this loop promises it does
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    chat = Chat(lm, sampling, say=None if terminal else sys.stderr.write)
+    if terminal:
+        name = lm.run_dir.name if lm.run_dir else "model"
+        print(f"lmforge chat: {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters). "
+              f"{chat.describe()}.\n/help for commands, Ctrl-C stops an answer, Ctrl-D leaves.")
+    for line in _typed_lines(history_file) if terminal else (line.rstrip("\r\n") for line in sys.stdin):
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not chat.command(line):
+                break
+            continue
+        try:
+            if chat.mode == "complete":
+                sys.stdout.write(line)
+            chat.answer(line)
+            sys.stdout.write("\n")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n[stopped]\n")
+        sys.stdout.flush()
+
+
+def _typed_lines(history_file):
+    """What the user types at the `you>` prompt, one message at a time, until Ctrl-D (Ctrl-C clears
+    the line)."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -135,33 +170,11 @@ def run(lm, sampling: SamplingConfig, history_file=None) -> None:
             history = FileHistory(str(history_file))
         except OSError:
             pass  # an unwritable cache: history for this session only
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        # started where Ctrl-C is ignored (a shell's background job, nohup): Python keeps that, and
-        # Ctrl-C could then never stop an answer, which is what this loop promises it does
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     session = PromptSession(history=history, multiline=True, key_bindings=keys)
-    chat = Chat(lm, sampling)
-    name = lm.run_dir.name if lm.run_dir else "model"
-    print(f"lmforge chat: {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters). "
-          f"{chat.describe()}.\n/help for commands, Ctrl-C stops an answer, Ctrl-D leaves.")
     while True:
         try:
-            line = session.prompt("you> ")
+            yield session.prompt("you> ")
         except KeyboardInterrupt:
             continue
         except EOFError:
-            break
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not chat.command(line):
-                break
-            continue
-        try:
-            if chat.mode == "complete":
-                sys.stdout.write(line)
-            chat.answer(line)
-            sys.stdout.write("\n")
-        except KeyboardInterrupt:
-            sys.stdout.write("\n[stopped]\n")
-        sys.stdout.flush()
+            return

@@ -141,12 +141,14 @@ def _compile_decoding(lm) -> None:
 
 def cmd_generate(args) -> int:
     from . import api
+    from .chat import unescape
     from .generation import SamplingConfig
 
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples must be at least 1, got {args.num_samples}")
     sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
-                              args.top_p, args.seed, args.stop or [], token_healing=not args.no_token_healing)
+                              args.top_p, args.seed, [unescape(s) for s in args.stop or []],
+                              token_healing=not args.no_token_healing)
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
     tail = lm.prompt_tail(args.prompt) if sampling.token_healing else ""
@@ -200,6 +202,12 @@ def cmd_serve(args) -> int:
     from .device import physical_cores, set_threads
     from .serving.app import Settings, create_app
 
+    for what, value, least in (("--max-batch", args.max_batch, 1), ("--max-waiting", args.max_waiting, 0),
+                               ("--max-tokens", args.max_tokens, 1), ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < least:
+            raise LmforgeError(f"{what} must be at least {least}, got {value}")
+    if not 1 <= args.port <= 65535:
+        raise LmforgeError(f"--port must be between 1 and 65535, got {args.port}")
     _check_port(args.host, args.port)  # before the model loads: a taken port is a one-line error, at once
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     if lm.device.type == "cpu":  # the event loop needs a core of its own: with every core decoding, each streamed
@@ -210,10 +218,6 @@ def cmd_serve(args) -> int:
     name = args.name or lm.run_dir.name
     settings = Settings(name, api_key=args.api_key or None, max_batch=args.max_batch, max_waiting=args.max_waiting,
                         max_tokens=args.max_tokens)
-    for what, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting + 1),
-                        ("--max-tokens", args.max_tokens)):
-        if value < 1:
-            raise LmforgeError(f"{what} must be at least 1")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this machine can use it",
               file=sys.stderr)
@@ -374,6 +378,10 @@ def cmd_prepare(args) -> int:
     print(f"{'reused' if prepared.reused else 'written'}: {prepared.path}")
     print(f"tokenizer {prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}; "
           f"{len(prepared.train):,} train tokens, {len(prepared.val):,} validation tokens")
+    if prepared.unknown:  # pieces of the text the tokenizer has no entry for (a char vocabulary from other text)
+        top = ", ".join(f"{k!r}×{v}" for k, v in list(prepared.unknown.items())[:10])
+        print(f"note: {sum(prepared.unknown.values()):,} piece(s) of the text are <unk> to this tokenizer "
+              f"({len(prepared.unknown)} distinct: {top})")
     return 0
 
 
@@ -574,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop when this string is generated (repeatable)")
+    p.add_argument("--stop", action="append",
+                   help="stop when this string is generated (repeatable; \\n, \\t and \\\\ as in chat: --stop '\\n\\n')")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--no-token-healing", action="store_true",
                    help="feed the prompt's last token as it is (by default the model chooses how the prompt's "
@@ -600,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the decoding step (seconds once; faster steps where measured so)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads for decoding (default: physical cores - 1)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's: warning (default), info, debug")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="the server's log: warning (default), info (every request), debug")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="talk to a trained run in the terminal")
@@ -724,11 +734,22 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     """argparse stops collecting a positional list at the first option; `section.key=value` overrides
     that come after options are added back here."""
+    from pathlib import Path
+
+    from .config import SECTION_TYPES
+
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "overrides") and getattr(args, "data", None):  # `--data books train.max_time=5`
+        def setting(item: str) -> bool:
+            key, sep, _ = item.partition("=")
+            return bool(sep) and key.partition(".")[0] in SECTION_TYPES and not Path(item).exists()
+
+        args.overrides = list(args.overrides or []) + [item for item in args.data if setting(item)]
+        args.data = [item for item in args.data if not setting(item)] or None
     return args
 
 

@@ -25,17 +25,22 @@ class Document:
 
 def read_sources(specs, *, jsonl_field: str = "text", encoding: str = "utf-8",
                  errors: str = "strict") -> list[Document]:
-    """Every document named by `specs`, in order; "\\r\\n" becomes "\\n". Fails on an empty corpus."""
+    """Every document named by `specs`, in order; "\\r\\n" becomes "\\n". A file or Gutenberg text named
+    twice (or matched by two globs) is read once. Fails on an empty corpus."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     documents: list[Document] = []
+    seen: set = set()
     for spec in specs:
         spec = str(spec)
         if spec.startswith(GUTENBERG):
-            documents += read_gutenberg(spec[len(GUTENBERG):])
+            documents += [d for d in read_gutenberg(spec[len(GUTENBERG):]) if d.name not in seen]
+            seen.update(d.name for d in documents)
         else:
             for path in expand_path(spec):
-                documents += read_file(path, jsonl_field=jsonl_field, encoding=encoding, errors=errors)
+                if path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    documents += read_file(path, jsonl_field=jsonl_field, encoding=encoding, errors=errors)
     documents = [d for d in documents if d.text.strip()]
     if not documents:
         raise LmforgeError(f"the sources {', '.join(map(str, specs)) or '(none)'} hold no text; "
@@ -44,13 +49,15 @@ def read_sources(specs, *, jsonl_field: str = "text", encoding: str = "utf-8",
 
 
 def expand_path(spec: str) -> list[Path]:
-    """A file, every *.txt under a folder (sorted), or the files a glob matches (sorted)."""
-    if glob.has_magic(spec):
+    """A file, every *.txt under a folder (sorted), or the files a glob matches (sorted); "~" is the home
+    folder. A file that exists is itself even when its name holds glob characters ("notes[1].txt")."""
+    spec = os.path.expanduser(spec)
+    if glob.has_magic(spec) and not Path(spec).exists():
         paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not paths:
             raise LmforgeError(f"the glob {spec!r} matches no files; check the pattern (quote it in the shell)")
         return paths
-    path = Path(spec).expanduser()
+    path = Path(spec)
     if path.is_dir():
         paths = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not paths:

@@ -116,8 +116,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
 def sample_rows(logits: torch.Tensor, configs: list[SamplingConfig],
                 generators: list[torch.Generator | None]) -> list[int]:
     """(B, V) logits -> B token ids, row i with configs[i] and generators[i]. Rows that share settings
-    are filtered together; each row draws its random number from its own generator, so a seeded
-    request gives the same tokens whatever else is in the batch (and the same as sample_next at batch 1)."""
+    are filtered together; each row draws its random number from its own generator, so given the same
+    logits a seeded request draws the same tokens whatever else is in the batch (and the same as
+    sample_next at batch 1)."""
     out = [0] * logits.size(0)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(configs):

@@ -149,8 +149,8 @@ def sampling_for(body, settings: Settings, lm, prompt_ids: list[int], index: int
         raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, more than this model's context of {limit}; "
                             f"shorten it", param="messages" if chat else "prompt", code="context_length_exceeded")
     wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if wanted is None:
-        wanted = settings.default_chat_tokens
+    if wanted is None:  # not asked for: the default, within this server's limit
+        wanted = min(settings.default_chat_tokens, settings.max_tokens)
     if wanted > settings.max_tokens:
         raise APIError(400, f"max_tokens is {wanted}; this server allows at most {settings.max_tokens}",
                        param="max_tokens")

@@ -17,6 +17,18 @@ MAX_N = 8  # completions per prompt
 MAX_STOP = 4  # stop strings, as OpenAI allows
 
 
+def _whole_characters(texts) -> None:
+    """JSON can spell half of a UTF-16 surrogate pair ("\\ud800") that no UTF-8 text holds: refuse it by
+    name, rather than failing later while tokenizing or echoing it."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"holds an unpaired UTF-16 surrogate ({text[e.start]!r}), which is not "
+                                 f"valid Unicode; send whole characters") from None
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -40,6 +52,7 @@ class Sampling(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else (value or [])
+        _whole_characters(stops)
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings")
         return [s for s in stops if s]
@@ -59,6 +72,12 @@ class CompletionRequest(Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value):
+        _whole_characters([value] if isinstance(value, str) else value)
+        return value
 
     @model_validator(mode="after")
     def _completion_only(self):
@@ -81,7 +100,8 @@ class Message(BaseModel):
         if isinstance(value, list):  # content parts: only text parts are understood
             if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in value):
                 raise ValueError("only text content parts are supported")
-            return "".join(part["text"] for part in value)
+            value = "".join(part["text"] for part in value)
+        _whole_characters([value])
         return value or ""
 
 
