@@ -177,6 +177,8 @@ def test_completion_runs_generate_with_their_template_through_cli_and_api(base, 
     assert summary["completion_bits_per_byte"] == pytest.approx(best, abs=0.02)
     assert main(["eval", str(run)]) == 0
     assert f"{summary['completion_bits_per_byte']:.4f} bits per completion byte" in capsys.readouterr().out
+    with pytest.raises(LmforgeError, match="completion fine-tune"):  # no text split to score: said so
+        lm.evaluate()
 
 
 def test_classification_head_learns_a_separable_task(base, capsys):
@@ -207,7 +209,8 @@ def test_classification_head_learns_a_separable_task(base, capsys):
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["a", "b"]
     (base / "texts.jsonl").write_text(json.dumps({"passage": "Emma handsome"}) + "\n")
     assert main(["classify", str(run), "--file", str(base / "texts.jsonl")]) == 2
-    assert "no string field 'text'; add it, or name the field holding the text with --jsonl-field" in capsys.readouterr().err
+    assert "no string field 'text' (it has 'passage'); add it, or name the field holding the text with --jsonl-field" \
+        in capsys.readouterr().err
     assert main(["classify", str(run), "--file", str(base / "texts.jsonl"), "--jsonl-field", "passage"]) == 0
     assert capsys.readouterr().out.startswith("b\t")
     assert main(["classify", str(run)]) == 2
@@ -274,6 +277,8 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
     (["--set", "model.d_model=8"], ["--set", "model settings cannot be set here"]),
     (["--lr", "0"], ["train.lr must be positive"]),
     (["--set", "train.lr=abc"], ["train.lr", "a number", "abc"]),
+    (["--from-scratch", "--mode", "lora"], ["--from-scratch", "--mode full"]),  # random frozen weights: no control
+    (["--task", "completion", "--encoding", "latin-1"], ["--encoding", "UTF-8 .jsonl"]),  # not silently ignored
 ])
 def test_finetune_cli_bad_inputs(base, argv, needles, capsys):
     code = main(["finetune", str(base / "base"), "--data", str(base / "new.txt"), "--max-steps", "2",
@@ -298,3 +303,52 @@ def test_cli_missing_base_and_bad_verbs(base, tmp_path, capsys):
         one_line_error(capsys, main(["data", "authors", "--out", str(tmp_path / "p.jsonl"), "--more", str(MORE),
                                      "--passage-chars", chars]), needle)
     assert (tmp_path / "p.jsonl").read_text() == "kept\n"
+
+
+def test_pairs_longer_than_the_context_are_scored_on_what_was_kept(base):
+    rows = [{"prompt": "say", "completion": "Emma " * 20, "split": "val" if i < 3 else "train"} for i in range(12)]
+    (base / "long.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    said = []
+    _, result = lmforge.finetune(base / "base", [str(base / "long.jsonl")], base / "long", task="completion",
+                                 max_steps=3, overrides=[*QUIET, f"data.cache_dir={json.dumps(str(base / 'cache'))}"],
+                                 log=said.append)
+    assert any("12 of 12 train and validation pairs are longer than the model's context" in s for s in said)
+    # char tokens: each kept completion character is one byte and one scored token (no end-of-text: cut off)
+    assert result.extra["bytes"] == result.extra["tokens"] < 3 * 100
+
+
+def test_jsonl_tasks_without_validation_rows_are_refused_before_training(base, capsys):
+    pairs = [{"prompt": f"say {i}", "completion": "Emma", "split": "train"} for i in range(10)]
+    (base / "trainonly.jsonl").write_text("\n".join(json.dumps(r) for r in pairs))
+    labelled = [{"text": "Emma" * (i % 3 + 1), "label": "ab"[i % 2], "split": "train"} for i in range(10)]
+    (base / "trainonly-labels.jsonl").write_text("\n".join(json.dumps(r) for r in labelled))
+    for task, data, what in (("completion", "trainonly.jsonl", "pairs"), ("classify", "trainonly-labels.jsonl",
+                                                                         "examples")):
+        code = main(["finetune", str(base / "base"), "--data", str(base / data), "--task", task, "--max-steps", "2",
+                     "--out", str(base / "noval"), "--set", "train.threads=1", "--set", "train.progress=false"])
+        one_line_error(capsys, code, f"no validation {what}", '"split": "val"')
+        assert not (base / "noval").exists()  # nothing left behind
+
+
+def test_a_run_records_its_sources_wherever_it_was_started_from(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(base)
+    run, _ = tune(base, "relative", data=["new.txt"], max_steps=2)
+    assert json.loads((run / "config.json").read_text())["data"]["sources"] == [str(base / "new.txt")]
+    monkeypatch.chdir(tmp_path)  # evaluated from elsewhere: the same text
+    assert lmforge.load(run).evaluate()["bits_per_byte"] > 0
+    # a finetune --resume of a plain training run would rewrite it: refused, and the run is untouched
+    before = (base / "base" / "config.json").read_bytes()
+    one_line_error(capsys, main(["finetune", "--resume", str(base / "base"), "--max-steps", "5"]),
+                   "not a fine-tune", "lmforge train --resume")
+    assert (base / "base" / "config.json").read_bytes() == before
+
+
+def test_a_base_whose_tokenizer_was_swapped_is_refused_before_training(base, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(base / "base", tmp_path / "swapped")
+    (tmp_path / "swapped" / "tokenizer.json").write_text('{"kind": "char", "chars": "ab"}')  # not the model's
+    code = main(["finetune", str(tmp_path / "swapped"), "--data", str(base / "new.txt"), "--max-steps", "2",
+                 "--out", str(tmp_path / "out"), "--set", "train.threads=1"])
+    one_line_error(capsys, code, "tokenizer.json")
+    assert not (tmp_path / "out").exists()

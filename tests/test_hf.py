@@ -94,3 +94,22 @@ def test_imported_model_fine_tunes_and_trained_llama_exports(tokenizer, tmp_path
     with torch.no_grad():
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
         assert max_diff(hf(x).logits, lmforge.load(run).model(x)[0]) < 1e-4
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_imports_without_the_padding(tokenizer, tmp_path, capsys):
+    torch.manual_seed(0)  # rows rounded up past the tokenizer's tokens, as nanoGPT's 50304 are
+    config = transformers.GPT2Config(vocab_size=VOCAB + 20, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert "20 rows no token reaches are left out" in capsys.readouterr().out
+    lm = lmforge.load(tmp_path / "run")
+    x = torch.randint(0, VOCAB, (1, 24))
+    with torch.no_grad():
+        assert max_diff(model(x).logits[..., :VOCAB], lm.model(x)[0]) < 1e-4  # the same logits, less the padding
+    assert lm.generate("Emma", max_new_tokens=5, seed=0)
+    for bad in ("0", "-5"):
+        assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "r"), "--context-len", bad]) == 2
+        assert "--context-len" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -141,6 +141,13 @@ class LanguageModel:
         """(name, text) of each document's validation part, as the run's prepared data holds them."""
         from .data import prepare_data
 
+        task = (self.config.get("finetune") or {}).get("task")
+        if task in ("classify", "completion"):
+            held = "labelled examples" if task == "classify" else "prompt -> completion pairs"
+            raise LmforgeError(f"{self.run_dir} is a {task} fine-tune: it holds out {held}, not text to score; "
+                               f"`lmforge eval {self.run_dir}` gives its own figures, or give text to score "
+                               f"(--text FILE, lm.evaluate(text))")
+
         return prepare_data(self.run_config(), self.tokenizer).validation_documents()
 
     def run_config(self) -> RunConfig:
@@ -255,19 +262,25 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         cfg, speedup = with_compile_choice(cfg, log, budget)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    created = not Path(out).exists()
     if dist.is_main():
         ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
-    if budget is not None:
-        cfg = size_for_budget(cfg, budget, log, decay_given, speedup)
-    elif not resume:
-        cfg = regularise_for_passes(cfg, log, decay_given, speedup)
-    with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
-        if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
-            job = dist.main_first(lambda: finetune_job(cfg, tokenizer, resume=resume and bool(ckpt.resume_points(out)),
-                                                       log=log))
-        else:  # process 0 prepares the data first; the others then read its cache
-            job = dist.main_first(lambda: language_model_job(cfg, tokenizer))
-        result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
+    try:
+        if budget is not None:
+            cfg = size_for_budget(cfg, budget, log, decay_given, speedup)
+        elif not resume:
+            cfg = regularise_for_passes(cfg, log, decay_given, speedup)
+        with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
+            if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
+                job = dist.main_first(lambda: finetune_job(cfg, tokenizer, log=log,
+                                                           resume=resume and bool(ckpt.resume_points(out))))
+            else:  # process 0 prepares the data first; the others then read its cache
+                job = dist.main_first(lambda: language_model_job(cfg, tokenizer))
+            result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
+    except BaseException:
+        if dist.is_main() and not resume:  # bad data, say: no empty run folder left behind
+            ckpt.remove_unstarted(Path(out), created)
+        raise
     lm = load(result.run_dir, device=result.extra["device"])
     if final_eval and not result.interrupted:
         result.extra.update(final_figures(lm, log))

@@ -200,6 +200,18 @@ def open_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
+def remove_unstarted(out: Path, created: bool) -> None:
+    """After a start that failed before config.json was written: remove what it left (the lock, a
+    tokenizer), and the folder itself if the start created it and nothing else is in it."""
+    out = Path(out)
+    if not out.is_dir() or (out / CONFIG).exists():
+        return
+    for name in (LOCK, "tokenizer.json"):
+        (out / name).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+
+
 class RunLock:
     """An exclusive lock on a run folder (run.lock) while a process trains into it: a second process
     is refused in one line instead of interleaving its writes. The lock goes with the process."""
@@ -335,13 +347,18 @@ def load_model(run_dir: Path, weights: Path | None = None) -> tuple[torch.nn.Mod
     if missing or unexpected:
         raise LmforgeError(f"{run_dir / WEIGHTS} does not match its config.json "
                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model.eval(), run_tokenizer(run_dir, data), data
+
+
+def run_tokenizer(run_dir: Path, data: dict):
+    """A run folder's tokenizer, checked against its model's vocabulary (`data`: its config)."""
     if not (run_dir / "tokenizer.json").exists():
         raise LmforgeError(f"{run_dir} has no tokenizer.json; the run folder is incomplete")
     tokenizer = load_tokenizer(run_dir)
     if tokenizer.vocab_size != data["model"]["options"].get("vocab_size", tokenizer.vocab_size):
         raise LmforgeError(f"{run_dir / 'tokenizer.json'} does not belong to this model (vocabulary "
                            f"{tokenizer.vocab_size}, the model has {data['model']['options']['vocab_size']})")
-    return model.eval(), tokenizer, data
+    return tokenizer
 
 
 # ---- resume points ------------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from pathlib import Path
+
     from . import api
     from .config import parse_duration
 
@@ -99,12 +101,18 @@ def cmd_finetune(args) -> int:
                                           ("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
                                           ("--lora-targets", args.lora_targets), ("--pooling", args.pooling),
                                           ("--template", args.template), ("--from-scratch", args.from_scratch or None),
-                                          ("--encoding", args.encoding), ("--errors", args.errors))
+                                          ("--encoding", args.encoding), ("--errors", args.errors),
+                                          ("--jsonl-field", args.jsonl_field))
                  if value is not None]
         if setup:
             raise LmforgeError(f"--resume continues the fine-tune as it was set up; drop {', '.join(setup)} (only "
                                f"--max-time, --max-steps and --set train.threads=... and the like may change), or "
                                f"start a new fine-tune with another --out")
+        from . import checkpoint
+
+        if not checkpoint.read_config(Path(args.resume)).get("finetune"):
+            raise LmforgeError(f"{args.resume} is not a fine-tune; continue its training with `lmforge train --resume "
+                               f"{args.resume}`, or fine-tune it with `lmforge finetune {args.resume} --data ...`")
         lm, result = api.train(None, args.resume, resume=True, overrides=(args.set or []) + _flag_overrides(args, {
             "max_steps": "train.max_steps"}) + ([f"train.max_time={parse_duration(args.max_time)}"]
                                                if args.max_time else
@@ -112,10 +120,17 @@ def cmd_finetune(args) -> int:
     else:
         if not args.base or not args.data:
             raise LmforgeError("finetune needs a base run and --data (or --resume RUN to continue one)")
+        text_options = [flag for flag, value in (("--encoding", args.encoding), ("--errors", args.errors),
+                                                 ("--jsonl-field", args.jsonl_field)) if value is not None]
+        if args.task in ("completion", "classify") and text_options:
+            raise LmforgeError(f"{', '.join(text_options)} apply to text sources (--task lm); --task {args.task} "
+                               f"reads one UTF-8 .jsonl of {'prompt/completion' if args.task == 'completion' else 'text/label'}"
+                               f" rows: drop {' and '.join(text_options)}")
         lm, result = api.finetune(
             args.base, args.data, args.out, task=args.task or "lm", mode=args.mode or "full", lr=args.lr,
             max_time=parse_duration(args.max_time), max_steps=args.max_steps,
-            overrides=(args.set or []) + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors"}),
+            overrides=(args.set or []) + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors",
+                                                            "jsonl_field": "data.jsonl_field"}),
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
             from_scratch=args.from_scratch or None,
@@ -568,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="completion: prompt template with {prompt}")
     p.add_argument("--from-scratch", action="store_true", help="the control: the base's architecture and tokenizer "
                                                                "from random weights")
+    p.add_argument("--jsonl-field", help="--task lm with .jsonl data: the field holding each document (default text)")
     p.add_argument("--encoding", help="text encoding of the new data (default: the base run's, utf-8)")
     p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
     p.add_argument("--set", action="append", metavar="train.KEY=VALUE", help="other train/data options")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,10 @@ class DataConfig:
     def __post_init__(self):
         if not self.sources:
             raise LmforgeError("data.sources is empty; name at least one text file, folder, glob or gutenberg:ID")
+        # a run folder records where its text is from anywhere: resuming, evaluating and fine-tuning from
+        # another folder read the same files
+        self.sources = [os.path.abspath(os.path.expanduser(s)) if isinstance(s, str) and s and
+                        not s.startswith("gutenberg:") else s for s in self.sources]
         if not 0.0 < self.val_fraction < 1.0:
             raise LmforgeError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.errors not in ("strict", "replace", "ignore"):

@@ -88,14 +88,21 @@ def render(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
 
 
-def encode_pair(tokenizer, template: str, prompt: str, completion: str, context_len: int) -> tuple[list[int], int]:
-    """(ids, n_prompt): template(prompt) tokens, then completion tokens and end-of-text, at most
-    context_len + 1 ids; an over-long prompt loses its start, an over-long completion its end."""
+def encode_pair(tokenizer, template: str, prompt: str, completion: str,
+                context_len: int) -> tuple[list[int], int, int | None]:
+    """(ids, n_prompt, scored): template(prompt) tokens, then completion tokens and end-of-text, at
+    most context_len + 1 ids; an over-long prompt loses its start, an over-long completion its end.
+    `scored`: the UTF-8 bytes of the completion that the targets cover (all of them, or those of the
+    tokens kept), or None when nothing was cut."""
     p = tokenizer.encode(render(template, prompt))
     c = tokenizer.encode(completion) + [tokenizer.eos_id]
-    if len(p) + len(c) > context_len + 1:
-        p = p[-max(1, context_len // 2):]  # keep the prompt's end and room for the completion
-    return (p + c)[:context_len + 1], len(p)
+    if len(p) + len(c) <= context_len + 1:
+        return p + c, len(p), None
+    p = p[-max(1, context_len // 2):]  # keep the prompt's end and room for the completion
+    ids = (p + c)[:context_len + 1]
+    kept = len(ids) - len(p)
+    scored = len(completion.encode("utf-8")) if kept == len(c) else len(tokenizer.decode(c[:kept]).encode("utf-8"))
+    return ids, len(p), scored
 
 
 def inputs_targets(ids: list[int], n_prompt: int) -> tuple[list[int], list[int]]:

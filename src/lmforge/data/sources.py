@@ -117,8 +117,11 @@ def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
     documents = []
     for number, record in json_lines(text, path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise LmforgeError(f"{path}:{number}: no string field {field!r}; "
-                               "add it, or name the field holding the text with --jsonl-field")
+            has = f" (it has {', '.join(map(repr, record))})" if isinstance(record, dict) and record else ""
+            hint = ("; for prompt -> completion pairs, fine-tune with --task completion"
+                    if isinstance(record, dict) and {"prompt", "completion"} <= set(record) else "")
+            raise LmforgeError(f"{path}:{number}: no string field {field!r}{has}; add it, or name the field holding "
+                               f"the text with --jsonl-field (data.jsonl_field=... in a config){hint}")
         documents.append(Document(f"{path}:{number}", record[field]))
     return documents
 

@@ -23,7 +23,6 @@ from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, collate_p
 from ..device import seed_everything
 from ..errors import LmforgeError
 from ..models import build_model
-from ..tokenizers import load_tokenizer
 from ..training.loop import Job
 from ..training.step import ClassifyLoss, evaluate_loss, lm_loss
 from .classify import Classifier, predict, scores
@@ -46,6 +45,17 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     """The base run's tokenizer and model with the new data, a fine-tuning budget (default one minute)
     and a [finetune] section (`options`: freeze_layers, lora_rank, lora_alpha, lora_dropout,
     lora_targets, pooling, template, from_scratch). `overrides` are train.* / data.* settings."""
+    if not isinstance(base, (str, Path)):
+        raise LmforgeError(f"the base run must be a run folder's path, got {base!r}")
+    if isinstance(data, (str, Path)):
+        data = [data]
+    if not isinstance(data, (list, tuple)) or not data or not all(isinstance(d, (str, Path)) for d in data):
+        raise LmforgeError(f"data must be a path, or a list of paths and gutenberg:IDs, got {data!r}")
+    if overrides is not None and (isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides)):
+        raise LmforgeError("overrides must be a list of 'section.key=value' strings, e.g. ['train.seed=1']")
+    if options.get("from_scratch") and mode != "full":
+        raise LmforgeError(f"--from-scratch trains every weight from random ones (the control for a full fine-tune); "
+                           f"drop it, or use --mode full instead of --mode {mode}")
     for name, (field, wanted) in APPLIES_TO.items():  # an option for another mode or task: refused, not ignored
         if options.get(name) is not None and {"mode": mode, "task": task}[field] != wanted:
             flag = "--" + name.replace("_", "-")
@@ -54,10 +64,10 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     stored = ckpt.read_config(Path(base))
     raw = {k: json.loads(json.dumps(stored[k])) for k in ("data", "tokenizer", "train")}
     raw["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}
-    raw["data"]["sources"] = [str(s) for s in ([data] if isinstance(data, (str, Path)) else data)]
+    raw["data"]["sources"] = [str(s) for s in data]
     if max_time is None and max_steps is None:
         max_time = 60.0
-    ft = {"base": str(base), "task": task, "mode": mode, **{k: v for k, v in options.items() if v is not None}}
+    ft = {"base": str(Path(base).resolve()), "task": task, "mode": mode, **{k: v for k, v in options.items() if v is not None}}
     if task == "completion":
         ft.setdefault("template", DEFAULT_TEMPLATE)
     if task == "classify" and len(raw["data"]["sources"]) == 1:  # (more sources are refused with the data)
@@ -82,8 +92,9 @@ def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=pr
     resuming, the weights come from the run's resume point, so the base is not read."""
     ft = config.finetune
     base = Path(ft.base)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(base)
+    if tokenizer is None:  # the base's, checked as loading the base would check it
+        ckpt.check_manifest(base)
+        tokenizer = ckpt.run_tokenizer(base, ckpt.read_config(base))
     seed_everything(config.train.seed)
     lm = build_model(config.model.arch, **config.model.options)
     if not resume and not ft.from_scratch:
@@ -149,16 +160,39 @@ def _one_jsonl(config: RunConfig) -> str:
     return sources[0]
 
 
+def _validation_rows(rows: list[dict], path: str, what: str) -> list[dict]:
+    """The rows that validate during training; none is an error before training starts (the run keeps
+    its best weights by their score)."""
+    val = [r for r in rows if r["split"] == "val"]
+    if not val:
+        raise LmforgeError(f"{path} has no validation {what}; give some rows \"split\": \"val\" (rows without "
+                           f"a split are assigned train/val/test 80/10/10 by a hash of their text)")
+    return val
+
+
+def encode_pairs(tokenizer, template: str, rows: list[dict], context_len: int) -> tuple[list, int, int]:
+    """Each row's encoded pair (ids, n_prompt); the completion bytes their targets cover; how many pairs
+    were cut to fit the context (encode_pair), which are scored on what was kept."""
+    encoded = [encode_pair(tokenizer, template, r["prompt"], r["completion"], context_len) for r in rows]
+    scored = sum(len(r["completion"].encode("utf-8")) if n is None else n for (_, _, n), r in zip(encoded, rows))
+    return [(ids, n_prompt) for ids, n_prompt, _ in encoded], scored, sum(n is not None for _, _, n in encoded)
+
+
 def completion_data(config: RunConfig, tokenizer, context_len: int, log):
     template = config.finetune.template
-    rows = read_jsonl(_one_jsonl(config), ("prompt", "completion"))
-    pairs = {s: [encode_pair(tokenizer, template, r["prompt"], r["completion"], context_len)
-                 for r in rows if r["split"] == s] for s in ("train", "val")}
+    path = _one_jsonl(config)
+    rows = read_jsonl(path, ("prompt", "completion"))
+    train, _, cut = encode_pairs(tokenizer, template, [r for r in rows if r["split"] == "train"], context_len)
+    val, val_bytes, val_cut = encode_pairs(tokenizer, template, _validation_rows(rows, path, "pairs"), context_len)
+    if cut + val_cut:
+        log(f"note: {cut + val_cut} of {len(train) + len(val)} train and validation pairs are longer than the "
+            f"model's context ({context_len} tokens): cut to fit (the prompt's start, then the completion's end), "
+            f"they are trained and scored on what is kept")
+    pairs = {"train": train, "val": val}
     unknown = Counter()
     for r in rows:  # the template's own characters too: they are in every example
         unknown.update(tokenizer.unknown(render(template, r["prompt"]) + r["completion"]))
     report_unknown(dict(unknown.most_common()), tokenizer, log)
-    val_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows if r["split"] == "val")
     t = config.train
     return completion_batches(pairs, val_bytes, tokenizer.eos_id, context_len, t.batch_size, t.seed)
 
@@ -173,7 +207,8 @@ def classification_data(config: RunConfig, tokenizer, context_len: int, log):
         raise LmforgeError(f"{path} no longer holds the labels this run was set up with ({', '.join(labels)}); "
                            "restore the file, or start a new fine-tuning run")
     index = {label: i for i, label in enumerate(labels)}
-    examples = {s: [(tokenizer.encode(r["text"])[:context_len], index[r["label"]]) for r in rows if r["split"] == s]
+    split = {"train": [r for r in rows if r["split"] == "train"], "val": _validation_rows(rows, path, "examples")}
+    examples = {s: [(tokenizer.encode(r["text"])[:context_len], index[r["label"]]) for r in split[s]]
                 for s in ("train", "val")}
     unknown = Counter()
     for r in rows:
@@ -209,13 +244,11 @@ def evaluate_completions(lm, data=None, batch_size: int = 16) -> dict:
     rows = held_out(read_jsonl(source, ("prompt", "completion")))
     if not rows:
         raise LmforgeError(f"{source} has no held-out pairs to score; give some rows \"split\": \"val\"")
-    context_len = lm.model.config.context_len
-    pairs = [inputs_targets(*encode_pair(lm.tokenizer, ft["template"], r["prompt"], r["completion"], context_len))
-             for r in rows]
+    encoded, completion_bytes, _ = encode_pairs(lm.tokenizer, ft["template"], rows, lm.model.config.context_len)
+    pairs = [inputs_targets(*e) for e in encoded]
     batches = [collate_pairs(pairs[i:i + batch_size], lm.tokenizer.eos_id) for i in range(0, len(pairs), batch_size)]
     loss = evaluate_loss(lm.model, batches, lm_loss, lm.device, torch.float32)  # per target
     targets = count_targets(pairs)
-    completion_bytes = sum(len(r["completion"].encode("utf-8")) for r in rows)
     return {"completion_bits_per_byte": loss * targets / max(1, completion_bytes) / math.log(2), "n": len(rows),
             "tokens": targets, "bytes": completion_bytes}
 

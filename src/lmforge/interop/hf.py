@@ -63,11 +63,12 @@ def gpt2_fields(c: dict) -> dict:
 def llama_fields(c: dict) -> dict:
     heads, d = c["num_attention_heads"], c["hidden_size"]
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    problems = [f"{k}={c.get(k)!r}" for k, ok in [
-        ("hidden_act", c.get("hidden_act", "silu") == "silu"),
-        ("head_dim", c.get("head_dim") in (None, d // heads)),
-        ("rope_type", rope.get("rope_type", rope.get("type", "default")) == "default"),
-        ("mlp_bias", c.get("mlp_bias", False) == c.get("attention_bias", False))] if not ok]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems = [f"{k}={value!r}" for k, value, ok in [
+        ("hidden_act", c.get("hidden_act"), c.get("hidden_act", "silu") == "silu"),
+        ("head_dim", c.get("head_dim"), c.get("head_dim") in (None, d // heads)),
+        ("rope_type", rope_type, rope_type == "default"),
+        ("mlp_bias", c.get("mlp_bias"), c.get("mlp_bias", False) == c.get("attention_bias", False))] if not ok]
     if problems:
         raise LmforgeError(f"unsupported Llama option(s) {', '.join(problems)}; lmforge imports SiLU, head_dim = "
                            "hidden_size / heads, default RoPE and equal attention/MLP bias")
@@ -131,6 +132,8 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
                            "tokenizer.save_pretrained() (a fast tokenizer) into the same folder")
     if out.exists() and any(out.iterdir()):
         raise LmforgeError(f"{out} exists and is not empty; choose another --out (nothing was written)")
+    if context_len is not None and (not isinstance(context_len, int) or context_len < 1):
+        raise LmforgeError(f"--context-len must be a whole number of at least 1, got {context_len!r}")
     fields = gpt2_fields(config) if kind == "gpt2" else llama_fields(config)
     limit = context_len or min(fields["context_len"], MAX_IMPORT_CONTEXT)
     if limit < fields["context_len"]:
@@ -143,6 +146,15 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
         raise LmforgeError(f"{directory}: tensor {exc.args[0]} is missing; is it a complete {kind} "
                            "checkpoint?") from None
     tokenizer = load_tokenizer(directory)
+    if fields["vocab_size"] > tokenizer.vocab_size:  # rows padded to a round number (nanoGPT's 50304): no token reaches them
+        log(f"note: the model has {fields['vocab_size']} vocabulary rows and its tokenizer {tokenizer.vocab_size} tokens; "
+            f"the {fields['vocab_size'] - tokenizer.vocab_size} rows no token reaches are left out")
+        weights = {k: v[:tokenizer.vocab_size] if k in ("tok_emb.weight", "lm_head.weight") else v
+                   for k, v in weights.items()}
+        fields["vocab_size"] = tokenizer.vocab_size
+    elif fields["vocab_size"] < tokenizer.vocab_size:
+        raise LmforgeError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                           f"{fields['vocab_size']} vocabulary rows; they are not a pair (save both from one model)")
     run = RunConfig(tokenizer=TokenizerConfig(tokenizer.kind, tokenizer.options),
                     model=ModelConfig("transformer", fields))
     run.train.sample_prompt = ""
@@ -228,7 +240,7 @@ def hf_config(family: str, f: dict, eos_id: int) -> dict:
             **common}
 
 
-def export_hf(run, directory) -> Path:
+def export_hf(run, directory, log=print) -> Path:
     """Write `run` as a Hugging Face folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
     run, directory = Path(run), Path(directory)
     data = ckpt.read_config(run)
@@ -252,4 +264,11 @@ def export_hf(run, directory) -> Path:
     ckpt.write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
         "model_max_length": fields["context_len"], "clean_up_tokenization_spaces": False})
+    task = (data.get("finetune") or {}).get("task")
+    if task == "classify":  # a causal LM folder has no place for them
+        log(f"note: exported the language model only; the classifier head ({run / 'classifier.safetensors'}) "
+            f"has no place in a Hugging Face causal LM folder")
+    elif task == "completion":
+        log(f"note: this run answers prompts in its template {data['finetune']['template']!r}; "
+            f"Hugging Face users must wrap their prompts in it themselves")
     return directory
