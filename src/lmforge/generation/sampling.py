@@ -71,8 +71,8 @@ def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor,
         probs = torch.softmax(logits, dim=-1)
         if V > NUCLEUS_FIRST_LOOK:
             first, ids = torch.topk(probs, NUCLEUS_FIRST_LOOK, dim=-1)
-            if bool((first.sum(-1) - first[:, -1] >= top_p).all()):  # every nucleus ends within them
-                probs = first
+            if bool((first.cumsum(-1)[:, -1] - first[:, -1] >= top_p).all()):  # every nucleus ends within them
+                probs = first  # (the mass before the last, summed as the cut below sums it)
         if probs.size(-1) == V:
             probs, ids = torch.sort(probs, dim=-1, descending=True)
     else:
@@ -92,7 +92,8 @@ def choose(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     4,096 tokens. A column with p = 0 adds nothing to the sum, so it is never the first to pass it;
     and u < 1 - 2⁻⁵² makes u · Σp round to below Σp, so some column always passes it."""
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-    return torch.searchsorted(cdf, uniforms.mul_(cdf[:, -1:]), right=True).squeeze(1)
+    columns = torch.searchsorted(cdf, uniforms.mul_(cdf[:, -1:]), right=True).squeeze(1)
+    return columns.clamp_max_(probs.size(-1) - 1)  # a column even from NaN logits (a broken model's)
 
 
 def uniforms(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
