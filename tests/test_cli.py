@@ -244,7 +244,8 @@ def test_a_stop_string_typed_with_backslash_escapes(cli_run, capsys):
 
     lm = lmforge.load(cli_run / "run")
     capsys.readouterr()
-    assert main(["generate", str(cli_run / "run"), "--prompt", "Emma", "-n", "300", "--seed", "1", "--stop", r"\n"]) == 0
+    run = str(cli_run / "run")
+    assert main(["generate", run, "--prompt", "Emma", "-n", "300", "--seed", "1", "--stop", r"\n"]) == 0
     out = capsys.readouterr().out
     assert "\n" in lm.generate("Emma", max_new_tokens=300, seed=1)  # without the stop, a line ends in there
     assert out == "Emma" + lm.generate("Emma", max_new_tokens=300, seed=1, stop=["\n"]) + "\n" and out.count("\n") == 1

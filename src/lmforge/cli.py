@@ -123,9 +123,9 @@ def cmd_finetune(args) -> int:
         text_options = [flag for flag, value in (("--encoding", args.encoding), ("--errors", args.errors),
                                                  ("--jsonl-field", args.jsonl_field)) if value is not None]
         if args.task in ("completion", "classify") and text_options:
+            rows = "prompt/completion" if args.task == "completion" else "text/label"
             raise LmforgeError(f"{', '.join(text_options)} apply to text sources (--task lm); --task {args.task} "
-                               f"reads one UTF-8 .jsonl of {'prompt/completion' if args.task == 'completion' else 'text/label'}"
-                               f" rows: drop {' and '.join(text_options)}")
+                               f"reads one UTF-8 .jsonl of {rows} rows: drop {' and '.join(text_options)}")
         lm, result = api.finetune(
             args.base, args.data, args.out, task=args.task or "lm", mode=args.mode or "full", lr=args.lr,
             max_time=parse_duration(args.max_time), max_steps=args.max_steps,
@@ -217,8 +217,9 @@ def cmd_serve(args) -> int:
     from .device import physical_cores, set_threads
     from .serving.app import Settings, create_app
 
+    threads = 1 if args.threads is None else args.threads
     for what, value, least in (("--max-batch", args.max_batch, 1), ("--max-waiting", args.max_waiting, 0),
-                               ("--max-tokens", args.max_tokens, 1), ("--threads", 1 if args.threads is None else args.threads, 1)):
+                               ("--max-tokens", args.max_tokens, 1), ("--threads", threads, 1)):
         if value < least:
             raise LmforgeError(f"{what} must be at least {least}, got {value}")
     if not 1 <= args.port <= 65535:
@@ -599,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append",
-                   help="stop when this string is generated (repeatable; \\n, \\t and \\\\ as in chat: --stop '\\n\\n')")
+                   help="stop when this string is generated (repeatable; \\n, \\t and \\\\ as in chat: "
+                        "--stop '\\n\\n')")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--no-token-healing", action="store_true",
                    help="feed the prompt's last token as it is (by default the model chooses how the prompt's "

@@ -67,7 +67,8 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     raw["data"]["sources"] = [str(s) for s in data]
     if max_time is None and max_steps is None:
         max_time = 60.0
-    ft = {"base": str(Path(base).resolve()), "task": task, "mode": mode, **{k: v for k, v in options.items() if v is not None}}
+    ft = {"base": str(Path(base).resolve()), "task": task, "mode": mode,
+          **{k: v for k, v in options.items() if v is not None}}
     if task == "completion":
         ft.setdefault("template", DEFAULT_TEMPLATE)
     if task == "classify" and len(raw["data"]["sources"]) == 1:  # (more sources are refused with the data)

@@ -146,9 +146,9 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
         raise LmforgeError(f"{directory}: tensor {exc.args[0]} is missing; is it a complete {kind} "
                            "checkpoint?") from None
     tokenizer = load_tokenizer(directory)
-    if fields["vocab_size"] > tokenizer.vocab_size:  # rows padded to a round number (nanoGPT's 50304): no token reaches them
-        log(f"note: the model has {fields['vocab_size']} vocabulary rows and its tokenizer {tokenizer.vocab_size} tokens; "
-            f"the {fields['vocab_size'] - tokenizer.vocab_size} rows no token reaches are left out")
+    if fields["vocab_size"] > tokenizer.vocab_size:  # rows padded to a round number (nanoGPT's 50304)
+        log(f"note: the model has {fields['vocab_size']} vocabulary rows and its tokenizer {tokenizer.vocab_size} "
+            f"tokens; the {fields['vocab_size'] - tokenizer.vocab_size} rows no token reaches are left out")
         weights = {k: v[:tokenizer.vocab_size] if k in ("tok_emb.weight", "lm_head.weight") else v
                    for k, v in weights.items()}
         fields["vocab_size"] = tokenizer.vocab_size
