@@ -24,6 +24,7 @@ def test_doctor_reports_choices_that_follow_its_timings(capsys):
     assert main(["doctor"]) == 0  # the cached answer, as text
     out = capsys.readouterr().out
     assert f"training dtype: {choice['dtype']}" in out and report["machine"]["cpu"] in out
+    assert "(probed earlier" in out  # read back, not measured in no time
 
 
 def test_a_run_records_the_measured_dtype(served_run):

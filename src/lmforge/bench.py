@@ -85,13 +85,17 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
     """Training tokens/s per family: forward + backward + clipping + AdamW step, as the training loop does
     it, at each family's default context_len; the median of `steps` timed steps after `warmup` untimed.
     MFU = tokens/s × the model's FLOPs per token / the matmul peak in the training dtype (`auto`: what
-    `lmforge train` uses, bf16 autocast on CPUs with bf16 units), measured (best of 3 square matmuls)
+    `lmforge train` uses, the dtype the probe measured faster on this machine), measured (best of 3 square matmuls)
     just before every timed step: a shared machine's speed drifts within seconds, so each step is
     divided by the peak measured beside it and `mfu` is the median of those ratios (`mfu_of_medians`
     divides the median speed by the median peak instead). `compile`: steps run through torch.compile, as
     with `train.compile=true`; the compilation happens in the warm-up and is reported as `warmup_s`."""
     dev = resolve_device(device)
     threads = set_threads(threads)
+    if dtype == "auto":  # as `lmforge train` decides it: by the probe's measurement, not by CPU flags
+        from .probe import choices
+
+        dtype = choices(dev)["dtype"]
     compute_dtype = resolve_dtype(dtype, dev)
     vocab_size = vocab_size or austen_char_vocab()
     peaks = []

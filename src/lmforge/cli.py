@@ -485,7 +485,9 @@ def cmd_doctor(args) -> int:
         print(f"  compiled training step: not available ({compiled['why']})")
     if "cuda" in result:
         print(f"GPU: {result['cuda']['device']}: training dtype {result['cuda']['dtype']}, decoding fp32")
-    print(f"(probed in {result['probe_s']} s; cached in {result['cache']}; lmforge doctor --refresh probes again)")
+    took = "" if result["probe_s"] is None else f" in {result['probe_s']} s"
+    when = "probed now" if result["probed_now"] else "probed earlier"
+    print(f"({when}{took}; cached in {result['cache']}; lmforge doctor --refresh probes again)")
     return 0
 
 
@@ -710,8 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--device", help="cpu (default), cuda, mps, auto")
         b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
         b.add_argument("--max-time", help="austen: training time budget (default 300 s)")
-        b.add_argument("--dtype", help="train: auto (what training uses: bf16 autocast where the hardware has "
-                                       "bf16 units), float32 or bfloat16")
+        b.add_argument("--dtype", help="train: auto (what training uses: the dtype the probe measured faster "
+                                       "here), float32 or bfloat16")
         b.add_argument("--compile", action="store_true",
                        help="train: steps through torch.compile, as train.compile=true (compiling is in the "
                             "warm-up); generate: the compiled decoding step too, as generate --compile")

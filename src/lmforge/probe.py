@@ -72,7 +72,9 @@ def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
         return cached
     if log is not None:
         log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
-    return _store(cache_file(), facts, "choices", measure())
+    tic = time.perf_counter()
+    measured = measure()
+    return _store(cache_file(), facts, "choices", {**measured, "probe_s": round(time.perf_counter() - tic, 2)})
 
 
 def _cached(path, facts: dict, key: str):
@@ -262,11 +264,11 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
 
 def report(refresh: bool = False) -> dict:
     """What `lmforge doctor` prints: the machine, the choices and the timings behind them."""
-    tic = time.perf_counter()
+    fresh = refresh or _cached(cache_file(), machine(), "choices") is None  # measured now, not read back
     picked = choices(torch.device("cpu"), refresh=refresh)
     if refresh:  # measured again by the next run long enough to ask
         compile_file().unlink(missing_ok=True)
-    out = {"machine": machine(), "choices": picked, "probe_s": round(time.perf_counter() - tic, 2),
+    out = {"machine": machine(), "choices": picked, "probe_s": picked.get("probe_s"), "probed_now": fresh,
            "cache": str(cache_file()), "threads": torch.get_num_threads(),
            "compiled_training_step": compile_gain(picked["dtype"], picked["attention"], measure=False)}
     if torch.cuda.is_available():
