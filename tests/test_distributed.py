@@ -66,6 +66,19 @@ def test_two_processes_end_where_one_does(setup, parallel):
     assert state["tokens"] == STEPS * 2 * 8 * 32  # the global batch: 2 micro-batches of 8 x 32 tokens
 
 
+def test_a_recurrent_model_shards_too(setup, tmp_path):
+    # an LSTM is sharded whole (no blocks): evaluation's forward leaves it gathered, and its weights
+    # must still be saved whole
+    folder, common = setup
+    lstm = [a for a in common if not a.startswith(("model.n_heads", "model.context_len"))]
+    lstm[lstm.index("--arch") + 1] = "lstm"
+    main(["train", "--out", str(tmp_path / "single"), "--max-steps", "8", *lstm])
+    finish(torchrun("train", "--out", str(tmp_path / "two"), "--max-steps", "8", *lstm, 'train.parallel="fsdp"'))
+    weights = [load_file(str(tmp_path / run / "checkpoints" / "step-00000008" / "model.safetensors"))
+               for run in ("single", "two")]
+    assert max_diff(*weights) < 1e-4
+
+
 def test_a_two_process_evaluation_equals_one(setup):
     folder, _ = setup
     text = finish(torchrun("eval", str(folder / "single"), "--json"))

@@ -149,9 +149,11 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
+    """Whether FSDP wraps `model` (its parameters are sharded DTensors between forwards, but a module
+    that a forward without gradients gathered holds plain tensors until it is resharded)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 _FULL = None
@@ -166,12 +168,23 @@ def _full_options():
     return _FULL
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """Put an FSDP model's parameters back into their shards: a forward without gradients (evaluation)
+    leaves the root module, which for an LSTM holds every weight, with its gathered parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight, whole, by name: gathered from the shards of an FSDP model (all processes must call
     it), else the module's own state_dict (no copy)."""
     if sharded(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        _reshard(model)
         return get_model_state_dict(model, options=_full_options())
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model).state_dict()
@@ -182,6 +195,8 @@ def full_optimizer_states(model: torch.nn.Module, optimizers: list) -> list[dict
     DDP or FSDP, so a run can resume with any number of processes."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if sharded(model):
+        _reshard(model)
     return [get_optimizer_state_dict(model, opt, options=_full_options()) for opt in optimizers]
 
 
