@@ -102,6 +102,24 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
+def test_a_run_whose_text_changed_is_not_resumed_on_the_new_text(tiny_file, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text(tiny_file.read_text())
+    config = tiny_config(text, tmp_path / "cache", steps=24)
+
+    def interrupt(step):
+        if step == 11:
+            raise KeyboardInterrupt
+
+    lmforge.train(config, out=tmp_path / "run", log=quiet, on_step=interrupt)
+    text.write_text(tiny_file.read_text().replace("e", "E"))  # edited in between
+    with pytest.raises(LmforgeError, match="has changed since"):
+        lmforge.train(None, out=tmp_path / "run", resume=True, log=quiet, final_eval=False)
+    text.write_text(tiny_file.read_text())  # restored: the run goes on
+    _, result = lmforge.train(None, out=tmp_path / "run", resume=True, log=quiet, final_eval=False)
+    assert result.steps == 24
+
+
 def test_a_compiled_cpu_run_repeats_bitwise_and_resumes_as_it_would_have_gone_on(tiny_file, tmp_path):
     # a compiled step on a CPU adds its partial sums in a fixed order (deterministic algorithms), so a
     # repeated run, and a resumed one, end with the same weights as an uninterrupted one

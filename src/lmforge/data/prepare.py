@@ -51,6 +51,13 @@ class Prepared:
         """Every document's training part, concatenated (read from the cache when asked for)."""
         return read_exact(self.path / "train.txt")
 
+    @property
+    def text_digest(self) -> str:
+        """A digest of the text itself, training and validation parts (not of where it came from)."""
+        h = hashlib.sha256((self.path / "train.txt").read_bytes())
+        h.update(b"\0" + self.val_text.encode("utf-8", "surrogatepass"))
+        return h.hexdigest()[:32]
+
     def validation_documents(self) -> list[tuple[str, str]]:
         """(name, validation text) per document: what evaluation scores."""
         return [(d.name, d.text) for d in self.documents]

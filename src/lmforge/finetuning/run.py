@@ -8,6 +8,7 @@ sit beside it), and resumes like any other (`lmforge train --resume RUN`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -106,15 +107,17 @@ def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=pr
         prepared = prepare_data(config, tokenizer)
         report_unknown(prepared.unknown, tokenizer, log)
         batches = lm_batches(prepared, context_len, t.batch_size, t.seed, t.eval_batches, t.sampling)
-    elif ft.task == "completion":
-        batches = completion_data(config, tokenizer, context_len, log)
+        data_key = prepared.text_digest
     else:
-        batches = classification_data(config, tokenizer, context_len, log)
+        batches = (completion_data if ft.task == "completion" else classification_data)(config, tokenizer,
+                                                                                          context_len, log)
+        data_key = hashlib.sha256(Path(_one_jsonl(config)).read_bytes()).hexdigest()[:32]
     adapt(lm, ft)
+    weights = lambda state: weight_files(state, ft)  # noqa: E731
     if ft.task != "classify":
-        return Job(lm, tokenizer, batches, weights=lambda state: weight_files(state, ft))
+        return Job(lm, tokenizer, batches, weights=weights, data_key=data_key)
     model = Classifier(lm, len(ft.labels), tokenizer.eos_id, ft.pooling)
-    return Job(model, tokenizer, batches, ClassifyLoss(), weights=lambda state: weight_files(state, ft))
+    return Job(model, tokenizer, batches, ClassifyLoss(), weights=weights, data_key=data_key)
 
 
 def base_weights(base: Path) -> dict[str, torch.Tensor]:

@@ -26,4 +26,4 @@ def language_model_job(config: RunConfig, tokenizer=None) -> Job:
     model = build_model(config.model.arch, **{**config.model.options, "vocab_size": prepared.tokenizer.vocab_size})
     t = config.train
     batches = lm_batches(prepared, model.config.context_len, t.batch_size, t.seed, t.eval_batches, t.sampling)
-    return Job(model, prepared.tokenizer, batches)
+    return Job(model, prepared.tokenizer, batches, data_key=prepared.text_digest)

@@ -55,6 +55,7 @@ class Job:
     batches: Batches
     loss: object = lm_loss
     weights: Callable[[nn.Module], dict[str, dict[str, torch.Tensor]]] = plain_weights
+    data_key: str | None = None  # a digest of the text trained on: a resumed run checks it is unchanged
 
 
 @dataclass
@@ -118,6 +119,11 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     optimizers = build_optimizers(model, cfg)
     average = WeightAverage(model, cfg.ema) if cfg.ema else None
     state = TrainerState()
+    if resume and job.data_key is not None:
+        started_on = ckpt.read_config(run_dir).get("data_key")
+        if started_on is not None and started_on != job.data_key:
+            raise LmforgeError(f"the text of {', '.join(config.data.sources)} has changed since {run_dir} started; "
+                               f"restore it to resume this run, or train a new run on the new text with --out")
     saved = ckpt.load_resume(run_dir, log=log) if resume else None
     if saved is not None:
         state = restore(model, optimizers, average, saved, run_dir)
@@ -126,7 +132,8 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         log(f"note: {run_dir} stopped before its first resume point; training it from the start")
     elif dist.is_main():  # the tokenizer first: config.json marks a folder as a run
         job.tokenizer.save(run_dir)
-        ckpt.save_config(run_dir, config, asdict(model.config))
+        ckpt.save_config(run_dir, config, asdict(model.config),
+                         extra=None if job.data_key is None else {"data_key": job.data_key})
         ckpt.write_manifest(run_dir, [ckpt.CONFIG, "tokenizer.json"])
     if resume and dist.is_main():  # a longer budget, say: the next plain --resume continues to it
         ckpt.update_config(run_dir, config, asdict(model.config))
