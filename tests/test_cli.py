@@ -143,6 +143,9 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["train", "--out", "{tmp}/r", "gutenberg:austen-sense.txt"], ["--data gutenberg:austen-sense.txt"]),
     (["train", "--out", "{tmp}/r", "train.lr"], ["section.key=value"]),
     (["serve", "{run}", "--port", "99999"], ["--port", "65535"]),
+    (["train", "--resume", "{run}", "--preset", "tutorial"], ["--preset"]),  # refused, not ignored
+    (["train", "--resume", "{run}", "--max-steps", "1"], ["trained", "--max-steps 1"]),  # not a shorter config
+    (["eval", "{run}", "--report", "{tmp}/report", "--json"], ["--report", "--json"]),
     (["serve", "{run}", "--threads", "-5"], ["--threads", "at least 1"]),
     (["serve", "{run}", "--max-waiting", "-1"], ["--max-waiting", "at least 0"]),
 ])
@@ -250,3 +253,15 @@ def test_a_stop_string_typed_with_backslash_escapes(cli_run, capsys):
     out = capsys.readouterr().out
     assert out == "Emma" + lm.generate("Emma", max_new_tokens=300, seed=seed, stop=["\n"]) + "\n"
     assert out.count("\n") == 1
+
+
+def test_a_run_still_training_says_so_instead_of_incomplete(cli_run, tmp_path, capsys):
+    import shutil
+
+    from lmforge import checkpoint
+
+    shutil.copytree(cli_run / "run", tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").unlink()  # as before the first evaluation
+    with checkpoint.RunLock(tmp_path / "run"):  # a training process holds the folder
+        one_line_error(capsys, main(["eval", str(tmp_path / "run")]), "still being trained")
+    one_line_error(capsys, main(["eval", str(tmp_path / "run")]), "is missing")

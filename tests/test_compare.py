@@ -152,3 +152,11 @@ def test_bench_refuses_numbers_it_cannot_use(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+def test_a_model_field_no_compared_family_has_is_refused(tmp_path, capsys):
+    code = main(["compare", "--arch", "transformer,lstm", "--max-steps", "1", "--out", str(tmp_path / "cmp"),
+                 "model.d_modle=64"])  # a typo that no family would take
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model.d_modle" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "cmp").exists()

@@ -68,6 +68,9 @@ def test_jsonl_documents_and_bad_lines(tmp_path):
     path.write_text('{"text": "one"}\n{"content": "two"}\n', encoding="utf-8")
     with pytest.raises(LmforgeError, match=r"data.jsonl:2: no string field 'text'.*--jsonl-field"):
         read_sources([str(path)])
+    path.write_text('{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"data.jsonl:1: field 'text' is a int, not a string"):
+        read_sources([str(path)])
 
 
 def test_bad_utf8_names_file_offset_and_fix(tmp_path):

@@ -233,6 +233,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if resume:
         if out is None:
             raise LmforgeError("resume needs the run folder: --resume RUN")
+        if preset is not None:
+            raise LmforgeError(f"--preset sets up a new run; {out} resumes as it was set up: drop --preset")
         cfg = resume_config(Path(out), config, overrides)
         tokenizer = load_tokenizer(out)
     else:

@@ -109,6 +109,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, checked against the checksum in its header."""
     path = Path(path)
     if not path.exists():
+        _not_yet(path)
         raise LmforgeError(f"{path} is missing; the run folder is incomplete (re-run training)")
     try:
         with safe_open(str(path), "pt") as f:
@@ -166,6 +167,7 @@ def check_manifest(folder: Path) -> None:
     for name, entry in (manifest.get("files") or {}).items():
         file = folder / name
         if not file.exists():
+            _not_yet(file)
             raise LmforgeError(f"{file} is missing; the run folder is incomplete (restore it or re-run training)")
         accepted = [entry] + list(entry.get("or") or []) if isinstance(entry, dict) else []
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
@@ -210,6 +212,33 @@ def remove_unstarted(out: Path, created: bool) -> None:
         (out / name).unlink(missing_ok=True)
     if created and not any(out.iterdir()):
         out.rmdir()
+
+
+def _not_yet(file: Path) -> None:
+    """A run folder's file is missing because the run is still training (it writes its weights at its first
+    evaluation): say so instead of calling the folder incomplete."""
+    holder = training_process(file.parent)
+    if holder is not None:
+        raise LmforgeError(f"{file.parent} is still being trained (lmforge process {holder}), which has not written "
+                           f"{file.name} yet; wait for its first evaluation, or for it to finish")
+
+
+def training_process(run_dir: Path) -> str | None:
+    """The process id of the lmforge process training into `run_dir` (holding its run.lock), or None."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        with open(Path(run_dir) / LOCK, "r") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return file.read().strip() or "another"
+            fcntl.flock(file, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
 
 
 class RunLock:

@@ -284,6 +284,10 @@ def cmd_eval(args) -> int:
     if args.report:
         from pathlib import Path
 
+        if args.adapt or args.json:
+            flag = "--adapt" if args.adapt else "--json"
+            raise LmforgeError(f"--report writes its own report.md and report.json; {flag} applies to the table "
+                               f"eval prints: drop it, or run eval without --report")
         from .evaluation.report import write_report
 
         write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed,

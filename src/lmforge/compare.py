@@ -46,6 +46,11 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
     base = base_config or RunConfig()
     tokenizers = tokenizers or [base.tokenizer.kind]
     check_request(archs, tokenizers, budget_s, max_steps, match)
+    # each model field goes to the families that have it (base_overrides): one that none has is a mistake
+    unused = [k for k in base.model.options if not any(k in config_class(a).__dataclass_fields__ for a in archs)]
+    if unused:
+        raise LmforgeError(f"model.{unused[0]} is a field of none of the families compared ({', '.join(archs)}); "
+                           f"check its spelling, or drop it")
     if prompt is None:
         prompt = base.train.sample_prompt
         if prompt == TrainConfig().sample_prompt and list(base.data.sources) != AUSTEN:

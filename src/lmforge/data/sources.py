@@ -116,6 +116,11 @@ def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
     """One document per non-blank line, from the string under `field`."""
     documents = []
     for number, record in json_lines(text, path):
+        if isinstance(record, dict) and field in record and not isinstance(record[field], str):
+            kind = {"int": "a number", "float": "a number", "bool": "true or false", "NoneType": "null",
+                    "list": "a list", "dict": "an object"}.get(type(record[field]).__name__, "not text")
+            raise LmforgeError(f"{path}:{number}: field {field!r} is {kind}, not a string; make it the text (or "
+                               f"name the field holding the text with --jsonl-field)")
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             has = f" (it has {', '.join(map(repr, record))})" if isinstance(record, dict) and record else ""
             hint = ("; for prompt -> completion pairs, fine-tune with --task completion"

@@ -135,6 +135,9 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         ckpt.save_config(run_dir, config, asdict(model.config),
                          extra=None if job.data_key is None else {"data_key": job.data_key})
         ckpt.write_manifest(run_dir, [ckpt.CONFIG, "tokenizer.json"])
+    if saved is not None and cfg.max_steps and state.step > cfg.max_steps:
+        raise LmforgeError(f"{run_dir} has trained {state.step} steps already, more than --max-steps "
+                           f"{cfg.max_steps}; give a larger budget to go on (it is unchanged)")
     if resume and dist.is_main():  # a longer budget, say: the next plain --resume continues to it
         ckpt.update_config(run_dir, config, asdict(model.config))
     # its checks fall on the same steps in a resumed run as in an uninterrupted one
@@ -350,7 +353,9 @@ def progress_bar(cfg, state: TrainerState):
 
     disable = not cfg.progress or not dist.is_main()
     if cfg.max_time:
-        return tqdm(total=round(cfg.max_time), initial=state.train_time, disable=disable, unit="s",
+        # a run resumed at its budget may be a fraction of a second past it: the bar starts full, not over
+        return tqdm(total=round(cfg.max_time), initial=min(state.train_time, round(cfg.max_time)), disable=disable,
+                    unit="s",
                     dynamic_ncols=True, file=sys.stderr,
                     bar_format="{l_bar}{bar}| {n:.0f}/{total}s [{elapsed}<{remaining}{postfix}]")
     return tqdm(total=cfg.max_steps, initial=state.step, disable=disable, unit="step", dynamic_ncols=True,

@@ -149,10 +149,12 @@ def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: b
     tokens_per_s, flops = probe_tokens_per_s(options, config.train, speedup=speedup)
     compute = flops * tokens_per_s * seconds
     size, table = choose(options, compute, len(prepared.train))
+    target, chosen = table["target_params"], table["params"][size["d_model"]]
+    smallest = ", under the smallest size" if target < min(table["params"].values()) else ""
     log(f"budget {seconds:.0f} s: this machine trains the d_model {DEFAULT_D_MODEL} model at {tokens_per_s:,.0f} "
         f"tokens/s, so the budget buys {compute:.2e} FLOPs on {len(prepared.train):,} training tokens; best size "
-        f"about {table['target_params'] / 1e6:.1f}M parameters -> d_model {size['d_model']}, {size['n_layers']} layers, "
-        f"{size['n_heads']} heads ({table['params'][size['d_model']] / 1e6:.2f}M)")
+        f"about {target / 1e6:.2f}M parameters{smallest} -> d_model {size['d_model']}, {size['n_layers']} layers, "
+        f"{size['n_heads']} heads ({chosen / 1e6:.2f}M)")
     raw = config.to_dict()
     raw["model"]["options"] = {**config.model.options, **size}
     raw["train"]["max_time"] = seconds
