@@ -69,7 +69,7 @@ def test_jsonl_documents_and_bad_lines(tmp_path):
     with pytest.raises(LmforgeError, match=r"data.jsonl:2: no string field 'text'.*--jsonl-field"):
         read_sources([str(path)])
     path.write_text('{"text": 5}\n', encoding="utf-8")
-    with pytest.raises(LmforgeError, match=r"data.jsonl:1: field 'text' is a int, not a string"):
+    with pytest.raises(LmforgeError, match=r"data.jsonl:1: field 'text' is a number, not a string"):
         read_sources([str(path)])
 
 
