@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -113,7 +114,7 @@ def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=pr
                                                                                           context_len, log)
         data_key = hashlib.sha256(Path(_one_jsonl(config)).read_bytes()).hexdigest()[:32]
     adapt(lm, ft)
-    weights = lambda state: weight_files(state, ft)  # noqa: E731
+    weights = partial(weight_files, ft=ft)
     if ft.task != "classify":
         return Job(lm, tokenizer, batches, weights=weights, data_key=data_key)
     model = Classifier(lm, len(ft.labels), tokenizer.eos_id, ft.pooling)
