@@ -102,7 +102,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
-def test_a_run_whose_text_changed_is_not_resumed_on_the_new_text(tiny_file, tmp_path):
+def test_a_run_whose_text_changed_is_not_resumed_on_the_new_text(tiny_file, tmp_path, capsys):
     text = tmp_path / "book.txt"
     text.write_text(tiny_file.read_text())
     config = tiny_config(text, tmp_path / "cache", steps=24)
@@ -115,6 +115,10 @@ def test_a_run_whose_text_changed_is_not_resumed_on_the_new_text(tiny_file, tmp_
     text.write_text(tiny_file.read_text().replace("e", "E"))  # edited in between
     with pytest.raises(LmforgeError, match="has changed since"):
         lmforge.train(None, out=tmp_path / "run", resume=True, log=quiet, final_eval=False)
+    from lmforge.cli import main
+
+    assert main(["eval", str(tmp_path / "run")]) == 0  # scored, and said to be on other text
+    assert "has changed since this run trained" in capsys.readouterr().err
     text.write_text(tiny_file.read_text())  # restored: the run goes on
     _, result = lmforge.train(None, out=tmp_path / "run", resume=True, log=quiet, final_eval=False)
     assert result.steps == 24

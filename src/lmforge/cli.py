@@ -259,6 +259,19 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _note_changed_text(lm) -> None:
+    """Say so when the run's sources no longer hold the text it trained on (config.json's digest)."""
+    from .data import prepare_data
+    from .training import distributed as dist
+
+    started_on = lm.config.get("data_key")
+    if started_on is None or not dist.is_main():
+        return
+    if prepare_data(lm.run_config(), lm.tokenizer).text_digest != started_on:
+        print(f"note: the text of {', '.join(lm.config['data']['sources'])} has changed since this run trained on it; "
+              f"these figures are on the text as it is now", file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     from . import api
     from .device import resolve_device
@@ -303,6 +316,7 @@ def cmd_eval(args) -> int:
         result = evaluate_documents(lm.model, lm.tokenizer, [(d.name, d.text) for d in documents], device=lm.device)
     else:
         result = lm.evaluate()
+        _note_changed_text(lm)
     if args.adapt:
         result = adapt_figures(lm, args, result)
     if not dist.is_main():
