@@ -34,6 +34,7 @@ AVERAGE = "average.safetensors"  # a resume point's weight average (train.ema)
 CHECKPOINTS = "checkpoints"  # resume points: checkpoints/step-00000500/
 LEGACY_RESUME = "last"  # the single resume point of runs from before checkpoints/
 LOCK = "run.lock"  # held while a process trains into the folder
+LEFTOVERS = (LOCK, "tokenizer.json", ".lmforge-write-test")  # what a start leaves before config.json
 CHECKSUM = "lmforge.sha256"  # safetensors metadata key: SHA-256 of the tensors
 
 
@@ -188,8 +189,7 @@ def open_run_dir(out: Path, resume: bool) -> Path:
     if (out / CONFIG).exists():
         raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     # what a start killed before config.json was written leaves behind is not "a run": start again over it
-    leftovers = {LOCK, "tokenizer.json", ".lmforge-write-test"}
-    if out.exists() and (not out.is_dir() or any(p.name not in leftovers and not p.name.endswith(".tmp")
+    if out.exists() and (not out.is_dir() or any(p.name not in LEFTOVERS and not p.name.endswith(".tmp")
                                                   for p in out.iterdir())):
         raise LmforgeError(f"{out} exists and is not an empty folder; choose another --out (nothing was written)")
     try:
@@ -208,7 +208,7 @@ def remove_unstarted(out: Path, created: bool) -> None:
     out = Path(out)
     if not out.is_dir() or (out / CONFIG).exists():
         return
-    for name in (LOCK, "tokenizer.json"):
+    for name in LEFTOVERS:
         (out / name).unlink(missing_ok=True)
     if created and not any(out.iterdir()):
         out.rmdir()

@@ -159,7 +159,7 @@ def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: b
     raw["model"]["options"] = {**config.model.options, **size}
     raw["train"]["max_time"] = seconds
     # A model's step costs about its parameter count: the chosen size reads this many passes in the budget
-    passes = tokens_per_s * seconds * table["params"][DEFAULT_D_MODEL] / table["params"][size["d_model"]] \
+    passes = tokens_per_s * seconds * table["params"][DEFAULT_D_MODEL] / chosen \
         / max(1, len(prepared.train))
     _regularise(passes, config, raw, decay_given, log)
     return RunConfig.from_dict(raw)
