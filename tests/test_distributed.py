@@ -122,3 +122,14 @@ def test_a_time_limited_run_under_torchrun_evaluates_and_ends_together(setup, tm
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "val_loss" in line]
     assert len(evals) >= 10  # a time budget evaluates every tenth of it, and once at the end
+
+
+def test_bad_text_under_torchrun_stops_every_process_with_its_message(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"binary\x00\xff\xfe data")
+    child = torchrun("train", "--data", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "run"), *SETTINGS,
+                     f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}")
+    _, err = child.communicate(timeout=180)
+    assert child.returncode != 0
+    assert "is not valid utf-8; pass the file's encoding" in err
+    assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err  # no process hangs or dumps
+    assert not (tmp_path / "run").exists()

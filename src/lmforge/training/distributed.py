@@ -120,12 +120,17 @@ def barrier() -> None:
 def main_first(fn):
     """fn() on process 0 first, then on the others once it has finished, and its result: for work that
     fills a cache (the prepared data) which the others then read instead of repeating the work at once.
-    Every process must call it."""
-    result = None
+    Every process must call it. If it fails with a user error on one process, every process stops with
+    that error (the others with a line pointing to it) instead of waiting for one that has gone."""
+    result, error = None, None
     for turn in (True, False):
         if is_main() == turn:
-            result = fn()
-        barrier()
+            try:
+                result = fn()
+            except LmforgeError as e:
+                error = e
+        if any_true(error is not None):
+            raise error or LmforgeError("another process stopped the run (its message says why)")
     return result
 
 
