@@ -133,3 +133,11 @@ def test_bad_text_under_torchrun_stops_every_process_with_its_message(tmp_path):
     assert "is not valid utf-8; pass the file's encoding" in err
     assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err  # no process hangs or dumps
     assert not (tmp_path / "run").exists()
+
+
+def test_a_finetune_under_torchrun_reports_once(setup, tmp_path):
+    folder, _ = setup
+    out = finish(torchrun("finetune", str(folder / "single"), "--data", str(folder / "tiny.txt"), "--mode", "lora",
+                          "--max-steps", "4", "--out", str(tmp_path / "tuned"), "--no-progress",
+                          "--set", "train.threads=1", "--set", f"data.cache_dir={json.dumps(str(folder / 'cache'))}"))
+    assert out.count("run: ") == 1 and out.count("val_bits_per_byte: ") == 1

@@ -352,3 +352,20 @@ def test_a_base_whose_tokenizer_was_swapped_is_refused_before_training(base, tmp
                  "--out", str(tmp_path / "out"), "--set", "train.threads=1"])
     one_line_error(capsys, code, "tokenizer.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_classification_whose_training_rows_hold_one_label_is_refused(base):
+    rows = [{"text": f"Emma handsome {i}", "label": "pos", "split": "train"} for i in range(40)]
+    rows += [{"text": f"rich world {i}", "label": "neg", "split": "val"} for i in range(10)]
+    (base / "onelabel.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(LmforgeError, match="training rows of .* hold only 'pos'; classification learns from at least"):
+        tune(base, "onelabel", task="classify", data=[str(base / "onelabel.jsonl")])
+    assert not (base / "onelabel").exists()
+
+
+def test_a_finetune_is_continued_with_finetune_resume(base):
+    from lmforge.checkpoint import resume_command
+
+    run, _ = tune(base, "hint", max_steps=2)
+    assert resume_command(run) == f"lmforge finetune --resume {run}"
+    assert resume_command(base / "base") == f"lmforge train --resume {base / 'base'}"

@@ -218,6 +218,39 @@ def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char
     assert again.finish_reason == "length" and len(again.new_ids) == 5
 
 
+def test_in_the_server_a_request_that_fails_to_start_ends_alone(char, monkeypatch):
+    model = make("transformer", char.vocab_size)
+    decoder = Decoder(model)
+    engine = Engine(decoder, char, max_batch=4)
+    engine.contain_errors = True  # as the server's worker sets it
+    running = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=8, temperature=0))
+    engine.step()
+    prefill = decoder.prefill
+
+    def failing(ids):
+        raise IndexError("index 128 is out of bounds")
+
+    monkeypatch.setattr(decoder, "prefill", failing)
+    bad = engine.submit(char.encode("Harriet"), SamplingConfig(max_new_tokens=8, temperature=0))
+    engine.step()
+    monkeypatch.setattr(decoder, "prefill", prefill)
+    engine.run()
+    assert bad.finish_reason == "error" and "IndexError" in bad.error
+    assert running.finish_reason == "length" and len(running.new_ids) == 8
+
+
+@pytest.mark.parametrize("weights", ["fp32", "fast"])
+def test_a_prompt_as_long_as_the_context_is_continued(char, weights):
+    model = make("transformer", char.vocab_size)
+    decoder = Decoder(model, "fp16" if weights == "fast" else "fp32")
+    limit = decoder.max_context
+    prompt = (char.encode("Emma Woodhouse, handsome, clever, and rich, ") * limit)[:limit]
+    engine = Engine(decoder, char, max_batch=2)
+    requests = [engine.submit(prompt[:n], SamplingConfig(max_new_tokens=5, temperature=0)) for n in (limit, limit - 1)]
+    engine.run()
+    assert [len(r.new_ids) for r in requests] == [5, 5]
+
+
 def test_cancelled_requests_leave_the_batch_and_others_continue(char):
     model = make("transformer", char.vocab_size)
     engine = Engine(Decoder(model), char, max_batch=2)

@@ -129,6 +129,9 @@ def test_concurrent_requests_are_decoded_together_and_each_matches_its_solo_answ
     ({"prompt": "Emma", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": {"not": "text"}}, 400, "prompt"),
     ({}, 400, "required"),
+    ({"prompt": "Emma", "max_tokens": "5"}, 400, "max_tokens"),  # OpenAI's types, not guesses at them
+    ({"prompt": "Emma", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "Emma", "stream": "yes"}, 400, "stream"),
 ])
 def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(served, body, status, needle):
     _, server = served
@@ -258,3 +261,13 @@ def test_a_request_that_names_no_length_gets_at_most_the_servers_limit(served_ru
         assert asked.status_code == 400 and "at most 20" in asked.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_a_prompt_filling_the_context_is_continued_and_null_max_tokens_means_16(served):
+    lm, server = served
+    prompt = ("Emma Woodhouse, handsome, clever, and rich " * 4)[:lm.decoder.max_context]
+    assert len(lm.prompt_ids(prompt)) == lm.decoder.max_context
+    body = {"model": "austen", "prompt": prompt, "max_tokens": None, "ignore_eos": True, "temperature": 0}
+    answer = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 16  # OpenAI's default for completions

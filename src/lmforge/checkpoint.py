@@ -332,6 +332,15 @@ def update_config(run_dir: Path, config: RunConfig, model_fields: dict) -> bool:
     return True
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: a fine-tune resumes with `lmforge finetune`."""
+    try:
+        finetune = bool(read_json(Path(run_dir) / CONFIG, "run config").get("finetune"))
+    except LmforgeError:
+        finetune = False
+    return f"lmforge {'finetune' if finetune else 'train'} --resume {run_dir}"
+
+
 def read_config(run_dir: Path) -> dict:
     """A run's config.json, checked: the format this lmforge reads, and every section well formed."""
     run_dir = Path(run_dir)
@@ -456,7 +465,7 @@ def save_resume(run_dir: Path, weights: dict, optimizer_states: list[dict], trai
         kept = f"the resume point {previous[0].name} is intact" if previous else "no earlier resume point exists"
         reason = exc if isinstance(exc, LmforgeError) else write_error(final, exc)
         raise LmforgeError(f"{reason} (while saving the resume point at step {trainer_state['step']}); {kept}; "
-                           f"free some space, then continue with lmforge train --resume {run_dir}") from None
+                           f"free some space, then continue with {resume_command(run_dir)}") from None
     for old in resume_points(run_dir)[max(1, keep):]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -93,7 +93,9 @@ def cmd_finetune(args) -> int:
 
     from . import api
     from .config import parse_duration
+    from .training import distributed as dist
 
+    settings = (args.set or []) + (["train.progress=false"] if args.no_progress else [])
     if args.resume:
         setup = [flag for flag, value in (("BASE", args.base), ("--data", args.data), ("--out", args.out),
                                           ("--mode", args.mode), ("--task", args.task), ("--lr", args.lr),
@@ -113,7 +115,7 @@ def cmd_finetune(args) -> int:
         if not checkpoint.read_config(Path(args.resume)).get("finetune"):
             raise LmforgeError(f"{args.resume} is not a fine-tune; continue its training with `lmforge train --resume "
                                f"{args.resume}`, or fine-tune it with `lmforge finetune {args.resume} --data ...`")
-        lm, result = api.train(None, args.resume, resume=True, overrides=(args.set or []) + _flag_overrides(args, {
+        lm, result = api.train(None, args.resume, resume=True, overrides=settings + _flag_overrides(args, {
             "max_steps": "train.max_steps"}) + ([f"train.max_time={parse_duration(args.max_time)}"]
                                                if args.max_time else
                                                ["train.max_time=0"] if args.max_steps is not None else []))
@@ -129,12 +131,14 @@ def cmd_finetune(args) -> int:
         lm, result = api.finetune(
             args.base, args.data, args.out, task=args.task or "lm", mode=args.mode or "full", lr=args.lr,
             max_time=parse_duration(args.max_time), max_steps=args.max_steps,
-            overrides=(args.set or []) + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors",
-                                                            "jsonl_field": "data.jsonl_field"}),
+            overrides=settings + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors",
+                                                     "jsonl_field": "data.jsonl_field"}),
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
             from_scratch=args.from_scratch or None,
             lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
+    if not dist.is_main():  # under torchrun, process 0 reports
+        return 130 if result.interrupted else 0
     print(f"run: {result.run_dir}  {result.steps} steps, {result.extra['trainable_params']:,} trainable parameters")
     for key in ("val_bits_per_byte", "completion_bits_per_byte", "accuracy", "macro_f1"):
         if key in result.extra:
@@ -173,10 +177,11 @@ def cmd_generate(args) -> int:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
     length, limit = len(lm.prompt_ids(args.prompt)), lm.decoder.max_context
-    if limit is not None and length > limit:
+    if limit is not None and length >= limit:  # a full context leaves no position for the first new token
         from .generation.engine import refill_length
 
-        print(f"note: the prompt is {length} tokens, more than the model's context of {limit}; it is continued "
+        amount = "more than" if length > limit else "all of"
+        print(f"note: the prompt is {length} tokens, {amount} the model's context of {limit}; it is continued "
               f"from its last {refill_length(limit)} tokens", file=sys.stderr)
     if args.compile:
         _compile_decoding(lm)
@@ -608,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", help="text encoding of the new data (default: the base run's, utf-8)")
     p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
     p.add_argument("--set", action="append", metavar="train.KEY=VALUE", help="other train/data options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a seed phrase with a trained model")

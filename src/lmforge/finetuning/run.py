@@ -213,6 +213,15 @@ def classification_data(config: RunConfig, tokenizer, context_len: int, log):
                            "restore the file, or start a new fine-tuning run")
     index = {label: i for i, label in enumerate(labels)}
     split = {"train": [r for r in rows if r["split"] == "train"], "val": _validation_rows(rows, path, "examples")}
+    trained = {r["label"] for r in split["train"]}
+    if len(trained) < 2:
+        held = f"only {', '.join(map(repr, sorted(trained)))}" if trained else "no rows"
+        raise LmforgeError(f"the training rows of {path} hold {held}; classification learns from at least two "
+                           f"labels: give rows of each label \"split\": \"train\" (rows without a split are assigned "
+                           f"train/val/test 80/10/10 by a hash of their text)")
+    if trained != set(labels):
+        log(f"note: no training row has the label(s) {', '.join(repr(x) for x in labels if x not in trained)}; "
+            f"the classifier cannot learn to predict them")
     examples = {s: [(tokenizer.encode(r["text"])[:context_len], index[r["label"]]) for r in split[s]]
                 for s in ("train", "val")}
     unknown = Counter()

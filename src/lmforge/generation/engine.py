@@ -82,6 +82,9 @@ class Engine:
         self.running: list[_Row] = []
         self.joining: list[_Row] = []  # rows being prefilled at this step, until they join the batch
         self.state = None
+        # The server sets this: a request whose prompt fails to start ends with an error of its own
+        # instead of raising (which ends every running request); elsewhere errors propagate.
+        self.contain_errors = False
 
     @property
     def idle(self) -> bool:
@@ -101,13 +104,16 @@ class Engine:
 
     def fail(self, message: str) -> None:
         """End every request with `message` as its error (the decoder raised); the engine stays usable."""
-        for request in [r.request for r in self.running + self.joining] + list(self.waiting):
+        self._fail([r.request for r in self.running + self.joining] + list(self.waiting), message)
+        self.running, self.joining, self.waiting, self.state = [], [], deque(), None
+
+    def _fail(self, requests: list[Request], message: str) -> None:
+        for request in requests:
             if request.finished:  # a row whose prefill ended it before another's failed
                 continue
             request.error = message
             request.finish_reason = "error"
             self._emit(request, "")
-        self.running, self.joining, self.waiting, self.state = [], [], deque(), None
 
     def step(self) -> None:
         self._retire()
@@ -117,8 +123,14 @@ class Engine:
             if request.cancelled:
                 request.finish_reason = "cancelled"
                 self._emit(request, "")
-            else:
+            elif not self.contain_errors:
                 joining += self._start(request)
+            else:  # a request whose start fails ends alone: the running rows are not touched yet
+                try:
+                    joining += self._start(request)
+                except Exception as exc:
+                    self.joining = [row for row in self.joining if row.request is not request]
+                    self._fail([request], f"generation failed ({type(exc).__name__}: {exc})")
         limit = self.decoder.max_context
         for row in [r for r in self.running if limit is not None and r.length >= limit]:
             self._remove([row])  # its cache is full: re-feed the recent past, then it rejoins at the end
@@ -157,7 +169,7 @@ class Engine:
             generator = torch.Generator(device=self.decoder.device).manual_seed(cfg.seed)
         ids = request.prompt_ids or ([self.eos_id] if self.eos_id is not None else [0])
         limit = self.decoder.max_context
-        if limit is not None and len(ids) > limit:
+        if limit is not None and len(ids) >= limit:  # a full cache leaves no position for the next token
             ids = ids[-refill_length(limit):]
         healed = heal(self.tokenizer, ids, request.tail) if cfg.token_healing else None
         allowed, known = None, ""  # known: the text of the prompt's last token, which the first new one repeats

@@ -30,7 +30,9 @@ def _whole_characters(texts) -> None:
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a client that sends "5" or true for max_tokens, or "yes" for stream, learns of its bug (as
+    # from OpenAI) instead of having it guessed at; an integer is still a valid float
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -68,7 +70,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]] = ""
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions (also when sent as null)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -81,6 +83,8 @@ class CompletionRequest(Sampling):
 
     @model_validator(mode="after")
     def _completion_only(self):
+        if self.max_tokens is None:
+            self.max_tokens = 16
         if self.suffix:
             raise ValueError("suffix is not supported by this server; leave it out")
         if self.best_of not in (None, 1, self.n):
@@ -89,7 +93,7 @@ class CompletionRequest(Sampling):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal[ROLES]  # the roles the Python API understands
     content: Union[str, list[dict], None] = ""

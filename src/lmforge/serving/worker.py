@@ -19,6 +19,7 @@ class Busy(Exception):
 class Worker:
     def __init__(self, lm, max_batch: int = 32, max_waiting: int = 64):
         self.engine = lm.engine(max_batch)
+        self.engine.contain_errors = True
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()

@@ -205,7 +205,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
-        log(f"\ninterrupted at step {state.step}; continue with: lmforge train --resume {run_dir}")
+        log(f"\ninterrupted at step {state.step}; continue with: {ckpt.resume_command(run_dir)}")
     finally:
         bar.close()
         tuner.settle()
