@@ -265,3 +265,15 @@ def test_a_run_still_training_says_so_instead_of_incomplete(cli_run, tmp_path, c
     with checkpoint.RunLock(tmp_path / "run"):  # a training process holds the folder
         one_line_error(capsys, main(["eval", str(tmp_path / "run")]), "still being trained")
     one_line_error(capsys, main(["eval", str(tmp_path / "run")]), "is missing")
+
+
+def test_train_reads_jsonl_from_the_field_its_error_names(tmp_path, tiny_file, capsys):
+    from conftest import TINY_TEXT
+
+    rows = [{"id": i, "body": para} for i, para in enumerate(TINY_TEXT.split("\n\n")) if para.strip()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["train", "--data", str(tmp_path / "docs.jsonl"), "--tokenizer", "char", "--max-steps", "2", "--no-progress",
+            f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY]
+    one_line_error(capsys, main(args + ["--out", str(tmp_path / "a")]), "no string field 'text'", "--jsonl-field")
+    assert main(args + ["--out", str(tmp_path / "b"), "--jsonl-field", "body"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["data"]["jsonl_field"] == "body"

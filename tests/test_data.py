@@ -194,6 +194,14 @@ def test_epoch_batches_read_every_window_once_per_pass():
     assert torch.equal(torch.cat(halves), get_epoch_batch(tokens, 8, 16, seed=1, step=3)[0])
 
 
+def test_a_split_under_two_windows_long_still_gives_whole_windows():
+    for n in range(17, 40):  # one window of 17 tokens fits, a second does not
+        tokens = np.arange(n, dtype=np.uint16)
+        for step in range(20):
+            x, y = get_epoch_batch(tokens, 4, 16, seed=1337, step=step)
+            assert int(y.max()) < n and torch.equal(y[:, :-1], x[:, 1:])
+
+
 def test_get_batch_too_short():
     with pytest.raises(LmforgeError, match="has 16 tokens, fewer than context_len \\+ 1 = 17"):
         get_batch(np.arange(16, dtype=np.uint16), 2, 16, seed=0, step=0)

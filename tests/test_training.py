@@ -102,6 +102,23 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_fil
     assert rows("resumed") == rows("straight")
 
 
+def test_the_budget_the_user_names_is_the_one_that_binds(tiny_file, tmp_path):
+    from lmforge.config import build_config
+
+    assert build_config(None, None, ["train.max_steps=3"]).train.max_time is None  # steps alone: no time limit
+    assert build_config(None, "tutorial", ["train.max_steps=3"]).train.max_time == 300  # the preset's stays
+    assert build_config({"train": {"max_time": 60}}, None, ["train.max_steps=3"]).train.max_time == 60
+    config = tiny_config(tiny_file, tmp_path / "cache", steps=4)
+    del config["train"]["max_time"]
+    budget = lmforge.train(config, out=tmp_path / "run", log=quiet, final_eval=False)[1].train_time + 0.5
+    # continued with a time budget, the run's old step budget no longer stops it
+    _, result = lmforge.train(None, out=tmp_path / "run", resume=True, overrides=[f"train.max_time={budget}"],
+                              log=quiet, final_eval=False)
+    assert result.steps > 4
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["max_steps"] is None and saved["max_time"] == budget
+
+
 def test_a_run_whose_text_changed_is_not_resumed_on_the_new_text(tiny_file, tmp_path, capsys):
     text = tmp_path / "book.txt"
     text.write_text(tiny_file.read_text())

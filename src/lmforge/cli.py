@@ -44,9 +44,7 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + _flag_overrides(args, {
         "max_steps": "train.max_steps", "max_time": "train.max_time", "seed": "train.seed", "arch": "model.arch",
         "tokenizer": "tokenizer.kind", "device": "train.device", "data": "data.sources",
-        "encoding": "data.encoding", "errors": "data.errors"})
-    if args.max_steps is not None and args.max_time is None:
-        overrides.append("train.max_time=0")  # a step budget alone means no time limit
+        "encoding": "data.encoding", "errors": "data.errors", "jsonl_field": "data.jsonl_field"})
     if args.no_progress:
         overrides.append("train.progress=false")
     lm, result = api.train(args.config, args.resume or args.out, preset=args.preset, overrides=overrides,
@@ -117,8 +115,7 @@ def cmd_finetune(args) -> int:
                                f"{args.resume}`, or fine-tune it with `lmforge finetune {args.resume} --data ...`")
         lm, result = api.train(None, args.resume, resume=True, overrides=settings + _flag_overrides(args, {
             "max_steps": "train.max_steps"}) + ([f"train.max_time={parse_duration(args.max_time)}"]
-                                               if args.max_time else
-                                               ["train.max_time=0"] if args.max_steps is not None else []))
+                                               if args.max_time else []))
     else:
         if not args.base or not args.data:
             raise LmforgeError("finetune needs a base run and --data (or --resume RUN to continue one)")
@@ -551,6 +548,7 @@ def _data_flags(p, sources_help: str) -> None:
     p.add_argument("--data", nargs="+", help=sources_help)
     p.add_argument("--encoding", help="text encoding of the sources (default utf-8)")
     p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
+    p.add_argument("--jsonl-field", help=".jsonl sources: the field holding each document (default text)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,7 @@ FAMILY_EMBEDDING_LR_SCALE = {"transformer": 3.0}
 # families were not measured and keep 20.
 FAMILY_WARMUP_STEPS = {"transformer": 100}
 DEFAULT_WARMUP_STEPS = 20
+MAX_THREADS = 1024  # far more threads than cores only slow a run; OpenMP fails to start tens of thousands
 
 
 def default_lr(arch: str) -> float:
@@ -185,7 +186,9 @@ class TrainConfig:
             (self.on_nonfinite in ("skip", "stop"), f"train.on_nonfinite must be skip or stop, got {self.on_nonfinite!r}"),
             (self.dtype != "float16", "train.dtype=float16 needs loss scaling, which lmforge does not do; use bfloat16 "
                                       "(recent GPUs, CPUs with AVX512-BF16 or AMX), float32, or auto"),
-            (self.threads is None or self.threads >= 1, "train.threads must be at least 1"),
+            (self.threads is None or 1 <= self.threads <= MAX_THREADS,
+             f"train.threads must be 1 to {MAX_THREADS} (leave it out to let lmforge choose)"),
+            (0 <= self.seed < 2 ** 63, f"train.seed must be 0 to 2^63 - 1, got {self.seed}"),
             (self.sample_tokens >= 0, "train.sample_tokens must be 0 or more"),
             (self.grad_clip >= 0 and (self.weight_decay is None or self.weight_decay >= 0),
              "train.grad_clip and train.weight_decay must be >= 0"),
@@ -423,6 +426,9 @@ def build_config(config: str | Path | dict | RunConfig | None = None, preset: st
         raw = load_toml(path)
     merge(raw, as_raw(config))
     merge(raw, parse_overrides(overrides or []))
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("max_steps") is not None and "max_time" not in train:
+        train["max_time"] = None  # a step budget, and no time budget set anywhere: the steps alone bind
     return RunConfig.from_dict(raw)
 
 

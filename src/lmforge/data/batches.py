@@ -72,11 +72,13 @@ def windows_per_pass(n: int, context_len: int) -> int:
 
 def epoch_windows(n: int, context_len: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s window starts over a split of n tokens: non-overlapping windows of
-    context_len + 1 tokens from a random offset (0 .. context_len - 1), in a random order, both drawn
+    context_len + 1 tokens from a random offset (below context_len, and within the split), in a random order, both drawn
     from (seed, epoch) alone. Every epoch holds windows_per_pass(n, context_len) of them."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x65706F63]))
-    offset = int(rng.integers(0, context_len))
-    return offset + context_len * rng.permutation(windows_per_pass(n, context_len))
+    count = windows_per_pass(n, context_len)
+    # below context_len, and below n - context_len when a split under two windows holds just the one
+    offset = int(rng.integers(0, min(context_len, n - context_len * count)))
+    return offset + context_len * rng.permutation(count)
 
 
 def get_epoch_batch(tokens, batch_size: int, context_len: int, *, seed: int, step: int, rank: int = 0, world: int = 1):
