@@ -148,6 +148,10 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["eval", "{run}", "--report", "{tmp}/report", "--json"], ["--report", "--json"]),
     (["serve", "{run}", "--threads", "-5"], ["--threads", "at least 1"]),
     (["serve", "{run}", "--max-waiting", "-1"], ["--max-waiting", "at least 0"]),
+    (["bench", "serve", "--clients", "a,b"], ["--clients", "whole numbers"]),
+    (["bench", "serve", "--duration", "0"], ["--duration", "positive"]),
+    (["train", "--out", "{tmp}/r", "--seed", "-3", "--max-steps", "1"], ["train.seed", "-3"]),
+    (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.threads=100000"], ["train.threads", "1024"]),
 ])
 def test_bad_input_gets_one_clear_line(cli_run, tmp_path, capsys, args, needles):
     args = [a.format(run=cli_run / "run", tmp=tmp_path) for a in args]

@@ -195,3 +195,14 @@ def test_a_long_cpu_run_compiles_its_step_where_that_measured_worth_its_cost(mon
 
     monkeypatch.setattr(distributed, "launched", lambda: True)
     assert decided("train.max_time=600") is None and not asked  # torchrun's processes would time it side by side
+
+
+def test_a_damaged_probe_cache_is_measured_again(tmp_path):
+    from lmforge.probe import _cached, machine
+
+    facts = machine()
+    for text in ("[]", '"text"', '{"machine": 3}', json.dumps({"machine": facts, "choices": [1]}), "{trunc"):
+        (tmp_path / "probe.json").write_text(text)
+        assert _cached(tmp_path / "probe.json", facts, "choices") is None  # not a crash: the probe runs again
+    (tmp_path / "probe.json").write_text(json.dumps({"machine": facts, "choices": {"dtype": "float32"}}))
+    assert _cached(tmp_path / "probe.json", facts, "choices") == {"dtype": "float32"}

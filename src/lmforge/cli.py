@@ -444,23 +444,34 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _counts(text: str | None, flag: str, example: str) -> tuple[int, ...] | None:
+    """A comma-separated list of whole numbers >= 1 (batch sizes, client counts), or None if not given."""
+    if not text:
+        return None
+    try:
+        counts = tuple(int(c) for c in _names(text))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise LmforgeError(f"{flag} {text!r} must be whole numbers >= 1, e.g. {example}")
+    return counts
+
+
 def cmd_bench(args) -> int:
     from . import bench
     from .config import parse_duration, parse_overrides
 
     for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1),
                                ("--new-tokens", args.new_tokens, 1), ("--batch-size", args.batch_size, 1),
-                               ("--threads", args.threads, 1), ("--vocab-size", args.vocab_size, 2)):
+                               ("--threads", args.threads, 1), ("--vocab-size", args.vocab_size, 2),
+                               ("--max-tokens", getattr(args, "max_tokens", None), 1)):
         if value is not None and value < least:
             raise LmforgeError(f"{flag} must be at least {least}, got {value}")
-    batch_sizes = None
-    if args.batch_sizes:
-        try:
-            batch_sizes = tuple(int(b) for b in _names(args.batch_sizes))
-        except ValueError:
-            batch_sizes = ()
-        if not batch_sizes or min(batch_sizes) < 1:
-            raise LmforgeError(f"--batch-sizes {args.batch_sizes!r} must be whole numbers >= 1, e.g. 1,8")
+    batch_sizes = _counts(args.batch_sizes, "--batch-sizes", "1,8")
+    clients, duration = _counts(getattr(args, "clients", None), "--clients", "1,8,32"), getattr(args, "duration", None)
+    duration = parse_duration(duration) if duration else None
+    if duration is not None and duration <= 0:
+        raise LmforgeError(f"--duration must be positive, got {args.duration!r}")
     # every option given goes to the benchmark, which refuses the ones it does not take
     options = {"archs": _names(args.arch) if args.arch else None, "batch_size": args.batch_size,
                "steps": args.steps, "warmup": args.warmup, "device": args.device, "threads": args.threads,
@@ -472,8 +483,7 @@ def cmd_bench(args) -> int:
     elif args.overrides:  # train and generate take model fields only
         options["model_fields"] = parse_overrides(args.overrides, sections=("model",)).get("model", {})
     if args.benchmark == "serve":
-        options.update(run=args.run, clients=tuple(int(c) for c in _names(args.clients)) if args.clients else None,
-                       duration=parse_duration(args.duration) if args.duration else None, max_tokens=args.max_tokens)
+        options.update(run=args.run, clients=clients, duration=duration, max_tokens=args.max_tokens)
     print(json.dumps(bench.run(args.benchmark, **{k: v for k, v in options.items() if v is not None}), indent=2))
     return 0
 

@@ -81,9 +81,10 @@ def _cached(path, facts: dict, key: str):
     """What `path` holds under `key`, if it was measured on a machine with these `facts`; else None."""
     try:
         cached = json.loads(path.read_text())
-        return cached[key] if cached.get("machine") == facts else None
-    except (OSError, ValueError, KeyError):
+        found = cached[key] if cached.get("machine") == facts else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):  # missing, damaged, or not an object
         return None
+    return found if isinstance(found, dict) else None
 
 
 def _store(path, facts: dict, key: str, result):
