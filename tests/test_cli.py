@@ -170,6 +170,9 @@ def test_bad_corpora_get_one_clear_line(tmp_path, capsys):
     assert "encoding" in line
     assert main(base + ["--data", str(tmp_path / "latin.txt"), "--encoding", "latin-1"]) == 2  # decodes; too short
     assert "context_len" in capsys.readouterr().err
+    (tmp_path / "long.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    one_line_error(capsys, main(base + ["--data", str(tmp_path / "long.txt"), "data.val_fraction=0.0002"]),
+                   "validation split has 1 token(s)", "data.val_fraction")
     assert not (tmp_path / "r" / "config.json").exists()
 
 

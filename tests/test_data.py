@@ -42,6 +42,15 @@ def test_files_folders_globs_and_crlf(tmp_path):
     assert [d.text for d in read_sources([str(tmp_path / "**" / "*.txt")])] == ["first", "second\nfile\n"]
     with pytest.raises(LmforgeError, match="matches no files"):
         read_sources([str(tmp_path / "*.csv")])
+    # what Windows editors write: a byte-order mark, and CRLF also inside JSON strings
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello\r\nthere")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one\\r\\ntwo"}\r\n{"text": "three"}\r\n')
+    assert [d.text for d in read_sources([str(tmp_path / "bom.txt"), str(tmp_path / "bom.jsonl")])] == \
+        ["hello\nthere", "one\ntwo", "three"]
+    from lmforge.data.examples import read_jsonl
+
+    (tmp_path / "pairs.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b", "split": "train"}\n')
+    assert read_jsonl(tmp_path / "pairs.jsonl", ("prompt", "completion"))[0]["completion"] == "b"
 
 
 def test_a_file_named_twice_is_read_once_and_paths_read_as_a_user_types_them(tmp_path, monkeypatch, gutenberg_dir):

@@ -73,6 +73,13 @@ def test_word_options(tiny_text):
     assert lower.decode(lower.encode("EMMA Woodhouse")) == "emma woodhouse"
     no_stop = train_tokenizer("word", [tiny_text], remove_stopwords=True, min_freq=1)
     assert "the " not in no_stop.token_strings() and "Emma " in no_stop.token_strings()
+    # the words it leaves out cost nothing: its bits per byte is said to be a lower bound, and why
+    from lmforge.evaluation.likelihood import evaluate_text, lower_bound_reason
+    from lmforge.models import build_model
+
+    model = build_model("lstm", vocab_size=no_stop.vocab_size, d_model=16, d_hidden=16, n_layers=1)
+    summary = evaluate_text(model, no_stop, tiny_text).summary()
+    assert summary["bits_per_byte_is_lower_bound"] and "removes stop words" in lower_bound_reason(summary)
     small = train_tokenizer("word", [tiny_text], max_vocab=10, min_freq=1)
     assert small.vocab_size == 10
     rare = train_tokenizer("word", [tiny_text + " Zanzibar"], min_freq=2)

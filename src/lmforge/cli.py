@@ -62,8 +62,9 @@ def cmd_train(args) -> int:
         print(f"validation: {val['bits_per_byte']:.3f} bits per byte, perplexity {val['perplexity']:.2f}, "
               f"accuracy {val['accuracy']:.1%}")
         if val["bits_per_byte_is_lower_bound"]:
-            print(f"  (a lower bound: {val['unknown_rate']:.2%} of validation tokens are <unk>, whose spelling "
-                  f"costs nothing here)")
+            from .evaluation.likelihood import lower_bound_reason
+
+            print(f"  (a lower bound: {lower_bound_reason(val)})")
     prompt = args.prompt if args.prompt is not None else lm.config["train"]["sample_prompt"]
     tokens = lm.config["train"]["sample_tokens"]
     if lm.config.get("finetune") or not tokens:
@@ -340,7 +341,9 @@ def cmd_eval(args) -> int:
     if "ppmd8_bits_per_byte" in result:
         print(f"PPMd order 8, after the run's training text: {result['ppmd8_bits_per_byte']:.4f} bits per byte")
     if result.get("bits_per_byte_is_lower_bound"):
-        print(f"(a lower bound: {result['unknown_rate']:.2%} of the tokens are <unk>, whose spelling costs nothing)")
+        from .evaluation.likelihood import lower_bound_reason
+
+        print(f"(a lower bound: {lower_bound_reason(result)})")
     return 0
 
 

@@ -118,6 +118,10 @@ def lm_batches(prepared, context_len: int, batch_size: int, seed: int, eval_batc
         return draw(prepared.train, batch_size, context_len, seed=seed, step=index, rank=rank, world=world)
 
     val_bytes = max(1, sum(d.bytes for d in prepared.documents))
-    return Batches(sample, fixed_windows(prepared.val, context_len, eval_batches, batch_size),
+    val = fixed_windows(prepared.val, context_len, eval_batches, batch_size)
+    if not val:  # nothing to score: every evaluation would read 0 and keep the first weights as the best
+        raise LmforgeError(f"the validation split has {len(prepared.val)} token(s), too few to score; raise "
+                           f"data.val_fraction (now {prepared.meta['val_fraction']}) or give more text")
+    return Batches(sample, val,
                    len(prepared.val) / val_bytes, batch_size * context_len,
                    f"{len(prepared.train):,} train / {len(prepared.val):,} val tokens")

@@ -32,7 +32,7 @@ def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
         raise LmforgeError(f"--data {path} is not a .jsonl file; give one JSON object per line with "
                            f"{', '.join(repr(f) for f in fields)}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not a row
     except UnicodeDecodeError as exc:
         raise LmforgeError(f"{path}: byte {exc.start} is not valid UTF-8; JSONL files must be UTF-8") from None
     rows = []

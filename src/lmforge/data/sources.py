@@ -92,7 +92,7 @@ def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str) -> li
 
 def decode(data: bytes, path: Path, encoding: str, errors: str) -> str:
     try:
-        return data.decode(encoding, errors)
+        return data.decode(encoding, errors).removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise LmforgeError(f"{path}: byte {exc.start} (0x{data[exc.start]:02x}) is not valid {encoding}; "
                            "pass the file's encoding (e.g. --encoding latin-1) or --errors replace") from None
@@ -127,7 +127,7 @@ def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
                     if isinstance(record, dict) and {"prompt", "completion"} <= set(record) else "")
             raise LmforgeError(f"{path}:{number}: no string field {field!r}{has}; add it, or name the field holding "
                                f"the text with --jsonl-field (data.jsonl_field=... in a config){hint}")
-        documents.append(Document(f"{path}:{number}", record[field]))
+        documents.append(Document(f"{path}:{number}", record[field].replace("\r\n", "\n")))  # as in text files
     return documents
 
 

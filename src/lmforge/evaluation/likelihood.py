@@ -17,6 +17,9 @@ from ..device import ThreadTuner, configured_threads
 
 
 
+FIELDS = ("nats", "tokens", "bytes", "correct1", "correct5", "unknown", "dropped")
+
+
 @dataclass
 class Score:
     nats: float = 0.0
@@ -25,9 +28,10 @@ class Score:
     correct1: int = 0
     correct5: int = 0
     unknown: int = 0  # tokens that are <unk>: their spelling costs nothing, so bits per byte is a lower bound
+    dropped: int = 0  # texts whose stop words the tokenizer removed: never predicted, they cost nothing either
 
     def __iadd__(self, other: "Score") -> "Score":
-        for name in ("nats", "tokens", "bytes", "correct1", "correct5", "unknown"):
+        for name in FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -49,9 +53,21 @@ class Score:
             "tokens": self.tokens,
             "bytes": self.bytes,
             "unknown_rate": self.unknown / max(self.tokens, 1),
-            # An <unk> prediction pays nothing for the word's spelling: the true cost is higher.
-            "bits_per_byte_is_lower_bound": self.unknown > 0,
+            # An <unk> prediction pays nothing for the word's spelling, nor a removed stop word for being
+            # there: the true cost is higher.
+            "bits_per_byte_is_lower_bound": self.unknown > 0 or self.dropped > 0,
+            "stop_words_removed": self.dropped > 0,
         }
+
+
+def lower_bound_reason(summary: dict) -> str | None:
+    """Why a summary's bits per byte is only a lower bound, in words; None when it is the real cost."""
+    reasons = []
+    if summary.get("stop_words_removed"):
+        reasons.append("the tokenizer removes stop words, which cost nothing here (not comparable with other runs)")
+    if summary.get("unknown_rate"):
+        reasons.append(f"{summary['unknown_rate']:.2%} of the tokens are <unk>, whose spelling costs nothing")
+    return "; ".join(reasons) or None
 
 
 def _score_positions(logits: torch.Tensor, targets: torch.Tensor) -> Score:
@@ -126,6 +142,7 @@ def evaluate_text(model, tokenizer, text: str, *, device="cpu", part: tuple[int,
         score.bytes = len(text.encode("utf-8"))
         unk = getattr(tokenizer, "unk_id", None)
         score.unknown = sum(1 for i in ids if i == unk) if unk is not None else 0
+        score.dropped = int(bool(getattr(tokenizer, "options", {}).get("remove_stopwords")))
     return score
 
 
@@ -145,8 +162,7 @@ def evaluate_documents(model, tokenizer, documents: list[tuple[str, str]], *, de
         else:
             scores.append(Score())
     if world > 1:
-        fields = ("nats", "tokens", "bytes", "correct1", "correct5", "unknown")
-        table = torch.tensor([[getattr(s, f) for f in fields] for s in scores], dtype=torch.float64)
+        table = torch.tensor([[getattr(s, f) for f in FIELDS] for s in scores], dtype=torch.float64)
         table = torch.tensor(dist.sum_floats(table.flatten().tolist()), dtype=torch.float64).view(len(scores), -1)
         scores = [Score(row[0].item(), *(int(v) for v in row[1:].tolist())) for row in table]
     total, per_doc = Score(), {}

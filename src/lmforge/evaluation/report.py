@@ -236,7 +236,7 @@ def render_markdown(report: dict) -> str:
         f"tokenizer (vocabulary {model['vocab_size']:,}). Evaluated on {where}: {len(text['documents'])} "
         f"document(s), {text['bytes']:,} bytes; baselines fitted on the {text['train_bytes']:,}-byte train split. "
         f"Took {report['timing_s']['total']:.0f} s.", "",
-        f"**Headline: {bpb:.3f} bits per byte{' (a lower bound, see OOV below)' if word_like else ''}**, "
+        f"**Headline: {bpb:.3f} bits per byte{' (a lower bound, see below)' if word_like else ''}**, "
         f"against {ppmd:.3f} for PPMd order 8 and {base['kn5']['bits_per_byte']:.3f} for a byte-level "
         f"Kneser-Ney {KN_ORDER}-gram: the model is {'better' if bpb < ppmd else 'worse'} than PPMd by "
         f"{abs(bpb - ppmd):.3f} bits per byte ({abs(bpb - ppmd) / ppmd:.0%}).", "",
@@ -247,7 +247,10 @@ def render_markdown(report: dict) -> str:
     for name, r in [("**all**", lik)] + list(lik["documents"].items()):
         out.append(f"| {name} | {r['bits_per_byte']:.4f} | {r['perplexity']:.2f} | {r['accuracy']:.1%} | "
                    f"{r['top5_accuracy']:.1%} | {r['unknown_rate']:.2%} | {r['tokens']:,} | {r['bytes']:,} |")
-    if word_like:
+    if lik.get("stop_words_removed"):
+        out += ["", "**Bits per byte is a lower bound, not comparable with other runs:** this run's tokenizer "
+                    "removes stop words, which the model never predicts and which cost nothing here."]
+    if lik["unknown_rate"]:
         pieces = ", ".join(f"`{w}` ×{n}" for w, n in lik["top_unknown"])
         out += ["", f"**Bits per byte is a lower bound:** {lik['unknown_rate']:.2%} of tokens are `<unk>`, and "
                     f"an `<unk>` pays nothing for the spelling of the word it stands for. Most common unknown "
