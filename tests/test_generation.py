@@ -338,3 +338,20 @@ def test_a_word_known_only_with_a_space_after_it_is_written_by_the_model_not_fed
     request = engine.submit(ids, SamplingConfig(max_new_tokens=2, temperature=0), tail="Mr.")
     engine.run()
     assert request.text == " \n"  # "Mr. " less the "Mr." the prompt has, then the likeliest token
+
+
+def test_a_seeded_or_greedy_generation_keeps_the_configured_thread_count(char, monkeypatch):
+    # some CPUs round a prompt's fp32 pass differently with one and two threads: a repeatable request
+    # must not run at whatever count a thread tuner left, or change count on a clock
+    import lmforge.device
+    from lmforge.device import configured_threads
+    from lmforge.generation import generate
+
+    monkeypatch.setattr(lmforge.device, "_configured_threads", 2)
+    decoder = Decoder(make("transformer", char.vocab_size))
+    for sampling in (SamplingConfig(max_new_tokens=20, seed=3), SamplingConfig(max_new_tokens=20, temperature=0)):
+        torch.set_num_threads(1)  # as a tuner may have left it
+        counts = []
+        generate(decoder, char, char.encode("Emma"), sampling, on_text=lambda _: counts.append(torch.get_num_threads()))
+        assert counts and set(counts) == {configured_threads()}
+    torch.set_num_threads(1)

@@ -58,6 +58,13 @@ def test_report_folder_holds_markdown_json_and_plots(char_report):
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert not [p.name for p in out.iterdir() if "tmp" in p.name]  # no temp files left behind
     md = (out / "report.md").read_text()
+    from lmforge.evaluation.continuation import TEMPERATURE, TOP_K
+
+    lm = char_report[0]
+    for sample in report["continuation"]["samples"][:3]:  # each model sample is what generate writes
+        again = lm.generate(sample["prompt"], len(sample["original"]) + 8, TEMPERATURE, top_k=TOP_K,
+                            seed=sample["seed"])
+        assert again.startswith(sample["model"])
     for heading in ("Likelihood", "Baselines", "Continuation test", "Samples", "Definitions", "PPMd"):
         assert heading in md, heading
     assert "per_document_bpb.png" in md and "baselines.png" in md
@@ -111,6 +118,12 @@ def test_report_on_a_text_file_and_its_errors(char_report, tmp_path):
     assert report["text"]["documents"] == ["other.txt"]
     assert list(report["likelihood"]["documents"]) == ["other.txt"]
     assert report["text"]["bytes"] == len(text.read_bytes())
+    # read as `eval --text` reads it: every JSONL document, from the field named
+    line = "She smiled at him. He said nothing at all to anyone that day, and the weather was fine. " * 20
+    (tmp_path / "two.jsonl").write_text("\n".join(json.dumps({"body": line}) for _ in range(2)))
+    report = write_report(lm, tmp_path / "j", text_path=tmp_path / "two.jsonl", n_prompts=2, progress=False,
+                          log=quiet, jsonl_field="body")
+    assert report["text"]["documents"] == ["two.jsonl:1", "two.jsonl:2"]
     text.write_bytes(b"caf\xe9 au lait")
     with pytest.raises(LmforgeError, match="not valid utf-8"):
         write_report(lm, tmp_path / "r", text_path=text, n_prompts=2, progress=False, log=quiet)

@@ -108,9 +108,10 @@ class LanguageModel:
             self._exact = Decoder(self.model)
         return self._exact
 
-    def engine(self, max_batch: int = 32, exact: bool = False) -> Engine:
-        """A batching engine over this model (the server's)."""
-        return Engine(self.decoder_for(exact), self.tokenizer, max_batch)
+    def engine(self, max_batch: int = 32, exact: bool = False, tune_threads: bool = True) -> Engine:
+        """A batching engine over this model (the server's); tune_threads=False keeps the configured
+        thread count, as a seeded or greedy `generate` does so that its text repeats exactly."""
+        return Engine(self.decoder_for(exact), self.tokenizer, max_batch, tune_threads)
 
     def generate(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,

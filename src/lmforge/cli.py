@@ -307,7 +307,8 @@ def cmd_eval(args) -> int:
         from .evaluation.report import write_report
 
         write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed,
-                     progress=sys.stderr.isatty())  # bars for a person watching, not in a log file
+                     progress=sys.stderr.isatty(),  # bars for a person watching, not in a log file
+                     encoding=args.encoding, errors=args.errors, jsonl_field=args.jsonl_field)
         return 0
     if args.text:
         from .data import read_sources

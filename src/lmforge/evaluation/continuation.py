@@ -24,7 +24,6 @@ TEMPERATURE = 0.8
 TOP_K = 50  # model sampling only; the byte-level baselines sample from their full distribution
 COPY_THRESHOLD = 50  # characters: a generation "copies" if it holds a training span this long
 REPETITION_N = 4
-BATCH = 16  # prompts generated together
 
 
 @dataclass
@@ -72,27 +71,32 @@ def _token_budget(tokenizer, original: str) -> int:
     return int(len(tokenizer.encode(original)) * 1.5) + 8
 
 
+def sample_seed(seed: int, i: int) -> int:
+    """The sampling seed of prompt i in a report made with `seed`."""
+    return seed * 100_003 + i
+
+
 def model_continuations(lm, prompts: list[Prompt], seed: int, progress: bool = True) -> tuple[list[str], list[float]]:
     """Sampled continuations (trimmed to each original's length) and the nats the model spends on
     each true continuation given its prompt.
 
-    The prompts are generated together through the batching engine, as `lmforge generate` does one;
-    prompt i samples from a generator seeded by (seed, i), so results don't depend on the batching.
+    Each prompt is generated alone, prompt i with the seed sample_seed(seed, i), exactly as `lmforge
+    generate --seed` does it, so every sample can be reproduced from the command line (batched
+    decoding rounds differently with the number of rows).
     """
     tokenizer = lm.tokenizer
     encoded = [tokenizer.encode(p.prompt) or [tokenizer.eos_id] for p in prompts]
     bar = tqdm(total=2 * len(prompts), desc="model continuations", unit="prompt", disable=not progress,
                dynamic_ncols=True)
-    engine = lm.engine(max_batch=BATCH)
-    requests = [engine.submit(ids, SamplingConfig(_token_budget(tokenizer, p.original), TEMPERATURE, TOP_K,
-                                                  seed=seed * 100_003 + i), max_chars=len(p.original),
-                              tail=prompt_tail(tokenizer, p.prompt))
-                for i, (ids, p) in enumerate(zip(encoded, prompts))]
-    while not engine.idle:
-        done = sum(r.finished for r in requests)
-        engine.step()
-        bar.update(sum(r.finished for r in requests) - done)
-    texts = [r.text[:len(p.original)] for r, p in zip(requests, prompts)]
+    texts = []
+    for i, (ids, p) in enumerate(zip(encoded, prompts)):
+        engine = lm.engine(max_batch=1, tune_threads=False)  # as `lmforge generate --seed` runs one
+        request = engine.submit(ids, SamplingConfig(_token_budget(tokenizer, p.original), TEMPERATURE, TOP_K,
+                                                    seed=sample_seed(seed, i)), max_chars=len(p.original),
+                                tail=prompt_tail(tokenizer, p.prompt))
+        engine.run()
+        texts.append(request.text[:len(p.original)])
+        bar.update(1)
     nats = []
     for ids, p in zip(encoded, prompts):
         # Both calls score the prompt's tokens in the same first window, so the difference is the

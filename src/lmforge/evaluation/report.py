@@ -53,14 +53,17 @@ DEFINITIONS = [
 
 
 def write_report(lm, out_dir: Path, text_path=None, n_prompts: int = 100, seed: int = 0, *,
-                 progress: bool = True, log=print) -> dict:
-    """Evaluate `lm` on its validation split (or on the UTF-8 file `text_path`) and write
-    out_dir/report.md, report.json and the PNG plots; returns the report dict.
+                 progress: bool = True, log=print, encoding: str = "utf-8", errors: str = "strict",
+                 jsonl_field: str = "text") -> dict:
+    """Evaluate `lm` on its validation split (or on `text_path`: a file, folder, glob, JSONL or
+    gutenberg:ID, read as `lmforge eval --text` reads it) and write out_dir/report.md, report.json
+    and the PNG plots; returns the report dict.
 
-    Fails with LmforgeError if the text is missing, not UTF-8, or too short for `n_prompts` prompts.
+    Fails with LmforgeError if the text is missing, undecodable, or too short for `n_prompts` prompts.
     """
     started, timing = time.perf_counter(), {}
-    documents, train_text = _read_split(lm, text_path)
+    documents, train_text = _read_split(lm, text_path, {"encoding": encoding, "errors": errors,
+                                                        "jsonl_field": jsonl_field})
     train_bytes = train_text.encode("utf-8")
     text_bytes = "".join(text for _, text in documents).encode("utf-8")
     prompts = cont.make_prompts(documents, n_prompts, seed)  # fails early if the text is too short
@@ -104,18 +107,17 @@ def write_report(lm, out_dir: Path, text_path=None, n_prompts: int = 100, seed: 
 
 # ---- inputs -------------------------------------------------------------------------------------
 
-def _read_split(lm, text_path) -> tuple[list[tuple[str, str]], str]:
+def _read_split(lm, text_path, options: dict) -> tuple[list[tuple[str, str]], str]:
     """([(name, text to evaluate)], training text): the run's validation documents from its prepared
-    data, or the file `text_path`; the training text is what the baselines fit and what copying is
-    checked against."""
-    from ..data import prepare_data
-    from ..data.sources import read_text
+    data, or the documents of `text_path` (read with `options`); the training text is what the
+    baselines fit and what copying is checked against."""
+    from ..data import prepare_data, read_sources
 
+    documents = None if text_path is None else read_sources([text_path], **options)  # bad text fails first
     prepared = prepare_data(lm.run_config(), lm.tokenizer)
-    if text_path is None:
+    if documents is None:
         return prepared.validation_documents(), prepared.train_text
-    path = Path(text_path)
-    return [(path.name, read_text(path))], prepared.train_text
+    return [(Path(d.name).name, d.text) for d in documents], prepared.train_text
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -177,6 +179,7 @@ def _continuation(lm, baselines, prompts, train_text: str, seed: int, progress: 
     systems = {key: cont.continuation_metrics(texts[key], prompts, index, nats[key]) for key in texts}
     systems["original"] = cont.continuation_metrics([p.original for p in prompts], prompts, index)
     samples = [{"document": p.document, "offset": p.offset, "prompt": p.prompt, "original": p.original,
+                "seed": cont.sample_seed(seed, i),  # `lmforge generate --seed` writes the model's text again
                 **{key: texts[key][i] for key in texts}} for i, p in enumerate(prompts)]
     return {
         "settings": {"prompts": len(prompts), "prompt_chars": cont.PROMPT_CHARS,

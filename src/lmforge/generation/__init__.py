@@ -31,7 +31,7 @@ def stream(decoder: Decoder, tokenizer, prompt_ids: list[int], sampling: Samplin
            tail: str = "") -> Iterator[str]:
     """Yield the continuation of `prompt_ids` piece by piece; the generator returns a Generation.
     `tail`: the prompt's last word when its last id is <unk> for it (healing.prompt_tail)."""
-    engine = Engine(decoder, tokenizer, max_batch=1)
+    engine = Engine(decoder, tokenizer, max_batch=1, tune_threads=not sampling.repeatable)
     request = engine.submit(prompt_ids, sampling, tail=tail)
     while not request.finished:
         engine.step()

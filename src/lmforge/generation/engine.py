@@ -69,15 +69,21 @@ class Engine:
     next, and retires finished rows. Not thread-safe: one thread calls submit/cancel/step (the server
     wraps it)."""
 
-    def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32):
+    def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32, tune_threads: bool = True):
         self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         # A decoding step takes a millisecond or two: re-checking the thread count every 40 steps, as for
         # training steps, spent 2-3% of the tokens on trials at the slower count. Every 200 steps (or 2 s)
         # a wrong choice (a trial misled by noise) still lasts only a fraction of a second. Step times
         # follow the batch size and context length, not only the load, so they do not trigger checks.
+        # tune_threads=False: the configured count throughout. Some CPUs round fp32 products differently
+        # with one and two threads (a prompt's forward pass, on an Intel Xeon), so a request that must
+        # repeat exactly (seeded or greedy: `lmforge generate`) cannot change count on a clock.
+        cpu = decoder.device.type == "cpu"
         self.tuner = ThreadTuner(configured_threads(), period=200, max_gap=200, drift=None, period_s=2.0,
-                                 enabled=decoder.device.type == "cpu", kind="decode")
+                                 enabled=cpu and tune_threads, kind="decode")
+        if cpu and not tune_threads:
+            torch.set_num_threads(configured_threads())
         self.waiting: deque[Request] = deque()
         self.running: list[_Row] = []
         self.joining: list[_Row] = []  # rows being prefilled at this step, until they join the batch

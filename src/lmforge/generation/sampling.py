@@ -51,6 +51,11 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def repeatable(self) -> bool:
+        """Whether the same request should give the same text every time: seeded, or greedy."""
+        return self.seed is not None or self.greedy or self.top_k == 1
+
 
 NUCLEUS_FIRST_LOOK = 256  # top-p alone: the likeliest tokens examined before sorting the whole vocabulary
 
