@@ -37,7 +37,7 @@ def main() -> None:
         print(json.dumps({k: row.get(k) for k in ("name", "bits_per_byte", "steps", "tokens_per_s", "error")}),
               flush=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    print(f"\n| name | overrides | val bits/byte | steps | tokens/s |\n|---|---|---:|---:|---:|")
+    print("\n| name | overrides | val bits/byte | steps | tokens/s |\n|---|---|---:|---:|---:|")
     for r in rows:
         if "error" in r:
             print(f"| {r['name']} | `{r['overrides']}` | failed | | |")

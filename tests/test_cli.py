@@ -284,3 +284,23 @@ def test_train_reads_jsonl_from_the_field_its_error_names(tmp_path, tiny_file, c
     one_line_error(capsys, main(args + ["--out", str(tmp_path / "a")]), "no string field 'text'", "--jsonl-field")
     assert main(args + ["--out", str(tmp_path / "b"), "--jsonl-field", "body"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["data"]["jsonl_field"] == "body"
+
+
+def test_an_unknown_last_word_is_noted_unless_the_model_can_write_it(tmp_path, tiny_file, capsys):
+    assert main(["train", "--data", str(tiny_file), "--tokenizer", "word", "--max-steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "w"), f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "w"), "--prompt", "Emma Zzyzx", "-n", "3", "--greedy"]) == 0
+    assert "'Zzyzx'×1" in capsys.readouterr().err  # no entry begins with it: fed as <unk>, and said so
+    assert main(["generate", str(tmp_path / "w"), "--prompt", "Emma Woodh", "-n", "3", "--greedy"]) == 0
+    assert "<unk>" not in capsys.readouterr().err  # "Woodhouse" begins with it: the model writes the word
+
+
+def test_eval_of_a_run_whose_text_is_gone_says_how_to_score_other_text(tmp_path, tiny_file, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text(tiny_file.read_text())
+    assert main(["train", "--data", str(book), "--tokenizer", "char", "--max-steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "run"), f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY]) == 0
+    book.unlink()
+    capsys.readouterr()
+    one_line_error(capsys, main(["eval", str(tmp_path / "run")]), "book.txt", "does not exist", "--text FILE")

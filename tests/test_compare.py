@@ -9,6 +9,7 @@ import torch
 from lmforge.cli import main
 from lmforge.compare import matched_sizes, original_passage, seed_phrase, validation_parts
 from lmforge.config import RunConfig, parse_overrides
+from lmforge.errors import LmforgeError
 from lmforge.models import build_model, count_params
 
 TINY = ["model.d_model=32", "model.d_hidden=32", "model.n_layers=1", "model.n_heads=2", "model.context_len=32",
@@ -87,6 +88,9 @@ def test_match_params_solves_widths_within_ten_percent(tiny_file, tmp_path):
     for arch, fields in sizes.items():
         n = count_params(build_model(arch, vocab_size=vocab, n_layers=2, **fields))
         assert abs(n - target) <= 0.1 * target, (arch, fields, n, target)
+    given = RunConfig.from_dict({**raw, "model": {**raw["model"], "d_hidden": 32}})  # a width the user set
+    with pytest.raises(LmforgeError, match="--match params sets lstm's model.d_hidden .* drop model.d_hidden=32"):
+        matched_sizes(["lstm", "transformer"], "char", given)
 
 
 def test_original_passage_follows_the_first_whole_word():
@@ -152,6 +156,11 @@ def test_bench_refuses_numbers_it_cannot_use(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+def test_compare_refuses_a_step_budget_below_one_before_training(tmp_path, capsys):
+    assert main(["compare", "--arch", "lstm", "--max-steps", "0", "--out", str(tmp_path / "cmp")]) == 2
+    assert "--max-steps must be at least 1" in capsys.readouterr().err and not (tmp_path / "cmp").exists()
 
 
 def test_a_model_field_no_compared_family_has_is_refused(tmp_path, capsys):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-import lmforge
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,7 +1,6 @@
 """Reliability: resume points survive kills and damage, bad files are named in one line, numerical
 trouble never reaches a checkpoint, and the everyday failures a user hits each get a clear message."""
 import json
-import os
 import re
 import signal
 import subprocess

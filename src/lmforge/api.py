@@ -138,10 +138,18 @@ class LanguageModel:
         return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling,
                        self.prompt_tail(prompt))
 
-    def validation_documents(self) -> list[tuple[str, str]]:
-        """(name, text) of each document's validation part, as the run's prepared data holds them."""
+    def prepared_data(self):
+        """The run's prepared data: the text it trained on, split and tokenized as it was then."""
         from .data import prepare_data
 
+        try:
+            return prepare_data(self.run_config(), self.tokenizer)
+        except LmforgeError as e:
+            raise LmforgeError(f"{e} (the run's own train and validation text is read from the sources it trained "
+                               f"on; to score other text, give it with --text FILE)") from None
+
+    def validation_documents(self) -> list[tuple[str, str]]:
+        """(name, text) of each document's validation part, as the run's prepared data holds them."""
         task = (self.config.get("finetune") or {}).get("task")
         if task in ("classify", "completion"):
             held = "labelled examples" if task == "classify" else "prompt -> completion pairs"
@@ -149,7 +157,7 @@ class LanguageModel:
                                f"`lmforge eval {self.run_dir}` gives its own figures, or give text to score "
                                f"(--text FILE, lm.evaluate(text))")
 
-        return prepare_data(self.run_config(), self.tokenizer).validation_documents()
+        return self.prepared_data().validation_documents()
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_dict({k: v for k, v in self.config.items()

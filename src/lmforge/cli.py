@@ -169,8 +169,11 @@ def cmd_generate(args) -> int:
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
     tail = lm.prompt_tail(args.prompt) if sampling.token_healing else ""
-    if unknown.get(tail):  # the model writes that word itself (token healing): not lost
-        unknown = {k: n - (k == tail) for k, n in unknown.items() if n - (k == tail)}
+    if unknown.get(tail):  # the model writes that word itself (token healing), if any entry begins with it
+        from .generation.healing import heal
+
+        if heal(lm.tokenizer, lm.prompt_ids(args.prompt), tail) is not None:
+            unknown = {k: n - (k == tail) for k, n in unknown.items() if n - (k == tail)}
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
@@ -264,13 +267,12 @@ def cmd_chat(args) -> int:
 
 def _note_changed_text(lm) -> None:
     """Say so when the run's sources no longer hold the text it trained on (config.json's digest)."""
-    from .data import prepare_data
     from .training import distributed as dist
 
     started_on = lm.config.get("data_key")
     if started_on is None or not dist.is_main():
         return
-    if prepare_data(lm.run_config(), lm.tokenizer).text_digest != started_on:
+    if lm.prepared_data().text_digest != started_on:
         print(f"note: the text of {', '.join(lm.config['data']['sources'])} has changed since this run trained on it; "
               f"these figures are on the text as it is now", file=sys.stderr)
 
@@ -380,7 +382,7 @@ def cmd_classify(args) -> int:
 def adapt_figures(lm, args, static: dict) -> dict:
     """eval --adapt: the static figures, the adaptive ones beside them, and PPMd order 8 given the
     run's training text (the classical compressor that adapts as it codes)."""
-    from .data import prepare_data, read_sources
+    from .data import read_sources
     from .evaluation.baselines import compressor_bits_per_byte
     from .evaluation.likelihood import Score
     from .finetuning.adaptive import AdaptSettings, adaptive_score
@@ -399,7 +401,7 @@ def adapt_figures(lm, args, static: dict) -> dict:
     static["adaptive_bits_per_byte"] = total.bits_per_byte
     static["adaptive"] = {"lr": settings.lr, "lora": settings.lora, "steps_per_window": settings.steps}
     try:
-        train = prepare_data(lm.run_config(), lm.tokenizer).train_text.encode("utf-8")
+        train = lm.prepared_data().train_text.encode("utf-8")
         text = "".join(t for _, t in documents).encode("utf-8")
         static["ppmd8_bits_per_byte"] = compressor_bits_per_byte(train, text, "ppmd")
     except LmforgeError:  # no pyppmd, or the training text is not at hand: no yardstick

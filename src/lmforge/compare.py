@@ -92,6 +92,8 @@ def check_request(archs, tokenizers, budget_s, max_steps, match) -> None:
         raise LmforgeError("--arch and --tokenizer must not repeat a name")
     if budget_s is None and max_steps is None:
         raise LmforgeError("give a budget: --budget 5m (and/or --max-steps N)")
+    if max_steps is not None and max_steps < 1:
+        raise LmforgeError(f"--max-steps must be at least 1, got {max_steps}")
     if match not in MATCHES:
         raise LmforgeError(f"--match must be {' or '.join(MATCHES)}, got {match!r}")
 
@@ -140,6 +142,9 @@ def matched_sizes(archs: list[str], tokenizer: str, base: RunConfig) -> dict[str
         if arch == REFERENCE:
             continue
         knob = WIDTH[arch]
+        if knob in base.model.options:
+            raise LmforgeError(f"--match params sets {arch}'s model.{knob} to match the {REFERENCE}'s size; drop "
+                               f"model.{knob}={base.model.options[knob]}, or keep it with --match time")
 
         def params(width: int) -> int:
             return count_params(build_model(arch, vocab_size=vocab_size, **{**fixed[arch], knob: width}))

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import LmforgeError
 from . import continuation as cont
 from .baselines import COMPRESSORS, KneserNeyModel, UnigramModel, compressor_bits_per_byte
 from .copying import CopyIndex
@@ -111,10 +110,10 @@ def _read_split(lm, text_path, options: dict) -> tuple[list[tuple[str, str]], st
     """([(name, text to evaluate)], training text): the run's validation documents from its prepared
     data, or the documents of `text_path` (read with `options`); the training text is what the
     baselines fit and what copying is checked against."""
-    from ..data import prepare_data, read_sources
+    from ..data import read_sources
 
     documents = None if text_path is None else read_sources([text_path], **options)  # bad text fails first
-    prepared = prepare_data(lm.run_config(), lm.tokenizer)
+    prepared = lm.prepared_data()
     if documents is None:
         return prepared.validation_documents(), prepared.train_text
     return [(Path(d.name).name, d.text) for d in documents], prepared.train_text

@@ -6,7 +6,6 @@ In: a local HF folder (import) or a run folder (export). Out: a run folder, or a
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
