@@ -437,6 +437,7 @@ def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None
                            + "; drop them, or start a new run with another --out")
     given = changes.get("train", {})
     for named, other in (("max_steps", "max_time"), ("max_time", "max_steps")):
-        if given.get(named) is not None and other not in given:
+        limit = given.get(named)
+        if limit not in (None, 0) and str(limit).strip().lower() not in ("none", "null", "0") and other not in given:
             given[other] = None  # a new budget of one kind replaces the run's budget, of either kind
     return RunConfig.from_dict(merge(base, changes.get("train") and {"train": changes["train"]} or {}), "run config")

@@ -426,10 +426,10 @@ def build_config(config: str | Path | dict | RunConfig | None = None, preset: st
         raw = load_toml(path)
     merge(raw, as_raw(config))
     merge(raw, parse_overrides(overrides or []))
-    train = raw.get("train")
-    if isinstance(train, dict) and train.get("max_steps") is not None and "max_time" not in train:
-        train["max_time"] = None  # a step budget, and no time budget set anywhere: the steps alone bind
-    return RunConfig.from_dict(raw)
+    config = RunConfig.from_dict(raw)
+    if config.train.max_steps is not None and "max_time" not in (raw.get("train") or {}):
+        config.train.max_time = None  # a step budget, and no time budget set anywhere: the steps alone bind
+    return config
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
