@@ -29,6 +29,7 @@ def torchrun(*args, processes=2, **popen) -> subprocess.Popen:
 def finish(child: subprocess.Popen, timeout=180) -> str:
     out, err = child.communicate(timeout=timeout)
     assert child.returncode == 0, err[:3000]
+    assert "Warning" not in err, err[:3000]  # nothing that reads like a problem when all went well
     return out
 
 

@@ -144,8 +144,14 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def shard(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: every block's parameters, gradients and optimizer state sharded over the processes
     (gathered for each block's forward and backward), then the rest at the root. In place."""
+    import warnings
+
     from torch.distributed.fsdp import fully_shard
 
+    # A Transformer block returns its attention's values (a view) for the value residual; later blocks
+    # read them out of place, which keeps FSDP's gradients right (test_distributed: FSDP ends where DDP
+    # does), so PyTorch's warning about in-place ops on such a view is not for the user.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
     body = getattr(model, "lm", model)  # a classifier's language model
     for block in getattr(body, "blocks", []):
         fully_shard(block)
