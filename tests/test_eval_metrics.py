@@ -54,8 +54,10 @@ def test_sentence_starts_finds_every_start_when_asked_for_all():
     expected = [0, text.index("Gamma"), text.index('"Quoted'), text.index("Epsilon"), text.index("J.")]
     # Not starts: "eta." (lowercase), "Zeta" (after the title Mr.), "Theta" (after the initial J.).
     assert sentence_starts(text, 5, min_chars=1, seed=0) == expected
-    with pytest.raises(LmforgeError, match="fewer prompts"):
+    with pytest.raises(LmforgeError, match="ask for at most 5 prompts"):
         sentence_starts(text, 6, min_chars=1, seed=0)
+    with pytest.raises(LmforgeError, match="has 0 sentence starts .*; give more held-out text"):
+        sentence_starts(text, 1, min_chars=len(text) + 1, seed=0)
     # min_chars drops the starts too close to the end.
     assert sentence_starts(text, 3, min_chars=len(text) - text.index('"Quoted'), seed=0) == expected[:3]
 

@@ -93,10 +93,11 @@ def sentence_starts(text: str, count: int, min_chars: int, seed: int) -> list[in
         candidates.insert(0, 0)  # the text's first character starts a sentence too
     candidates = [c for c in candidates if len(text) - c >= min_chars]
     if count < 1 or len(candidates) < count:
+        fix = f"ask for at most {len(candidates)} prompts (--prompts) or " if candidates else ""
         raise LmforgeError(
             f"asked for {count} prompts but the held-out text ({len(text)} characters) has "
             f"{len(candidates)} sentence starts with {min_chars} characters after them; "
-            "ask for fewer prompts, shorter prompts/continuations, or use more held-out text"
+            f"{fix}give more held-out text"
         )
     rng = np.random.default_rng(seed)
     groups = np.array_split(np.array(candidates), count)
