@@ -148,6 +148,7 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["eval", "{run}", "--report", "{tmp}/report", "--json"], ["--report", "--json"]),
     (["serve", "{run}", "--threads", "-5"], ["--threads", "at least 1"]),
     (["serve", "{run}", "--max-waiting", "-1"], ["--max-waiting", "at least 0"]),
+    (["finetune", "{run}", "--data", "{run}/../tiny.txt", "--out", "{tmp}/f", "--device", "tpu"], ["'tpu'", "cpu"]),
     (["bench", "serve", "--clients", "a,b"], ["--clients", "whole numbers"]),
     (["bench", "serve", "--duration", "0"], ["--duration", "positive"]),
     (["train", "--out", "{tmp}/r", "--seed", "-3", "--max-steps", "1"], ["train.seed", "-3"]),

@@ -94,7 +94,8 @@ def cmd_finetune(args) -> int:
     from .config import parse_duration
     from .training import distributed as dist
 
-    settings = (args.set or []) + (["train.progress=false"] if args.no_progress else [])
+    settings = (args.set or []) + (["train.progress=false"] if args.no_progress else []) \
+        + _flag_overrides(args, {"device": "train.device"})
     if args.resume:
         setup = [flag for flag, value in (("BASE", args.base), ("--data", args.data), ("--out", args.out),
                                           ("--mode", args.mode), ("--task", args.task), ("--lr", args.lr),
@@ -628,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
     p.add_argument("--set", action="append", metavar="train.KEY=VALUE", help="other train/data options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", help="auto (the default: a GPU if there is one), cpu, cuda, mps")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("generate", help="continue a seed phrase with a trained model")
