@@ -170,15 +170,16 @@ def cmd_generate(args) -> int:
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
     tail = lm.prompt_tail(args.prompt) if sampling.token_healing else ""
+    ids = lm.prompt_ids(args.prompt)
     if unknown.get(tail):  # the model writes that word itself (token healing), if any entry begins with it
         from .generation.healing import heal
 
-        if heal(lm.tokenizer, lm.prompt_ids(args.prompt), tail) is not None:
+        if heal(lm.tokenizer, ids, tail) is not None:
             unknown = {k: n - (k == tail) for k, n in unknown.items() if n - (k == tail)}
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
-    length, limit = len(lm.prompt_ids(args.prompt)), lm.decoder.max_context
+    length, limit = len(ids), lm.decoder.max_context
     if limit is not None and length >= limit:  # a full context leaves no position for the first new token
         from .generation.engine import refill_length
 
@@ -475,8 +476,8 @@ def cmd_bench(args) -> int:
         if value is not None and value < least:
             raise LmforgeError(f"{flag} must be at least {least}, got {value}")
     batch_sizes = _counts(args.batch_sizes, "--batch-sizes", "1,8")
-    clients, duration = _counts(getattr(args, "clients", None), "--clients", "1,8,32"), getattr(args, "duration", None)
-    duration = parse_duration(duration) if duration else None
+    clients = _counts(getattr(args, "clients", None), "--clients", "1,8,32")
+    duration = parse_duration(args.duration) if getattr(args, "duration", None) else None
     if duration is not None and duration <= 0:
         raise LmforgeError(f"--duration must be positive, got {args.duration!r}")
     # every option given goes to the benchmark, which refuses the ones it does not take

@@ -68,17 +68,6 @@ def expand_path(spec: str) -> list[Path]:
     return [path]
 
 
-def read_text(path) -> str:
-    """One UTF-8 text file, whole (for `--text FILE` options); bad input fails in one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path} does not exist or is not a file; give a UTF-8 text file")
-    text = read_file(path, jsonl_field="text", encoding="utf-8", errors="strict")[0].text
-    if not text.strip():
-        raise LmforgeError(f"{path} is empty; point it at a file with text in it")
-    return text
-
-
 def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str) -> list[Document]:
     try:
         data = path.read_bytes()

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from ..device import ThreadTuner, configured_threads
 
-
-
-FIELDS = ("nats", "tokens", "bytes", "correct1", "correct5", "unknown", "dropped")
 
 
 @dataclass
@@ -58,6 +55,9 @@ class Score:
             "bits_per_byte_is_lower_bound": self.unknown > 0 or self.dropped > 0,
             "stop_words_removed": self.dropped > 0,
         }
+
+
+FIELDS = tuple(f.name for f in fields(Score))  # the counts that add up over documents and processes
 
 
 def lower_bound_reason(summary: dict) -> str | None:

@@ -102,14 +102,21 @@ def any_true(flag: bool) -> bool:
 def on_main(fn, *args) -> None:
     """Run `fn(*args)` on process 0 only (a file write); if it fails there, every process stops with
     the error, instead of the others waiting for it forever."""
-    error = None
-    if is_main():
+    _run_turn(is_main(), "process 0", fn, *args)
+
+
+def _run_turn(mine: bool, who: str, fn, *args):
+    """`fn(*args)` where `mine`, then, on every process, the user error it raised on any of them: the
+    others stop with a line pointing to it instead of waiting for a process that has gone."""
+    result, error = None, None
+    if mine:
         try:
-            fn(*args)
+            result = fn(*args)
         except LmforgeError as e:
             error = e
     if any_true(error is not None):
-        raise error or LmforgeError("process 0 stopped the run (its message says why)")
+        raise error or LmforgeError(f"{who} stopped the run (its message says why)")
+    return result
 
 
 def barrier() -> None:
@@ -122,16 +129,9 @@ def main_first(fn):
     fills a cache (the prepared data) which the others then read instead of repeating the work at once.
     Every process must call it. If it fails with a user error on one process, every process stops with
     that error (the others with a line pointing to it) instead of waiting for one that has gone."""
-    result, error = None, None
-    for turn in (True, False):
-        if is_main() == turn:
-            try:
-                result = fn()
-            except LmforgeError as e:
-                error = e
-        if any_true(error is not None):
-            raise error or LmforgeError("another process stopped the run (its message says why)")
-    return result
+    first = _run_turn(is_main(), "another process", fn)
+    later = _run_turn(not is_main(), "another process", fn)
+    return first if is_main() else later
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
