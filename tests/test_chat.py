@@ -81,6 +81,51 @@ def test_chat_commands_keep_what_was_typed(served_run):
     assert said[-1].startswith("cannot set seed") and chat.sampling.seed is None
     chat.command("/stop off")
     assert chat.sampling.stop == []
+    chat.command(r"/stop \n")
+    assert said[-1] == "stop '\\n'\n"  # shown as typed, not as a Python list
+    chat.command("/top_p 1.5")  # as --top-p 1.5 is, refused (not taken for "off")
+    assert said[-1].startswith("cannot set top_p") and chat.sampling.top_p is None
+    chat.command("/mode foo")
+    assert said[-1] == "/mode takes chat or complete, not 'foo'\n" and chat.mode == "complete"
+    chat.command("/eos")
+    assert said[-1].startswith("/eos takes on or off") and not chat.sampling.ignore_eos
+
+
+def test_a_long_conversation_forgets_its_oldest_turns_and_says_so(served_run):
+    from lmforge.chat import Chat
+    from lmforge.generation import SamplingConfig
+
+    lm = lmforge.load(served_run)  # a character model with a context of 64
+    said, written = [], []
+    chat = Chat(lm, SamplingConfig(10, temperature=0, seed=1), write=written.append, say=said.append)
+    chat.command("/mode chat")
+    for message in ["Emma", "Mr. Knightley", "Harriet Smith", "Miss Bates"]:
+        chat.answer(message)
+    assert any("outgrown the model's context of 64 tokens" in line for line in said)
+    assert sum("outgrown" in line for line in said) == 1  # said once, not at every message
+    prompt, _ = chat._prompt("Jane")  # what the next message reads: within 3/4 of the context, itself included
+    assert len(lm.prompt_ids(prompt)) <= 48 and prompt.endswith("User: Jane\nAssistant:")
+    assert ("user", "Emma") not in chat.messages  # the first exchange is gone
+
+
+def test_a_completion_run_answers_each_line_alone_in_its_template(served_run, tmp_path):
+    import json
+    import subprocess
+
+    rows = [{"prompt": f"say {i % 3}", "completion": "Emma " * (i % 3 + 1), "split": "val" if i < 4 else "train"}
+            for i in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    lmforge.finetune(served_run, [str(tmp_path / "pairs.jsonl")], tmp_path / "tuned", task="completion",
+                     max_steps=10, overrides=["train.threads=1", "train.progress=false",
+                                              f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"],
+                     log=lambda *_: None)
+    lm = lmforge.load(tmp_path / "tuned")
+    alone = [lm.generate(q, 8, temperature=0) for q in ("say 1", "say 2")]
+    done = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(tmp_path / "tuned"), "--no-history",
+                           "-n", "8", "-t", "0"], input="say 1\nsay 2\n", capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "".join(answer + "\n" for answer in alone)  # no echo, no earlier lines read
 
 
 def test_chat_reads_piped_lines_and_writes_only_the_answers(served_run):

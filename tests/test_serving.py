@@ -132,6 +132,8 @@ def test_concurrent_requests_are_decoded_together_and_each_matches_its_solo_answ
     ({"prompt": "Emma", "max_tokens": "5"}, 400, "max_tokens"),  # OpenAI's types, not guesses at them
     ({"prompt": "Emma", "max_tokens": True}, 400, "max_tokens"),
     ({"prompt": "Emma", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "Emma", "repetition_penalty": 1.3}, 400, "repetition_penalty"),  # other servers' extensions
+    ({"prompt": "Emma", "min_p": 0.1}, 400, "min_p"),
 ])
 def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(served, body, status, needle):
     _, server = served
@@ -171,6 +173,26 @@ def test_malformed_bodies_keys_and_sizes(served):
     wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/").status_code == 200  # the playground page itself needs no key
+    assert httpx.head(server.url + "/").status_code == 200  # uptime checks
+    lower = httpx.get(server.url + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200  # the scheme's case does not matter (RFC 7235); the key's does
+    neutral = httpx.post(server.url + "/v1/completions", headers=auth, json={
+        "model": "austen", "prompt": "Emma", "max_tokens": 2, "repetition_penalty": 1.0, "min_p": 0})
+    assert neutral.status_code == 200  # an extension at its neutral value changes nothing: accepted
+
+
+def test_a_model_id_with_a_slash_and_max_completion_tokens_zero(served_run):
+    lm = lmforge.load(served_run)
+    server = Server(create_app(lm, Settings("lab/austen-v1")))
+    try:
+        card = httpx.get(server.url + "/v1/models/lab/austen-v1")
+        assert card.status_code == 200 and card.json()["id"] == "lab/austen-v1"
+        answer = httpx.post(server.url + "/v1/chat/completions", json={
+            "model": "lab/austen-v1", "messages": [{"role": "user", "content": "Emma"}],
+            "max_completion_tokens": 0, "max_tokens": 5}).json()
+        assert answer["usage"]["completion_tokens"] == 0 and answer["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.stop()
 
 
 def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
@@ -185,6 +207,7 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
                 next(lines)  # the request is decoding (the iterator is kept: dropping it closes the stream)
                 busy = httpx.post(server.url + "/v1/completions", json={**body, "stream": False})
                 assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+                assert busy.headers["Retry-After"] == "1"
                 assert httpx.get(server.url + "/health").json()["active"] == 1
             # the stream was closed mid-way: its slot frees at once, long before 2,000 tokens
         def freed() -> bool:
@@ -224,6 +247,8 @@ def test_a_completion_run_chats_in_its_own_template(served_run, tmp_path):
         completion = client.completions.create(model="tuned", prompt="say 1", max_tokens=12, temperature=0)
         expected = lm.generate("say 1", 12, temperature=0)  # what `lmforge generate` and the API give
         assert chat.choices[0].message.content == expected.lstrip() and completion.choices[0].text == expected
+        info = httpx.get(server.url + "/info").json()  # the playground shows the fine-tune's held-out figure
+        assert info["val_bits_per_byte"] is None and info["completion_bits_per_byte"] > 0
     finally:
         server.stop()
 

@@ -3,9 +3,10 @@
 In: lines typed at a prompt (with history; Alt-Enter or Esc then Enter starts a new line). Out: the
 model's text, streamed as it is generated. Settings change in place (`/temperature 0.7`, `/top_p
 0.9`, `/max 200`, `/help` lists them); Ctrl-C stops a generation and returns to the prompt; Ctrl-D or
-`/quit` leaves. A plain language model continues what you type (`/mode complete`); a prompt ->
-completion run answers each message in its template, and `/mode chat` keeps a conversation
-(lmforge's transcript template, as the server's chat endpoint uses). With input or output
+`/quit` leaves. By default each message stands alone (`/mode complete`): a plain language model
+continues what you type, a prompt -> completion run answers it in its template. `/mode chat` keeps a
+conversation (lmforge's transcript template, as the server's chat endpoint uses); when it outgrows the
+model's context, the oldest turns are left out, and the chat says so. With input or output
 redirected, each line read is one message, and only the answers are written out (replies to
 commands go to stderr).
 """
@@ -18,6 +19,7 @@ from dataclasses import replace
 
 from .errors import LmforgeError
 from .generation import SamplingConfig
+from .generation.engine import refill_length
 
 HELP = """commands:
   /temperature T   sampling temperature (0 = greedy)      /top_p P    nucleus sampling (1 = off)
@@ -43,8 +45,14 @@ class Chat:
     def __init__(self, lm, sampling: SamplingConfig, write=sys.stdout.write, say=None):
         """`write`: where answers go; `say`: where replies to commands go (by default the same)."""
         self.lm, self.sampling, self.write, self.say = lm, sampling, write, say or write
-        self.mode = "chat" if lm.template is not None else "complete"
+        self.mode = "complete"
         self.messages: list[tuple[str, str]] = []
+        self.forgetting = False  # whether the conversation has been cut to fit the context (said once)
+
+    @property
+    def echoes(self) -> bool:
+        """Whether the typed line is written before its answer: a plain model's answer continues it."""
+        return self.mode == "complete" and self.lm.template is None
 
     def command(self, line: str) -> bool:
         """Apply a /command; False when it asks to leave."""
@@ -59,22 +67,28 @@ class Chat:
         elif name == "settings":
             self.say(self.describe() + "\n")
         elif name == "reset":
-            self.messages = []
+            self.messages, self.forgetting = [], False
             self.say("conversation cleared\n")
-        elif name == "mode" and arg in ("chat", "complete"):
-            self.mode, self.messages = arg, []
-            self.say(f"mode {arg}\n")
-        elif name == "eos" and arg in ("on", "off"):
-            self.sampling = replace(self.sampling, ignore_eos=arg == "off")
-            self.say(f"eos {arg}\n")
+        elif name == "mode":
+            if arg not in ("chat", "complete"):
+                self.say(f"/mode takes chat or complete, not {arg!r}\n")
+            else:
+                self.mode, self.messages, self.forgetting = arg, [], False
+                self.say(f"mode {arg}\n")
+        elif name == "eos":
+            if arg not in ("on", "off"):
+                self.say(f"/eos takes on or off, not {arg!r}\n")
+            else:
+                self.sampling = replace(self.sampling, ignore_eos=arg == "off")
+                self.say(f"eos {arg}\n")
         elif name == "stop":
             self.sampling = replace(self.sampling, stop=[] if arg in ("", "off") else [unescape(arg)])
-            self.say(f"stop {self.sampling.stop or 'off'}\n")
+            self.say(f"stop {_shown(self.sampling.stop)}\n")
         elif name in numbers:
             field, kind = numbers[name]
             try:
                 value = None if arg == "off" or (field in ("top_k",) and arg == "0") else kind(arg)
-                if field == "top_p" and value is not None and value >= 1.0:
+                if field == "top_p" and value == 1.0:  # 1 keeps every token: the same as off
                     value = None
                 self.sampling = replace(self.sampling, **{field: value})
             except (ValueError, LmforgeError) as exc:
@@ -90,15 +104,32 @@ class Chat:
         compiled = ", compiled step" if self.lm.decoder.compiled else ""
         return (f"mode {self.mode}, temperature {s.temperature}, top_p {s.top_p or 'off'}, top_k {s.top_k or 'off'}, "
                 f"max {s.max_new_tokens}, seed {s.seed if s.seed is not None else 'random'}, "
-                f"stop {s.stop or 'off'}, {self.lm.decoding} weights, {self.lm.decoding_cache} cache{compiled}")
+                f"stop {_shown(s.stop)}, {self.lm.decoding} weights, {self.lm.decoding_cache} cache{compiled}")
+
+    def _prompt(self, text: str) -> tuple[str, list[str]]:
+        """The prompt for a typed message, and its stop strings. In chat mode the oldest turns are left
+        out while the conversation fills more than 3/4 of the model's context (room for the answer)."""
+        if self.mode != "chat":
+            return text, []
+        limit = self.lm.decoder.max_context
+        while True:
+            prompt, stops = self.lm.chat_prompt(self.messages + [("user", text)])
+            if limit is None or not self.messages or len(self.lm.prompt_ids(prompt)) <= refill_length(limit):
+                return prompt, stops
+            self.messages = self.messages[2:]  # the oldest exchange: a message and its answer
+            if not self.forgetting:
+                self.forgetting = True
+                self.say(f"(the conversation has outgrown the model's context of {limit} tokens: from now on "
+                         f"its oldest turns are left out)\n")
 
     def answer(self, text: str) -> str:
         """Generate for one typed message, writing pieces as they come; returns the whole answer."""
-        if self.mode == "chat":
-            prompt, stops = self.lm.chat_prompt(self.messages + [("user", text)])
-        else:
-            prompt, stops = text, []
+        prompt, stops = self._prompt(text)
         ids, tail = self.lm.prompt_ids(prompt), self.lm.prompt_tail(prompt)
+        limit = self.lm.decoder.max_context
+        if limit is not None and len(ids) >= limit:
+            self.say(f"(the prompt is {len(ids)} tokens, for a context of {limit}: the model reads its last "
+                     f"{refill_length(limit)})\n")
         sampling = replace(self.sampling, stop=list(self.sampling.stop) + stops)
         from .generation import stream
 
@@ -115,6 +146,10 @@ class Chat:
         return answer
 
 
+def _shown(stops: list[str]) -> str:
+    return ", ".join(repr(s) for s in stops) or "off"
+
+
 def run(lm, sampling: SamplingConfig, history_file=None) -> None:
     """The chat loop: interactive in a terminal (prompt_toolkit: line editing, history, multi-line
     input); with input or output redirected (`lmforge chat RUN < questions.txt > answers.txt`), one
@@ -126,7 +161,7 @@ def run(lm, sampling: SamplingConfig, history_file=None) -> None:
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     chat = Chat(lm, sampling, say=None if terminal else sys.stderr.write)
     if terminal:
-        name = lm.run_dir.name if lm.run_dir else "model"
+        name = lm.run_dir.resolve().name if lm.run_dir else "model"
         print(f"lmforge chat: {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters). "
               f"{chat.describe()}.\n/help for commands, Ctrl-C stops an answer, Ctrl-D leaves.")
     for line in _typed_lines(history_file) if terminal else (line.rstrip("\r\n") for line in sys.stdin):
@@ -137,7 +172,7 @@ def run(lm, sampling: SamplingConfig, history_file=None) -> None:
                 break
             continue
         try:
-            if chat.mode == "complete":
+            if chat.echoes:
                 sys.stdout.write(line)
             chat.answer(line)
             sys.stdout.write("\n")

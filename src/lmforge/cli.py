@@ -239,7 +239,7 @@ def cmd_serve(args) -> int:
         set_threads(args.threads or max(1, physical_cores() - 1))
     if args.compile:  # after the thread count: the step is timed as it will run
         _compile_decoding(lm)
-    name = args.name or lm.run_dir.name
+    name = args.name or lm.run_dir.resolve().name  # `serve .` is named after the folder, not ''
     settings = Settings(name, api_key=args.api_key or None, max_batch=args.max_batch, max_waiting=args.max_waiting,
                         max_tokens=args.max_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
@@ -659,12 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web playground for a trained run")
     p.add_argument("run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--name", help="the model id clients ask for (default: the run folder's name)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
-    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
-    p.add_argument("--max-tokens", type=int, default=2048, help="the most new tokens a request may ask for")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="the most new tokens a request may ask for (default 2048)")
     p.add_argument("--exact", action="store_true", help="decode with the fp32 weights (not int8/fp16 copies)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step (seconds once; faster steps where measured so)")

@@ -42,9 +42,10 @@ class Settings:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
 
 def error_body(message: str, kind: str, param=None, code=None) -> dict:
@@ -69,7 +70,7 @@ def create_app(lm, settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)  # HEAD: uptime checks
     async def playground():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
@@ -92,7 +93,7 @@ def create_app(lm, settings: Settings) -> FastAPI:
     async def models():
         return {"object": "list", "data": [model_card(lm, settings)]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # a --name may hold "/" (org/model), as Hugging Face ids do
     async def model(model_id: str):
         check_model(model_id, settings)
         return model_card(lm, settings)
@@ -148,7 +149,8 @@ def sampling_for(body, settings: Settings, lm, prompt_ids: list[int], index: int
     if len(prompt_ids) > limit:
         raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, more than this model's context of {limit}; "
                             f"shorten it", param="messages" if chat else "prompt", code="context_length_exceeded")
-    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    wanted = getattr(body, "max_completion_tokens", None)
+    wanted = body.max_tokens if wanted is None else wanted
     if wanted is None:  # not asked for: the default, within this server's limit
         wanted = min(settings.default_chat_tokens, settings.max_tokens)
     if wanted > settings.max_tokens:
@@ -179,7 +181,8 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
     except Busy as exc:
         for stream in streams:
             stream.cancel()
-        raise APIError(429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded") from None
+        raise APIError(429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from None
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(sse(streams, jobs, body, rid, created, chat, include_usage, settings.name),
@@ -340,6 +343,8 @@ def model_info(lm, settings: Settings) -> dict:
             "decoding_cache": lm.decoding_cache, "compiled_step": lm.decoder.compiled,
             "size": {k: options[k] for k in ("d_model", "d_hidden", "n_layers", "n_heads") if k in options},
             "val_bits_per_byte": (summary.get("val") or {}).get("bits_per_byte") or summary.get("val_bits_per_byte"),
+            # a fine-tune's own held-out figure, when it has no validation text (prompt -> completion, classify)
+            "completion_bits_per_byte": summary.get("completion_bits_per_byte"), "accuracy": summary.get("accuracy"),
             "steps": summary.get("steps"), "train_time_s": summary.get("train_time_s"),
             "template": lm.template, "finetune": (lm.config.get("finetune") or {}).get("task"),
             "has_loss_curve": bool(lm.run_dir and (lm.run_dir / "loss.png").exists()),
@@ -349,7 +354,8 @@ def model_info(lm, settings: Settings) -> dict:
 # ---- errors and limits ----------------------------------------------------------------------------
 
 async def _api_error(request: Request, exc: APIError):
-    return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
+    return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
 
 
 async def _lmforge_error(request: Request, exc: LmforgeError):
@@ -403,12 +409,13 @@ class ApiKey:
     """
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+        self.app, self.expected = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            # the scheme is case-insensitive (RFC 7235: "bearer" is "Bearer"); the key is compared exactly
+            if not (scheme.lower() == b"bearer" and secrets.compare_digest(given.strip(), self.expected)):
                 message = "missing or wrong API key; send the header 'Authorization: Bearer <key>'"
                 return await _send_json(send, 401, error_body(message, "invalid_request_error",
                                                               code="invalid_api_key"))

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models shaped like OpenAI's.
 
 Fields OpenAI clients send that do not change what lmforge does (user, a logprobs of null...) are
-accepted and ignored; values lmforge cannot honour (logprobs, penalties, logit_bias, best_of) are a
-400 that names the parameter. `top_k` and `ignore_eos` are extensions (vLLM has the same two), and
+accepted and ignored; values lmforge cannot honour (logprobs, penalties, logit_bias, best_of, and the
+sampling extensions of other servers in EXTENSIONS) are a 400 that names the parameter. `top_k` and `ignore_eos` are extensions (vLLM has the same two), and
 `token_healing` (true unless sent false: see lmforge.generation.healing) is lmforge's own.
 """
 from __future__ import annotations
@@ -29,6 +29,15 @@ def _whole_characters(texts) -> None:
                                  f"valid Unicode; send whole characters") from None
 
 
+# Parameters other OpenAI-style servers (vLLM, TGI, llama.cpp) take that would change the text: a client
+# sending one expects it to act, so anything but its neutral value is refused by name, not ignored.
+EXTENSIONS = {"top_logprobs": (None, 0), "prompt_logprobs": (None, 0), "repetition_penalty": (None, 1),
+              "min_p": (None, 0), "typical_p": (None, 1), "tfs_z": (None, 1), "mirostat": (None, 0),
+              "min_tokens": (None, 0), "length_penalty": (None, 1), "use_beam_search": (None, False),
+              "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+              "grammar": (None,), "json_schema": (None,), "tool_choice": (None, "none", "auto")}
+
+
 class Sampling(BaseModel):
     # strict: a client that sends "5" or true for max_tokens, or "yes" for stream, learns of its bug (as
     # from OpenAI) instead of having it guessed at; an integer is still a valid float
@@ -49,6 +58,15 @@ class Sampling(BaseModel):
     stream_options: dict | None = None
     ignore_eos: bool = False  # an extension (as vLLM's): generate past the end-of-text token
     token_healing: bool = True  # an extension: regenerate the prompt's last token
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extensions(cls, data):
+        if isinstance(data, dict):
+            for name, neutral in EXTENSIONS.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"{name} is not supported by this server; leave it out")
+        return data
 
     @field_validator("stop")
     @classmethod
