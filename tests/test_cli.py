@@ -120,7 +120,7 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["generate", "{run}", "--top-p", "1.5"], ["top_p"]),
     (["generate", "{run}", "--temperature", "nan"], ["temperature"]),
     (["generate", "{run}", "--num-samples", "-1"], ["--num-samples"]),
-    (["generate", "{run}", "--seed", "-1"], ["seed", ">= 0"]),
+    (["generate", "{run}", "--seed", "-1"], ["seed", "from 0"]),
     (["train", "--resume", "{run}", "--out", "{tmp}/elsewhere", "--max-steps", "50"], ["--resume", "--out"]),
     (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.lr=abc"], ["train.lr", "abc"]),
     (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.batch_size=abc"], ["train.batch_size", "abc"]),
@@ -215,7 +215,7 @@ def test_budget_sizes_the_model_and_sets_the_time(tmp_path, tiny_file, capsys):
     assert not (tmp_path / "other").exists()  # refused before the run folder was made
 
 
-def test_the_python_api_names_wrong_arguments(cli_run, tmp_path):
+def test_the_python_api_names_wrong_arguments(cli_run, tmp_path, monkeypatch):
     import lmforge
     from lmforge.errors import LmforgeError
     from lmforge.generation import SamplingConfig
@@ -233,9 +233,31 @@ def test_the_python_api_names_wrong_arguments(cli_run, tmp_path):
             (lambda: lmforge.load(cli_run / "tiny.txt"), "is a file"),
             (lambda: lmforge.train("[data]\nsources = ['x']\n", out=tmp_path / "r"), "not TOML text"),
             (lambda: lmforge.train(None, out=tmp_path / "r", overrides="train.max_steps=5"), "list"),
+            (lambda: lmforge.train(None, out=5), "out must be the path"),
+            (lambda: lmforge.train(None, out=tmp_path / "r", log=5), "log must be a function"),
+            (lambda: lmforge.train(None, out=tmp_path / "r", on_step="x"), "on_step must be a function"),
+            (lambda: lmforge.train(None, out=tmp_path / "r", budget="soon"), "cannot read duration"),
+            (lambda: lmforge.load(cli_run / "run", device=None), "device must be a string"),
+            (lambda: lm.generate("Emma", exact="no"), "exact must be True or False"),
+            (lambda: lm.chat_prompt("Hi"), "messages must be a list"),
+            (lambda: lm.generate("Emma", seed=2**64), "from 0 to 2**64 - 1"),
+            (lambda: lmforge.finetune(cli_run / "run", [str(cli_run / "tiny.txt")], max_steps="2"), "max_steps"),
+            (lambda: lmforge.finetune(cli_run / "run", ["gutenberg:austen-emma.txt"], task="classify"),
+             "is a plain text"),
+            (lambda: lmforge.finetune(cli_run / "run", [str(cli_run / "tiny.txt")], tmp_path / "big", mode="lora",
+                                      lora_rank=10**6, max_steps=1, overrides=["train.progress=false"]),
+             "LoRA rank 1000000 is more than the narrowest layer it adapts (32 wide)"),
+            (lambda: lmforge.prepare(None), "sources must be"),
+            (lambda: lmforge.prepare([""]), "empty name"),
+            (lambda: lmforge.prepare([str(cli_run / "tiny.txt")], val_fraction="0.1"), "val_fraction"),
+            (lambda: lmforge.prepare([str(cli_run / "tiny.txt")], errors="foo"), "errors must be"),
+            (lambda: lmforge.prepare([str(cli_run / "tiny.txt")], tokenizer_options=[1]), "tokenizer_options"),
     ]:
         with pytest.raises(LmforgeError, match=re.escape(needle)):
             call()
+    assert not (tmp_path / "r").exists() and not (tmp_path / "big").exists()  # refused before anything is written
+    monkeypatch.setenv("HOME", str(cli_run))
+    assert lmforge.load("~/run").num_params == lm.num_params  # "~" is the home folder, as in data sources
     # OpenAI-style messages are understood, not dropped
     assert lm.chat_prompt([{"role": "user", "content": "hi"}]) == lm.chat_prompt([("user", "hi")])
     # a nucleus so small it rounds to nothing in float32 still keeps the likeliest token: greedy
@@ -248,6 +270,22 @@ def test_settings_written_after_data_sources_are_settings_not_sources():
 
     args = parse_args(build_parser(), ["train", "--data", "book.txt", "train.max_time=5", "--out", "r"])
     assert args.data == ["book.txt"] and args.overrides == ["train.max_time=5"]
+    for command in (["train"], ["compare", "--out", "r"], ["finetune", "base"]):  # --data twice: both, not the last
+        assert parse_args(build_parser(), [*command, "--data", "a.txt", "--data", "b.txt"]).data == ["a.txt", "b.txt"]
+
+
+def test_resuming_with_the_same_data_typed_as_a_relative_path_is_no_conflict(cli_run, monkeypatch, capsys):
+    from lmforge.api import resume_config
+
+    monkeypatch.chdir(cli_run)
+    assert resume_config(cli_run / "run", None, ['data.sources=["tiny.txt"]']).data.sources == [
+        str(cli_run / "tiny.txt")]
+    one_line_error(capsys, main(["train", "--resume", "run", "--data", "other.txt"]), "data.sources")
+
+
+def test_eval_options_that_need_another_option_are_refused_not_ignored(cli_run, capsys):
+    one_line_error(capsys, main(["eval", str(cli_run / "run"), "--encoding", "latin-1"]), "--encoding", "--text FILE")
+    one_line_error(capsys, main(["eval", str(cli_run / "run"), "--prompts", "5"]), "--prompts", "--report DIR")
 
 
 def test_a_stop_string_typed_with_backslash_escapes(cli_run, capsys):

@@ -66,6 +66,17 @@ def test_a_file_named_twice_is_read_once_and_paths_read_as_a_user_types_them(tmp
     assert [d.text for d in read_sources(["~/a*.txt"])] == ["first"]  # "~" in a quoted glob too
 
 
+def test_a_folder_leaves_out_hidden_files_and_folders_as_a_glob_does(tmp_path):
+    (tmp_path / "notes.txt").write_text("Emma", encoding="utf-8")
+    (tmp_path / ".~lock.txt").write_text("Emma", encoding="utf-8")  # an editor's lock file
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter's copies
+    (tmp_path / ".ipynb_checkpoints" / "notes-checkpoint.txt").write_text("Emma", encoding="utf-8")
+    assert [d.name for d in read_sources([str(tmp_path)])] == [str(tmp_path / "notes.txt")]
+    assert [d.name for d in read_sources([str(tmp_path / "**" / "*.txt")])] == [str(tmp_path / "notes.txt")]
+    with pytest.raises(LmforgeError, match="empty name"):
+        read_sources([""])  # not the current folder
+
+
 def test_jsonl_documents_and_bad_lines(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "one", "body": "x"}\n\n{"body": "y", "text": "two"}\n', encoding="utf-8")
@@ -148,6 +159,33 @@ def test_cache_key_follows_content_and_options(tiny_file, tmp_path):
     assert prepare([str(tiny_file)], cache_dir=tmp_path).path != base.path
     with pytest.raises(LmforgeError, match="valid options"):
         prepare([str(tiny_file)], tokenizer="char", tokenizer_options={"size": 3}, cache_dir=tmp_path)
+
+
+def test_a_damaged_or_abandoned_cache_is_made_again_and_prepare_shares_trains_cache(tiny_file, tmp_path,
+                                                                                      monkeypatch):
+    import os
+
+    from lmforge.config import RunConfig
+    from lmforge.data import prepare_data
+
+    first = prepare([str(tiny_file)], cache_dir=tmp_path)
+    for size in (500, 501):  # token files cut short (an odd size is not even whole tokens): made again, not read
+        with open(first.path / "train.bin", "r+b") as f:
+            f.truncate(size)
+        again = prepare([str(tiny_file)], cache_dir=tmp_path)
+        assert not again.reused and len(again.train) == len(first.train) == again.meta["train_tokens"]
+    stale = tmp_path / ".tmp-abc-12345678"  # left by a prepare killed two days ago
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    fresh = tmp_path / ".tmp-def-12345678"  # a prepare still running
+    fresh.mkdir()
+    (tmp_path / "other.txt").write_text("Emma Woodhouse, handsome, clever and rich.\n" * 20, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    made = prepare(["other.txt"], cache_dir=tmp_path)  # a relative path, as a user types it
+    assert not stale.exists() and fresh.exists()
+    config = RunConfig.from_dict({"data": {"sources": ["other.txt"], "cache_dir": str(tmp_path)},
+                                  "tokenizer": {"kind": "char"}}, "test")
+    assert prepare_data(config).path == made.path  # what train reads is what prepare wrote
 
 
 def test_default_cache_dir_from_environment(tiny_file, tmp_path, monkeypatch):

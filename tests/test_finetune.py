@@ -369,3 +369,38 @@ def test_a_finetune_is_continued_with_finetune_resume(base):
     run, _ = tune(base, "hint", max_steps=2)
     assert resume_command(run) == f"lmforge finetune --resume {run}"
     assert resume_command(base / "base") == f"lmforge train --resume {base / 'base'}"
+
+
+def test_labelled_rows_that_cannot_train_and_folders_of_the_wrong_kind_are_named(base, tmp_path, capsys):
+    rows = {"numbers": [{"text": f"Emma {i}", "label": i % 2} for i in range(20)],
+            "empty": [{"text": "" if i > 15 else f"Emma {i}", "label": "ab"[i % 2]} for i in range(20)],
+            "blank": [{"prompt": f"say {i}", "completion": ""} for i in range(20)]}
+    for name, needles, task in (("numbers", ["'label' is 0, not a string", '"label": "0"'], "classify"),
+                                ("empty", ["'text' is empty"], "classify"),
+                                ("blank", ["every 'completion' is empty"], "completion")):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[name]))
+        code = main(["finetune", str(base / "base"), "--data", str(tmp_path / f"{name}.jsonl"), "--task", task,
+                     "--max-steps", "2", "--out", str(tmp_path / "x"), "--set", "train.threads=1"])
+        one_line_error(capsys, code, *needles)
+        assert not (tmp_path / "x").exists()
+    (tmp_path / "hf").mkdir()  # a Hugging Face folder where a run belongs, and a run where an HF folder does
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    one_line_error(capsys, main(["generate", str(tmp_path / "hf"), "-p", "Emma"]), "Hugging Face model folder",
+                   "lmforge import hf")
+    one_line_error(capsys, main(["import", "hf", str(base / "base"), "--out", str(tmp_path / "r")]),
+                   "is an lmforge run already")
+    one_line_error(capsys, main(["import", "hf", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]),
+                   "does not exist")
+    one_line_error(capsys, main(["data", "authors", "--out", str(tmp_path / "p.jsonl"), "--more", str(tmp_path)]),
+                   f"--more {tmp_path} lacks")
+
+
+def test_an_export_refusal_names_what_differs_from_the_closest_family():
+    from lmforge.errors import LmforgeError
+    from lmforge.interop.hf import GPT2, hf_family
+
+    gqa = {**GPT2, "bias": True, "n_heads": 4, "n_kv_heads": 2}  # all GPT-2 but grouped-query attention
+    with pytest.raises(LmforgeError, match=r"closest is GPT-2, which differs in n_kv_heads=2 \(GPT-2 has no "):
+        hf_family(gqa)
+    with pytest.raises(LmforgeError, match=r"closest is GPT-2, which differs in bias=False"):
+        hf_family({**gqa, "bias": False, "n_kv_heads": 4})

@@ -100,6 +100,15 @@ def test_rows_sample_with_their_own_settings_and_generators():
     assert ids[1:] == alone  # the same token as a batch of one with the same seed
 
 
+def test_extreme_temperatures_are_greedy_or_uniform_within_top_k_never_garbage():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    for tiny in (1e-30, 1e-300, 5e-324):  # below float32's reach: as greedy, not a division by zero
+        assert draw(logits, SamplingConfig(temperature=tiny), n=50).tolist() == [0, 0, 0, 0, 1]
+        assert draw(logits, SamplingConfig(temperature=tiny, top_k=3), n=50).tolist() == [0, 0, 0, 0, 1]
+    flat = draw(logits, SamplingConfig(temperature=1e300, top_k=3))  # the 3 likeliest, equally: not ids 0..2
+    assert flat[2] == flat[3] == 0 and (flat[[0, 1, 4]] - 1 / 3).abs().max() < 0.02
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=math.nan), dict(top_p=0), dict(top_p=1.5),
                                  dict(top_k=0), dict(max_new_tokens=-1), dict(max_new_tokens=2.5), dict(seed="x"),
                                  dict(seed=-1), dict(stop="."), dict(temperature=math.inf)])

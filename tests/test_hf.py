@@ -110,6 +110,48 @@ def test_a_vocabulary_padded_past_the_tokenizer_imports_without_the_padding(toke
     with torch.no_grad():
         assert max_diff(model(x).logits[..., :VOCAB], lm.model(x)[0]) < 1e-4  # the same logits, less the padding
     assert lm.generate("Emma", max_new_tokens=5, seed=0)
-    for bad in ("0", "-5"):
+    for bad in ("0", "-5", "1"):  # a window of one token leaves decoding nothing to re-read
         assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "r"), "--context-len", bad]) == 2
         assert "--context-len" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_llama_that_begins_with_bos_and_ends_with_its_own_eos_reads_and_stops_as_in_transformers(
+        tokenizer, tmp_path):
+    from tokenizers import Tokenizer, processors
+
+    hf_tok = Tokenizer.from_str(tokenizer.to_json())  # Llama-3's shape: <|begin_of_text|> before every text, and
+    hf_tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])  # two end-of-text names
+    bos, eot = hf_tok.token_to_id("<|begin_of_text|>"), hf_tok.token_to_id("<|eot_id|>")
+    hf_tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                          special_tokens=[("<|begin_of_text|>", bos)])
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=bos, eos_token_id=eot)  # only the model's configs name <|eot_id|>
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # make <|eot_id|> likely, so greedy decoding meets it
+        model.lm_head.weight[eot] = model.model.norm.weight * 3
+    model.save_pretrained(tmp_path / "hf")
+    hf_tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    import_hf(tmp_path / "hf", tmp_path / "run", log=lambda *_: None)
+    lm = lmforge.load(tmp_path / "run", decoding="fp32")
+    assert lm.tokenizer.eos_id == eot and lm.tokenizer.bos_id == bos
+    text = "Emma Woodhouse, handsome, clever, and rich"
+    ids = hf_tok.encode(text).ids
+    assert lm.prompt_ids(text) == ids and ids[0] == bos  # the prompt as transformers' tokenizer gives it
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40)[0, len(ids):].tolist()
+        nats = torch.nn.functional.cross_entropy(model(torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:]),
+                                                 reduction="sum").item()
+    ours = lm.complete(text, SamplingConfig(40, 0.0, token_healing=False))
+    assert eot in theirs and ours.token_ids == theirs[:theirs.index(eot)] and ours.finish_reason == "stop"
+    bits = nats / torch.log(torch.tensor(2.0)).item() / len(text.encode())
+    assert lm.evaluate(text)["bits_per_byte"] == pytest.approx(bits, rel=1e-4)  # scored after <|begin_of_text|>
+    export_hf(tmp_path / "run", tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (bos, eot)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (again.bos_token_id, again.eos_token_id) == (bos, eot) and again(text)["input_ids"] == ids
+    import_hf(tmp_path / "out", tmp_path / "back", log=lambda *_: None)  # and back: the same two tokens
+    back = lmforge.load(tmp_path / "back")
+    assert (back.tokenizer.bos_id, back.tokenizer.eos_id) == (bos, eot)

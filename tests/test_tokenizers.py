@@ -80,6 +80,13 @@ def test_word_options(tiny_text):
     model = build_model("lstm", vocab_size=no_stop.vocab_size, d_model=16, d_hidden=16, n_layers=1)
     summary = evaluate_text(model, no_stop, tiny_text).summary()
     assert summary["bits_per_byte_is_lower_bound"] and "removes stop words" in lower_bound_reason(summary)
+    model = build_model("lstm", vocab_size=lower.vocab_size, d_model=16, d_hidden=16, n_layers=1)
+    summary = evaluate_text(model, lower, tiny_text).summary()  # nor do capital letters, once lowercased
+    assert summary["bits_per_byte_is_lower_bound"] and "lowercases the text" in lower_bound_reason(summary)
+    with pytest.raises(LmforgeError, match="empty after tokenizing .its stop words are removed"):
+        from lmforge.evaluation.likelihood import evaluate_documents
+
+        evaluate_documents(model, no_stop, [("text", "the of and")])  # not a perfect score of 0 bits
     small = train_tokenizer("word", [tiny_text], max_vocab=10, min_freq=1)
     assert small.vocab_size == 10
     rare = train_tokenizer("word", [tiny_text + " Zanzibar"], min_freq=2)
@@ -103,6 +110,20 @@ def test_eos_never_comes_from_text_and_decodes_to_nothing(kind, tiny_text):
     tok = train_tokenizer(kind, [tiny_text + EOS], **({"vocab_size": 300} if kind == "bpe" else {}))
     assert tok.eos_id not in tok.encode("Emma " + EOS + " rich")
     assert tok.decode([tok.eos_id]) == ""
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_decoding_an_id_outside_the_vocabulary_is_an_error_not_some_other_token(kind, tiny_text):
+    tok = train_tokenizer(kind, [tiny_text], **({"vocab_size": 300} if kind == "bpe" else {}))
+    for bad in ([-1], [tok.vocab_size], [10**9]):  # -1 would be the last token; HF's decoder skips the others
+        with pytest.raises(LmforgeError, match=f"token id {bad[0]} is outside the vocabulary"):
+            tok.decode(bad)
+    with pytest.raises(LmforgeError, match="whole-number token ids"):
+        tok.decode([1.5])
+    import numpy as np
+
+    ids = tok.encode("Emma")
+    assert tok.decode(np.array(ids)) == tok.decode(ids) != ""  # numpy ids are ids
 
 
 def test_char_reports_unseen_characters():

@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import (RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr, default_warmup_steps,
-                     default_weight_decay, merge, parse_overrides)
+from .config import (DataConfig, RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr,
+                     default_warmup_steps, default_weight_decay, merge, parse_duration, parse_overrides)
 from .data.examples import render
 from .device import resolve_device
 from .errors import LmforgeError
@@ -63,9 +63,12 @@ class LanguageModel:
         return ft.get("template") if ft.get("task") == "completion" else None
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        """What the model reads for `prompt`: the run's template applied, then encoded."""
+        """What the model reads for `prompt`: the run's template applied, then encoded (after the
+        tokenizer's beginning-of-text token, for a model imported with one: a Llama's <s>)."""
         text = self._prompt_text(prompt)
-        return self.tokenizer.encode(text) if text else []
+        ids = self.tokenizer.encode(text) if text else []
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return ids if bos is None else [bos] + ids
 
     def prompt_tail(self, prompt: str) -> str:
         """The end of `prompt` (templated) when prompt_ids ends in <unk> for it (a word the vocabulary has
@@ -90,6 +93,9 @@ class LanguageModel:
         and stops at the next "\nUser:". A prompt -> completion run puts the last user message into
         its own template, as `generate` does (earlier turns come first, as a transcript). Messages may
         also be OpenAI-style {"role", "content"} dicts."""
+        if not isinstance(messages, (list, tuple)):
+            raise LmforgeError(f"messages must be a list of (role, text) pairs or {{'role', 'content'}} dicts, "
+                               f"got {type(messages).__name__}")
         messages = [_message(m) for m in messages]
         system = "\n".join(text for role, text in messages if role in ("system", "developer"))
         turns = [(role, text) for role, text in messages if role in ("user", "assistant")]
@@ -102,6 +108,7 @@ class LanguageModel:
         return head + "\n".join(lines + ["Assistant:"]), ["\nUser:"]
 
     def decoder_for(self, exact: bool = False) -> Decoder:
+        _check_flag("exact", exact)
         if not exact:
             return self.decoder
         if self._exact is None:
@@ -116,6 +123,11 @@ class LanguageModel:
     def generate(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[str] | None = None, on_text=None, exact: bool = False, token_healing: bool = True) -> str:
+        """The text the model writes after `prompt`: up to `max_new_tokens` tokens, sampled at `temperature`
+        (0: greedy) from the `top_k` likeliest tokens and/or the smallest set holding `top_p` of the
+        probability; `seed` makes it repeatable, and it ends early at the end of text or at any of the `stop`
+        strings (which are left out). `on_text(piece)` is called with each piece as it comes; `exact` decodes
+        with the fp32 weights; `token_healing=False` feeds the prompt's last token as it is."""
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [],
                                   token_healing=token_healing)
         return self.complete(prompt, sampling, on_text, exact).text
@@ -126,13 +138,15 @@ class LanguageModel:
             raise LmforgeError(f"sampling must be a lmforge.generation.SamplingConfig, got {type(sampling).__name__}")
         if on_text is not None and not callable(on_text):
             raise LmforgeError(f"on_text must be a function taking each piece of text, got {type(on_text).__name__}")
+        _check_flag("exact", exact)
         return _generate(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling, on_text,
                          self.prompt_tail(prompt))
 
     def stream(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, exact: bool = False, token_healing: bool = True) -> Iterator[str]:
-        """Yield text pieces as they are generated."""
+        """Yield text pieces as they are generated (the arguments are generate's)."""
+        _check_flag("exact", exact)
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [],
                                   token_healing=token_healing)
         return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling,
@@ -170,7 +184,7 @@ class LanguageModel:
         if text is not None and not isinstance(text, str):
             raise LmforgeError(f"evaluate takes a string (or nothing: the run's validation split), got "
                                f"{type(text).__name__}")
-        if text is not None and not text.strip():
+        if text is not None and not text:
             raise LmforgeError("nothing to evaluate: the text is empty")
         docs = [("text", text)] if text is not None else self.validation_documents()
         return evaluate_documents(self.model, self.tokenizer, docs, device=self.device)
@@ -199,13 +213,17 @@ def load(run: str | Path, device: str = "cpu", decoding: str = "auto", cache: st
     faster here), fp32 or bf16; fp32 decoding always keeps an fp32 cache."""
     if not isinstance(run, (str, Path)):
         raise LmforgeError(f"load takes the path of a run folder, got {type(run).__name__}")
-    if Path(run).is_file():
+    for name, value in (("device", device), ("decoding", decoding), ("cache", cache)):
+        if not isinstance(value, str):
+            raise LmforgeError(f"{name} must be a string such as 'auto' or 'cpu', got {value!r}")
+    run = Path(run).expanduser()
+    if run.is_file():
         raise LmforgeError(f"{run} is a file; load takes a run folder (the one holding config.json)")
-    model, tokenizer, config = ckpt.load_model(Path(run))
+    model, tokenizer, config = ckpt.load_model(run)
     dev = resolve_device(device)
     model = model.to(dev)
     decoder = Decoder(model, *decoding_setup(model, dev, decoding, cache))
-    return LanguageModel(model, tokenizer, config, Path(run), dev, decoder)
+    return LanguageModel(model, tokenizer, config, run, dev, decoder)
 
 
 def decoding_setup(model, dev: torch.device, decoding: str = "auto", cache: str = "auto") -> tuple[str, str]:
@@ -239,6 +257,16 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
 
     if overrides is not None and (isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides)):
         raise LmforgeError("overrides must be a list of 'section.key=value' strings, e.g. ['train.max_steps=5']")
+    if out is not None and not isinstance(out, (str, Path)):
+        raise LmforgeError(f"out must be the path of a run folder, got {out!r}")
+    out = None if out is None else Path(out).expanduser()
+    log = _quiet if log is None else log
+    for name, value in (("log", log), ("on_step", on_step)):
+        if value is not None and not callable(value):
+            raise LmforgeError(f"{name} must be a function (or None), got {value!r}")
+    _check_flag("resume", resume)
+    if budget is not None:  # seconds, or a duration as the CLI takes it ("5m")
+        budget = parse_duration(budget)
     if resume:
         if out is None:
             raise LmforgeError("resume needs the run folder: --resume RUN")
@@ -300,6 +328,11 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
                 "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
                 "tokens_per_s": result.tokens_per_s, "best_val_bpb": result.best_val_bpb, **result.extra})
     return lm, result
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise LmforgeError(f"{name} must be True or False, got {value!r}")
 
 
 def _quiet(*_) -> None:
@@ -430,6 +463,8 @@ def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None
             have = stored.get(section, {}) or {}
             have = have.get("options", {}).get(key, have.get(key)) if section in ("model", "tokenizer") and \
                 key not in ("arch", "kind") else have.get(key)
+            if section == "data" and key == "sources" and isinstance(value, list):  # as the run recorded them
+                value = DataConfig(sources=value).sources
             if have != value:
                 conflicts.append(f"{section}.{key}={value!r} (the run has {have!r})")
     if conflicts:

@@ -349,6 +349,9 @@ def read_config(run_dir: Path) -> dict:
         raise LmforgeError(f"{run_dir} is not an lmforge run (no {CONFIG}); point at a folder made by `lmforge train`")
     data = read_json(run_dir / CONFIG, "run config")
     version = data.get("format_version")
+    if version is None and "model_type" in data:
+        raise LmforgeError(f"{run_dir} is a Hugging Face model folder, not an lmforge run; import it with "
+                           f"`lmforge import hf {run_dir} --out RUN`, then use RUN")
     if version != FORMAT_VERSION:
         raise LmforgeError(f"{run_dir} was written by another lmforge (run format {version!r}; this lmforge reads "
                            f"{FORMAT_VERSION}); use the lmforge that made it, or train it again")

@@ -135,7 +135,7 @@ def cmd_finetune(args) -> int:
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
             from_scratch=args.from_scratch or None,
-            lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
+            lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None)
     if not dist.is_main():  # under torchrun, process 0 reports
         return 130 if result.interrupted else 0
     print(f"run: {result.run_dir}  {result.steps} steps, {result.extra['trainable_params']:,} trainable parameters")
@@ -288,6 +288,16 @@ def cmd_eval(args) -> int:
         args.device = str(dist.start(resolve_device(args.device)))
     if not args.adapt and (args.adapt_lr is not None or args.adapt_lora):
         raise LmforgeError("--adapt-lr and --adapt-lora set up --adapt; add --adapt, or drop them")
+    unused = [flag for flag, value, needs in (("--encoding", args.encoding, args.text),
+                                              ("--errors", args.errors, args.text),
+                                              ("--jsonl-field", args.jsonl_field, args.text),
+                                              ("--prompts", args.prompts, args.report))
+              if value is not None and not needs]
+    if unused:  # not silently ignored
+        needed = "--report DIR" if unused == ["--prompts"] else "--text FILE"
+        raise LmforgeError(f"{', '.join(unused)} applies to {needed}; add it, or drop {', '.join(unused)}")
+    args.encoding, args.errors = args.encoding or "utf-8", args.errors or "strict"
+    args.jsonl_field, args.prompts = args.jsonl_field or "text", 100 if args.prompts is None else args.prompts
     lm = api.load(args.run, device=args.device)
     task = (lm.config.get("finetune") or {}).get("task")
     if task in ("classify", "completion") and not args.text and not args.report:
@@ -563,7 +573,7 @@ def cmd_data(args) -> int:
 # ---- the parser -----------------------------------------------------------------------------------
 
 def _data_flags(p, sources_help: str) -> None:
-    p.add_argument("--data", nargs="+", help=sources_help)
+    p.add_argument("--data", nargs="+", action="extend", help=sources_help)
     p.add_argument("--encoding", help="text encoding of the sources (default utf-8)")
     p.add_argument("--errors", choices=["strict", "replace", "ignore"], help="what to do with undecodable bytes")
     p.add_argument("--jsonl-field", help=".jsonl sources: the field holding each document (default text)")
@@ -608,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="continue training a run on new data (full, freeze or lora)")
     p.add_argument("base", nargs="?", help="the base run folder")
-    p.add_argument("--data", nargs="+", help="text sources (lm) or one .jsonl (classify, completion)")
+    p.add_argument("--data", nargs="+", action="extend", help="text sources (lm) or one .jsonl (classify, completion)")
     p.add_argument("--mode", help="full, freeze or lora (default full)")
     p.add_argument("--task", help="lm, completion or classify (default lm)")
     p.add_argument("--out", help="run folder (default runs/<base>-<task>-<mode>-<time>)")
@@ -691,16 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="bits per byte, perplexity and accuracy of a trained model")
     p.add_argument("run")
     p.add_argument("--text", help="a text or .jsonl file (default: the run's validation split)")
-    p.add_argument("--jsonl-field", default="text", help="--text .jsonl: the field holding each document")
-    p.add_argument("--encoding", default="utf-8", help="--text: its encoding")
-    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"])
+    p.add_argument("--jsonl-field", help="--text .jsonl: the field holding each document (default text)")
+    p.add_argument("--encoding", help="--text: its encoding (default utf-8)")
+    p.add_argument("--errors", choices=["strict", "replace", "ignore"],
+                   help="--text: undecodable bytes (default strict)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--adapt", action="store_true", help="also score adaptively: the model learns from each window "
                                                          "after scoring it (dynamic evaluation), beside PPMd")
     p.add_argument("--adapt-lr", type=float, help="--adapt: learning rate (default 1e-4; LoRA 1e-3)")
     p.add_argument("--adapt-lora", action="store_true", help="--adapt: learn LoRA adapters only")
     p.add_argument("--report", metavar="DIR", help="write a full report (report.md, report.json, plots) to DIR")
-    p.add_argument("--prompts", type=int, default=100, help="continuation prompts for the report (default 100)")
+    p.add_argument("--prompts", type=int, help="continuation prompts for the report (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
@@ -727,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time: default sizes, same budget; params: widths solved to the Transformer's parameter count")
     p.add_argument("--out", required=True, help="report folder (must be new or empty)")
     p.add_argument("--config", help="a TOML file with the shared [data], [tokenizer] and [train] settings")
-    p.add_argument("--data", nargs="+", help="text sources (as for prepare)")
+    p.add_argument("--data", nargs="+", action="extend", help="text sources (as for prepare)")
     p.add_argument("--prompt", help="seed phrase for every candidate's sample (default: train.sample_prompt)")
     p.set_defaults(func=cmd_compare)
 

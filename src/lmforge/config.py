@@ -27,6 +27,15 @@ AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
+def absolute_sources(sources: list) -> list:
+    """Local sources as absolute paths ("~" expanded), Gutenberg ids as they are. A run folder records where
+    its text is from anywhere (resuming, evaluating and fine-tuning from another folder read the same
+    files), and `prepare` and `train` name the same files alike, so they share the cache."""
+    sources = [os.fspath(s) if isinstance(s, os.PathLike) else s for s in sources]
+    return [os.path.abspath(os.path.expanduser(s)) if isinstance(s, str) and s.strip() and
+            not s.startswith("gutenberg:") else s for s in sources]
+
+
 @dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=lambda: list(AUSTEN))
@@ -39,10 +48,10 @@ class DataConfig:
     def __post_init__(self):
         if not self.sources:
             raise LmforgeError("data.sources is empty; name at least one text file, folder, glob or gutenberg:ID")
-        # a run folder records where its text is from anywhere: resuming, evaluating and fine-tuning from
-        # another folder read the same files
-        self.sources = [os.path.abspath(os.path.expanduser(s)) if isinstance(s, str) and s and
-                        not s.startswith("gutenberg:") else s for s in self.sources]
+        if any(isinstance(s, str) and not s.strip() for s in self.sources):
+            raise LmforgeError("a data source is an empty name; give a file, folder, glob or gutenberg:ID "
+                               "(an unset shell variable?)")
+        self.sources = absolute_sources(self.sources)
         if not 0.0 < self.val_fraction < 1.0:
             raise LmforgeError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.errors not in ("strict", "replace", "ignore"):

@@ -60,6 +60,10 @@ def author_rows(more, passage_chars: int = 600, caps: dict | None = None) -> lis
     if not more.is_dir():
         raise LmforgeError(f"--more {more} is not a folder; point it at the folder of extra Gutenberg novels "
                            f"({', '.join(b for books in AUTHORS.values() for b in books if ':' not in b)})")
+    missing = [b for books in AUTHORS.values() for b in books if ":" not in b and not (more / b).is_file()]
+    if missing:
+        raise LmforgeError(f"--more {more} lacks {', '.join(missing)}; point it at the folder of extra Gutenberg "
+                           f"novels that holds them")
     rows = []
     for author, books in AUTHORS.items():
         for split, (lo, hi) in REGIONS.items():

@@ -25,7 +25,10 @@ DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n### Completion:\n"
 def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
     """Rows of a JSONL file that hold the string `fields`; a row without "split" gets one by hashing
     its content (80% train, 10% val, 10% test), so the assignment is stable across runs."""
-    path = Path(path)
+    if str(path).startswith("gutenberg:"):
+        raise LmforgeError(f"--data {path} is a plain text; this task reads labelled rows: give a .jsonl file with "
+                           f"{', '.join(repr(f) for f in fields)} in each line")
+    path = Path(path).expanduser()
     if not path.exists():
         raise LmforgeError(f"--data {path} does not exist; give the .jsonl file with one JSON object per line")
     if path.suffix != ".jsonl" or not path.is_file():
@@ -38,15 +41,23 @@ def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
     rows = []
     for number, row in json_lines(text, path):
         missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), str)]
+        if missing and isinstance(row, dict) and row.get(missing[0]) is not None:
+            value = row[missing[0]]
+            raise LmforgeError(f"{path}:{number}: {missing[0]!r} is {json.dumps(value)[:40]}, not a string; write it "
+                               f"in quotes (\"{missing[0]}\": {json.dumps(str(value))[:40]})")
         if missing:
             raise LmforgeError(f"{path}:{number}: no string field {missing[0]!r}; every row needs "
                                f"{', '.join(repr(f) for f in fields)}")
+        if "text" in fields and not row["text"].strip():  # a classifier has nothing to read (an RNN cannot)
+            raise LmforgeError(f"{path}:{number}: 'text' is empty; every row needs some text to classify")
         split = row.get("split") or hash_split(json.dumps([row[f] for f in fields]))
         if split not in SPLITS:
             raise LmforgeError(f"{path}:{number}: split {split!r} is not one of {', '.join(SPLITS)}")
         rows.append({**row, "split": split})
     if not any(r["split"] == "train" for r in rows):
         raise LmforgeError(f"{path} has no training rows; add rows with \"split\": \"train\" (or no split field)")
+    if "completion" in fields and not any(r["completion"] for r in rows):
+        raise LmforgeError(f"{path}: every 'completion' is empty; give the text each prompt should be answered with")
     return rows
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import absolute_sources
 from ..errors import LmforgeError
 from ..tokenizers import load_tokenizer, resolve_options, train_tokenizer
 from .sources import Document, read_sources
@@ -72,24 +74,41 @@ def prepare(sources, *, tokenizer: str = "char", tokenizer_options: dict | None 
     rest validate (Austen at 0.1: int(len(text) * 0.9) per book). The tokenizer is trained on the
     train parts, unless `tokenizer_obj` is given (fine-tuning encodes new text with a base model's).
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise LmforgeError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
+    number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
+    if not (number and 0.0 < val_fraction < 1.0):
+        raise LmforgeError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}; "
+                           f"try 0.1")
+    if tokenizer_options is not None and not isinstance(tokenizer_options, dict):
+        raise LmforgeError(f"tokenizer_options must be a dict such as {{'vocab_size': 4096}}, "
+                           f"got {tokenizer_options!r}")
+    if errors not in ("strict", "replace", "ignore"):
+        raise LmforgeError(f"errors must be strict, replace or ignore, got {errors!r}")
     if tokenizer_obj is None:
         kind, options, base = tokenizer, resolve_options(tokenizer, tokenizer_options), None
     else:
         kind, options, base = tokenizer_obj.kind, tokenizer_obj.options, tokenizer_obj.fingerprint()
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if isinstance(sources, (list, tuple)):  # named as `train` names them: the same cache folder
+        sources = absolute_sources(sources)
     documents = read_sources(sources, jsonl_field=jsonl_field, encoding=encoding, errors=errors)
     root = cache_root(cache_dir)
     if tokenizer_obj is not None:
         # A run's own tokenizer was trained on this very corpus: its cache folder is the trained one.
         trained = root / cache_key(documents, val_fraction, kind, options, None)
         if _fingerprint(trained) == base:
-            return open_prepared(trained, tokenizer_obj, reused=True)
+            try:
+                return open_prepared(trained, tokenizer_obj, reused=True)
+            except DamagedCache:  # encoded again below, with the run's tokenizer
+                shutil.rmtree(trained, ignore_errors=True)
     folder = root / cache_key(documents, val_fraction, kind, options, base)
-    if not (folder / "meta.json").exists():
-        build(folder, documents, sources, val_fraction, kind, options, tokenizer_obj)
-        return open_prepared(folder, tokenizer_obj, reused=False)
-    return open_prepared(folder, tokenizer_obj, reused=True)
+    if (folder / "meta.json").exists():
+        try:
+            return open_prepared(folder, tokenizer_obj, reused=True)
+        except DamagedCache:  # a cache holds nothing that cannot be made again: make it again
+            shutil.rmtree(folder, ignore_errors=True)
+    build(folder, documents, sources, val_fraction, kind, options, tokenizer_obj)
+    return open_prepared(folder, tokenizer_obj, reused=False)
 
 
 def prepare_data(config, tokenizer=None) -> Prepared:
@@ -158,6 +177,7 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
         "unknown": dict(unknown.most_common()),
     }
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    _remove_abandoned(folder.parent)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -179,6 +199,20 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+ABANDONED_AFTER_S = 24 * 3600  # a temporary folder this old belongs to a prepare that was killed
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Delete the temporary folders of prepares killed before they finished (a finished one renames
+    its folder; one still running has touched its folder within the day)."""
+    try:
+        for tmp in root.glob(".tmp-*"):
+            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def join_documents(encoded: list[list[int]], eos_id: int, dtype) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -211,6 +245,10 @@ def document_meta(documents, train_texts, val_texts, train_spans, val_spans) -> 
     return out
 
 
+class DamagedCache(LmforgeError):
+    """A prepared folder whose token files do not match what it recorded (truncated, half copied)."""
+
+
 def open_prepared(path, tokenizer=None, *, reused: bool = True) -> Prepared:
     """Open a prepared folder. A given `tokenizer` must be the one the folder was encoded with."""
     path = Path(path)
@@ -225,11 +263,17 @@ def open_prepared(path, tokenizer=None, *, reused: bool = True) -> Prepared:
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
         raise LmforgeError(f"the tokenizer does not match the one {path} was encoded with; "
                            "re-run `lmforge prepare` with it")
-    val_text = read_exact(path / "val.txt")
+    try:
+        train, val = open_tokens(path / "train.bin", meta["dtype"]), open_tokens(path / "val.bin", meta["dtype"])
+        val_text = read_exact(path / "val.txt")
+    except (OSError, ValueError) as exc:
+        raise DamagedCache(f"{path} is damaged ({exc}); delete it and prepare again") from None
+    if (len(train), len(val)) != (meta["train_tokens"], meta["val_tokens"]):
+        raise DamagedCache(f"{path} is damaged: it holds {len(train):,} + {len(val):,} tokens where it recorded "
+                           f"{meta['train_tokens']:,} + {meta['val_tokens']:,}; delete it and prepare again")
     documents = [ValDocument(d["name"], val_text[slice(*d["val_text"])], d["val_chars"], d["val_bytes"],
                              tuple(d["val_tokens"])) for d in meta["documents"]]
-    return Prepared(path=path, train=open_tokens(path / "train.bin", meta["dtype"]),
-                    val=open_tokens(path / "val.bin", meta["dtype"]), tokenizer=tokenizer, meta=meta,
+    return Prepared(path=path, train=train, val=val, tokenizer=tokenizer, meta=meta,
                     documents=documents, val_text=val_text, unknown=meta["unknown"], reused=reused)
 
 

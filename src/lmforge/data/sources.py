@@ -29,10 +29,15 @@ def read_sources(specs, *, jsonl_field: str = "text", encoding: str = "utf-8",
     twice (or matched by two globs) is read once. Fails on an empty corpus."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(s, (str, os.PathLike)) for s in specs):
+        raise LmforgeError(f"sources must be a path or gutenberg:ID, or a list of them, got {specs!r}")
     documents: list[Document] = []
     seen: set = set()
     for spec in specs:
         spec = str(spec)
+        if not spec.strip():  # "" would be the current folder: every *.txt under it, which nobody asked for
+            raise LmforgeError("a data source is an empty name; give a file, folder, glob or gutenberg:ID "
+                               "(an unset shell variable?)")
         if spec.startswith(GUTENBERG):
             documents += [d for d in read_gutenberg(spec[len(GUTENBERG):]) if d.name not in seen]
             seen.update(d.name for d in documents)
@@ -49,8 +54,9 @@ def read_sources(specs, *, jsonl_field: str = "text", encoding: str = "utf-8",
 
 
 def expand_path(spec: str) -> list[Path]:
-    """A file, every *.txt under a folder (sorted), or the files a glob matches (sorted); "~" is the home
-    folder. A file that exists is itself even when its name holds glob characters ("notes[1].txt")."""
+    """A file, every *.txt under a folder (sorted; hidden ones left out, as globs leave them), or the files a
+    glob matches (sorted); "~" is the home folder. A file that exists is itself even when its name holds glob
+    characters ("notes[1].txt")."""
     spec = os.path.expanduser(spec)
     if glob.has_magic(spec) and not Path(spec).exists():
         paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
@@ -59,7 +65,9 @@ def expand_path(spec: str) -> list[Path]:
         return paths
     path = Path(spec)
     if path.is_dir():
-        paths = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        # hidden files and folders (.ipynb_checkpoints, an editor's .~lock files) are skipped, as globs skip them
+        paths = sorted(p for p in path.rglob("*.txt") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not paths:
             raise LmforgeError(f"the folder {spec} holds no *.txt files; put text files in it or name the files")
         return paths

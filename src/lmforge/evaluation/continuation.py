@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import LmforgeError
 from ..generation import SamplingConfig
 from ..generation.healing import prompt_tail
+from ..tokenizers import start_id
 from .copying import CopyIndex
 from .likelihood import score_ids
 from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_starts
@@ -85,13 +86,15 @@ def model_continuations(lm, prompts: list[Prompt], seed: int, progress: bool = T
     decoding rounds differently with the number of rows).
     """
     tokenizer = lm.tokenizer
-    encoded = [tokenizer.encode(p.prompt) or [tokenizer.eos_id] for p in prompts]
+    encoded = [tokenizer.encode(p.prompt) for p in prompts]
+    start = start_id(tokenizer)  # what the model reads first (scoring); generation puts a tokenizer's own first
+    lead = [start] if getattr(tokenizer, "bos_id", None) is not None else []
     bar = tqdm(total=2 * len(prompts), desc="model continuations", unit="prompt", disable=not progress,
                dynamic_ncols=True)
     texts = []
     for i, (ids, p) in enumerate(zip(encoded, prompts)):
         engine = lm.engine(max_batch=1, tune_threads=False)  # as `lmforge generate --seed` runs one
-        request = engine.submit(ids, SamplingConfig(_token_budget(tokenizer, p.original), TEMPERATURE, TOP_K,
+        request = engine.submit(lead + ids, SamplingConfig(_token_budget(tokenizer, p.original), TEMPERATURE, TOP_K,
                                                     seed=sample_seed(seed, i)), max_chars=len(p.original),
                                 tail=prompt_tail(tokenizer, p.prompt))
         engine.run()
@@ -102,8 +105,8 @@ def model_continuations(lm, prompts: list[Prompt], seed: int, progress: bool = T
         # Both calls score the prompt's tokens in the same first window, so the difference is the
         # cost of the continuation given the whole prompt (exact while the prompt fits max_context;
         # a longer prompt's later tokens are windowed slightly differently in the two calls).
-        full = score_ids(lm.model, ids + tokenizer.encode(p.original), tokenizer.eos_id, device=lm.device)
-        nats.append(full.nats - score_ids(lm.model, ids, tokenizer.eos_id, device=lm.device).nats)
+        full = score_ids(lm.model, ids + tokenizer.encode(p.original), start, device=lm.device)
+        nats.append(full.nats - score_ids(lm.model, ids, start, device=lm.device).nats)
         bar.update(1)
     bar.close()
     return texts, nats

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..device import ThreadTuner, configured_threads
+from ..errors import LmforgeError
+from ..tokenizers import start_id
 
 
 
@@ -26,6 +28,7 @@ class Score:
     correct5: int = 0
     unknown: int = 0  # tokens that are <unk>: their spelling costs nothing, so bits per byte is a lower bound
     dropped: int = 0  # texts whose stop words the tokenizer removed: never predicted, they cost nothing either
+    lowercased: int = 0  # texts the tokenizer lowercased: their capital letters cost nothing
 
     def __iadd__(self, other: "Score") -> "Score":
         for name in FIELDS:
@@ -52,8 +55,9 @@ class Score:
             "unknown_rate": self.unknown / max(self.tokens, 1),
             # An <unk> prediction pays nothing for the word's spelling, nor a removed stop word for being
             # there: the true cost is higher.
-            "bits_per_byte_is_lower_bound": self.unknown > 0 or self.dropped > 0,
+            "bits_per_byte_is_lower_bound": self.unknown > 0 or self.dropped > 0 or self.lowercased > 0,
             "stop_words_removed": self.dropped > 0,
+            "lowercased": self.lowercased > 0,
         }
 
 
@@ -65,9 +69,17 @@ def lower_bound_reason(summary: dict) -> str | None:
     reasons = []
     if summary.get("stop_words_removed"):
         reasons.append("the tokenizer removes stop words, which cost nothing here (not comparable with other runs)")
+    if summary.get("lowercased"):
+        reasons.append("the tokenizer lowercases the text, so capital letters cost nothing here (not comparable "
+                       "with other runs)")
     if summary.get("unknown_rate"):
-        reasons.append(f"{summary['unknown_rate']:.2%} of the tokens are <unk>, whose spelling costs nothing")
+        reasons.append(f"{percent(summary['unknown_rate'])} of the tokens are <unk>, whose spelling costs nothing")
     return "; ".join(reasons) or None
+
+
+def percent(rate: float) -> str:
+    """A rate as a percentage to two places; one that would round to 0.00% is "under 0.01%"."""
+    return f"{rate:.2%}" if rate >= 0.00005 else "under 0.01%"
 
 
 def _score_positions(logits: torch.Tensor, targets: torch.Tensor) -> Score:
@@ -137,12 +149,14 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
 
 def evaluate_text(model, tokenizer, text: str, *, device="cpu", part: tuple[int, int] = (0, 1)) -> Score:
     ids = tokenizer.encode(text)
-    score = score_ids(model, ids, tokenizer.eos_id, device=device, part=part)
+    score = score_ids(model, ids, start_id(tokenizer), device=device, part=part)
     if part[0] == 0:  # the text's own counts, once
         score.bytes = len(text.encode("utf-8"))
         unk = getattr(tokenizer, "unk_id", None)
         score.unknown = sum(1 for i in ids if i == unk) if unk is not None else 0
-        score.dropped = int(bool(getattr(tokenizer, "options", {}).get("remove_stopwords")))
+        options = getattr(tokenizer, "options", {})
+        score.dropped = int(bool(options.get("remove_stopwords")))
+        score.lowercased = int(bool(options.get("lowercase")))
     return score
 
 
@@ -169,6 +183,11 @@ def evaluate_documents(model, tokenizer, documents: list[tuple[str, str]], *, de
     for (name, _), score in zip(documents, scores):
         per_doc[name] = score.summary()
         total += score
+    if total.tokens == 0:  # not a perfect score: nothing was scored at all
+        removes = getattr(tokenizer, "options", {}).get("remove_stopwords")
+        stop_words = " (its stop words are removed)" if removes else ""
+        raise LmforgeError(f"the text holds no token this model scores: it is empty after tokenizing{stop_words}; "
+                           f"give longer text")
     return {**total.summary(), "documents": per_doc}
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import continuation as cont
 from .baselines import COMPRESSORS, KneserNeyModel, UnigramModel, compressor_bits_per_byte
 from .copying import CopyIndex
-from .likelihood import Score, evaluate_text
+from .likelihood import Score, evaluate_text, percent
 
 FORMAT_VERSION = 1
 KN_ORDER = 5
@@ -252,9 +252,12 @@ def render_markdown(report: dict) -> str:
     if lik.get("stop_words_removed"):
         out += ["", "**Bits per byte is a lower bound, not comparable with other runs:** this run's tokenizer "
                     "removes stop words, which the model never predicts and which cost nothing here."]
+    if lik.get("lowercased"):
+        out += ["", "**Bits per byte is a lower bound, not comparable with other runs:** this run's tokenizer "
+                    "lowercases the text, so the model never pays for capital letters."]
     if lik["unknown_rate"]:
         pieces = ", ".join(f"`{w}` ×{n}" for w, n in lik["top_unknown"])
-        out += ["", f"**Bits per byte is a lower bound:** {lik['unknown_rate']:.2%} of tokens are `<unk>`, and "
+        out += ["", f"**Bits per byte is a lower bound:** {percent(lik['unknown_rate'])} of tokens are `<unk>`, and "
                     f"an `<unk>` pays nothing for the spelling of the word it stands for. Most common unknown "
                     f"pieces: {pieces}."]
     out += ["", "## 2. Baselines on the same text", "",

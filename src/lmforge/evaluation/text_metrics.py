@@ -93,7 +93,8 @@ def sentence_starts(text: str, count: int, min_chars: int, seed: int) -> list[in
         candidates.insert(0, 0)  # the text's first character starts a sentence too
     candidates = [c for c in candidates if len(text) - c >= min_chars]
     if count < 1 or len(candidates) < count:
-        fix = f"ask for at most {len(candidates)} prompts (--prompts) or " if candidates else ""
+        fix = (f"ask for at most {len(candidates)} prompt{'s' if len(candidates) > 1 else ''} (--prompts) or "
+               if candidates else "")
         raise LmforgeError(
             f"asked for {count} prompts but the held-out text ({len(text)} characters) has "
             f"{len(candidates)} sentence starts with {min_chars} characters after them; "

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import LmforgeError
 from ..evaluation.likelihood import Score, _score_positions, _windows
+from ..tokenizers import start_id
 from .lora import apply_lora
 
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}  # starting points, not tuned per text: --adapt-lr overrides
@@ -49,7 +50,7 @@ def adaptive_score(model, tokenizer, text: str, settings: AdaptSettings | None =
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     ids = tokenizer.encode(text)
-    seq = torch.tensor([tokenizer.eos_id] + ids, dtype=torch.long, device=device)
+    seq = torch.tensor([start_id(tokenizer)] + ids, dtype=torch.long, device=device)
     n = seq.numel()
     total = Score(bytes=len(text.encode("utf-8")))
     unk = getattr(tokenizer, "unk_id", None)

@@ -67,17 +67,22 @@ def apply_lora(model: nn.Module, targets=None, rank: int = 8, alpha: float = 16.
     if not (isinstance(rank, int) and rank >= 1 and alpha > 0 and 0.0 <= dropout < 1.0):
         raise LmforgeError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank={rank}, "
                            f"alpha={alpha}, dropout={dropout}")
+    found = [(module, child_name, child, f"{name}.{child_name}" if name else child_name)
+             for name, module in list(model.named_modules()) for child_name, child in list(module.named_children())
+             if isinstance(child, nn.Linear)]
+    found = [item for item in found if _matches(item[3], targets)]
+    if not found:
+        raise LmforgeError(f"no nn.Linear named {', '.join(targets)} in this model; choose from {', '.join(allowed)}")
+    narrowest = min(min(child.in_features, child.out_features) for _, _, child, _ in found)
+    if rank > narrowest:  # past that, an adapter holds more numbers than the layer it adapts, and can learn no more
+        raise LmforgeError(f"LoRA rank {rank} is more than the narrowest layer it adapts ({narrowest} wide); "
+                           f"choose a rank of at most {narrowest} (8 or 16 is usual)")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and _matches(full, targets):
-                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
-                wrapped.append(full)
-    if not wrapped:
-        raise LmforgeError(f"no nn.Linear named {', '.join(targets)} in this model; choose from {', '.join(allowed)}")
+    for module, child_name, child, full in found:
+        setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+        wrapped.append(full)
     return wrapped
 
 

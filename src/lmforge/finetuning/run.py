@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_overrides
+from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_duration, parse_overrides
 from ..data import lm_batches, prepare_data
 from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, collate_pairs, completion_batches,
                              count_targets, encode_pair, held_out, inputs_targets, pad, read_jsonl, render)
@@ -49,6 +49,12 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     lora_targets, pooling, template, from_scratch). `overrides` are train.* / data.* settings."""
     if not isinstance(base, (str, Path)):
         raise LmforgeError(f"the base run must be a run folder's path, got {base!r}")
+    base = Path(base).expanduser()
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise LmforgeError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    max_time = parse_duration(max_time)  # seconds, or a duration such as "5m"
+    if max_time is not None and not max_time >= 0:
+        raise LmforgeError(f"max_time must be a duration, e.g. 90 (seconds) or '5m', got {max_time!r}")
     if isinstance(data, (str, Path)):
         data = [data]
     if not isinstance(data, (list, tuple)) or not data or not all(isinstance(d, (str, Path)) for d in data):
@@ -224,6 +230,10 @@ def classification_data(config: RunConfig, tokenizer, context_len: int, log):
             f"the classifier cannot learn to predict them")
     examples = {s: [(tokenizer.encode(r["text"])[:context_len], index[r["label"]]) for r in split[s]]
                 for s in ("train", "val")}
+    empty = sum(not ids for s in examples.values() for ids, _ in s)
+    if empty:  # stop words alone, with tokenizer.remove_stopwords: nothing to read
+        raise LmforgeError(f"{empty} text(s) of {path} are empty after tokenizing; give each row words the "
+                           f"tokenizer keeps")
     unknown = Counter()
     for r in rows:
         unknown.update(tokenizer.unknown(r["text"]))

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..device import ThreadTuner, configured_threads
+from ..tokenizers import start_id
 from .decoder import Decoder
 from .healing import heal
 from .sampling import SamplingConfig, sample_rows
@@ -72,6 +73,7 @@ class Engine:
     def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32, tune_threads: bool = True):
         self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
+        self.start_id = None if tokenizer is None else start_id(tokenizer)  # what an empty prompt feeds
         # A decoding step takes a millisecond or two: re-checking the thread count every 40 steps, as for
         # training steps, spent 2-3% of the tokens on trials at the slower count. Every 200 steps (or 2 s)
         # a wrong choice (a trial misled by noise) still lasts only a fraction of a second. Step times
@@ -173,7 +175,7 @@ class Engine:
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=self.decoder.device).manual_seed(cfg.seed)
-        ids = request.prompt_ids or ([self.eos_id] if self.eos_id is not None else [0])
+        ids = request.prompt_ids or ([self.start_id] if self.start_id is not None else [0])
         limit = self.decoder.max_context
         if limit is not None and len(ids) >= limit:  # a full cache leaves no position for the next token
             ids = ids[-refill_length(limit):]

@@ -24,6 +24,8 @@ import weakref
 
 import torch
 
+from ..tokenizers import start_id
+
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its _Table (or None)
 
 
@@ -71,7 +73,7 @@ def heal(tokenizer, ids: list[int], tail: str = "") -> tuple[list[int], str, tor
         return None
     if tail and ids[-1] == getattr(tokenizer, "unk_id", None):
         allowed = table.starting_with(tail.encode("utf-8"))
-        return (ids[:-1] or [tokenizer.eos_id], tail, torch.tensor(allowed)) if allowed else None
+        return (ids[:-1] or [start_id(tokenizer)], tail, torch.tensor(allowed)) if allowed else None
     piece = table.pieces[ids[-1]] if 0 <= ids[-1] < len(table.pieces) else None
     if not piece:
         return None
@@ -82,4 +84,4 @@ def heal(tokenizer, ids: list[int], tail: str = "") -> tuple[list[int], str, tor
     allowed = table.starting_with(piece)
     if len(allowed) < 2:
         return None
-    return ids[:-1] or [tokenizer.eos_id], text, torch.tensor(allowed)
+    return ids[:-1] or [start_id(tokenizer)], text, torch.tensor(allowed)

@@ -12,6 +12,11 @@ import torch
 from ..errors import LmforgeError
 
 
+# Temperatures below this sample as greedy: the float32 logits' own rounding (about 1e-6 at 10) is then
+# larger than the differences sampling could still see, and dividing by 1e-300 would overflow.
+GREEDY_BELOW = 1e-6
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 200
@@ -38,7 +43,7 @@ class SamplingConfig:
             (self.top_p is None or (number(self.top_p) and 0.0 < self.top_p <= 1.0),
              f"top_p must be in (0, 1], got {self.top_p!r}"),
             (self.seed is None or (number(self.seed, True) and 0 <= self.seed < 2**64),
-             f"seed must be a whole number >= 0, got {self.seed!r}"),
+             f"seed must be a whole number from 0 to 2**64 - 1, got {self.seed!r}"),
             (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop),
              f"stop must be a list of strings, got {self.stop!r}"),
             (isinstance(self.token_healing, bool), f"token_healing must be true or false, got {self.token_healing!r}"),
@@ -49,7 +54,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def repeatable(self) -> bool:
@@ -66,13 +71,14 @@ def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor,
     column i is token i. Top-k works on the k likeliest tokens only, sorted, and top-p on the sorted
     probabilities after it; top-p alone first looks at the 256 likeliest tokens and sorts the whole
     vocabulary only for rows whose nucleus is larger (a 4096-token sort costs several times more)."""
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
     V = logits.size(-1)
     top_p = cfg.top_p if cfg.top_p is not None and cfg.top_p < 1.0 else None
-    if cfg.top_k is not None and cfg.top_k < V:
+    if cfg.top_k is not None and cfg.top_k < V:  # chosen before the temperature, which a huge one would flatten
         values, ids = torch.topk(logits, cfg.top_k, dim=-1)  # sorted, the likeliest first
-        probs = torch.softmax(values, dim=-1)
+        probs = torch.softmax(values / cfg.temperature, dim=-1)
     elif top_p is not None:
+        logits = logits / cfg.temperature
         probs = torch.softmax(logits, dim=-1)
         if V > NUCLEUS_FIRST_LOOK:
             first, ids = torch.topk(probs, NUCLEUS_FIRST_LOOK, dim=-1)
@@ -81,7 +87,7 @@ def candidates(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor,
         if probs.size(-1) == V:
             probs, ids = torch.sort(probs, dim=-1, descending=True)
     else:
-        return torch.softmax(logits, dim=-1), None
+        return torch.softmax(logits / cfg.temperature, dim=-1), None
     if top_p is not None:
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
         drop = probs.cumsum(dim=-1) - probs >= top_p

@@ -18,7 +18,7 @@ from .. import checkpoint as ckpt
 from ..config import ModelConfig, RunConfig, TokenizerConfig
 from ..errors import LmforgeError
 from ..models import TransformerConfig
-from ..tokenizers import load_tokenizer
+from ..tokenizers import BPETokenizer, declared_eos, load_tokenizer
 
 MAX_IMPORT_CONTEXT = 8192  # the KV cache and RoPE tables are allocated for context_len positions
 GPT2 = {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "qk_norm": False, "logit_softcap": None,
@@ -31,7 +31,10 @@ LLAMA = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "qk_norm": False, "l
 
 def read_folder(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, every tensor of the folder's *.safetensors files)."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise LmforgeError(f"{directory} does not exist; point at a Hugging Face model folder "
+                           "(config.json + *.safetensors + tokenizer.json)")
     if not (directory / "config.json").is_file():
         raise LmforgeError(f"{directory} has no config.json; point at a Hugging Face model folder "
                            "(config.json + *.safetensors + tokenizer.json)")
@@ -41,7 +44,10 @@ def read_folder(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                            "save_pretrained(..., safe_serialization=True)")
     state = {}
     for f in files:
-        state.update(ckpt.load_tensors(f))
+        try:
+            state.update(ckpt.load_tensors(f))
+        except LmforgeError as e:  # its advice is for run folders
+            raise LmforgeError(f"{str(e).split('; restore')[0]}; download or save the model again") from None
     from ..config import read_json
 
     return read_json(directory / "config.json", "Hugging Face config"), state
@@ -124,6 +130,9 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
     directory, out = Path(directory), Path(out)
     config, state = read_folder(directory)
     kind = config.get("model_type")
+    if kind is None and "format_version" in config:
+        raise LmforgeError(f"{directory} is an lmforge run already; use it as it is (import reads Hugging Face "
+                           f"folders)")
     if kind not in ("gpt2", "llama"):
         raise LmforgeError(f"{directory}: model_type {kind!r} is not supported; lmforge imports gpt2 and llama")
     if not (directory / "tokenizer.json").is_file():
@@ -131,8 +140,8 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
                            "tokenizer.save_pretrained() (a fast tokenizer) into the same folder")
     if out.exists() and any(out.iterdir()):
         raise LmforgeError(f"{out} exists and is not empty; choose another --out (nothing was written)")
-    if context_len is not None and (not isinstance(context_len, int) or context_len < 1):
-        raise LmforgeError(f"--context-len must be a whole number of at least 1, got {context_len!r}")
+    if context_len is not None and (not isinstance(context_len, int) or context_len < 2):
+        raise LmforgeError(f"--context-len must be a whole number of at least 2, got {context_len!r}")
     fields = gpt2_fields(config) if kind == "gpt2" else llama_fields(config)
     limit = context_len or min(fields["context_len"], MAX_IMPORT_CONTEXT)
     if limit < fields["context_len"]:
@@ -144,7 +153,7 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
     except KeyError as exc:
         raise LmforgeError(f"{directory}: tensor {exc.args[0]} is missing; is it a complete {kind} "
                            "checkpoint?") from None
-    tokenizer = load_tokenizer(directory)
+    tokenizer = with_declared_eos(load_tokenizer(directory), directory, config)
     if fields["vocab_size"] > tokenizer.vocab_size:  # rows padded to a round number (nanoGPT's 50304)
         log(f"note: the model has {fields['vocab_size']} vocabulary rows and its tokenizer {tokenizer.vocab_size} "
             f"tokens; the {fields['vocab_size'] - tokenizer.vocab_size} rows no token reaches are left out")
@@ -169,8 +178,31 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"imported {kind} ({sum(v.numel() for v in weights.values()) / 1e6:.2f}M parameters) into {out}")
+    strings = tokenizer.token_strings()
+    bos = "" if tokenizer.bos_id is None else f", and begins every text with {strings[tokenizer.bos_id]}"
+    log(f"imported {kind} ({sum(v.numel() for v in weights.values()) / 1e6:.2f}M parameters) into {out}; "
+        f"it ends a text with {strings[tokenizer.eos_id]}{bos}")
     return out
+
+
+def with_declared_eos(tokenizer, directory: Path, config: dict):
+    """The folder's tokenizer with the end-of-text token its model declares: tokenizer_config.json's
+    eos_token (load_tokenizer reads it), else generation_config.json's or config.json's eos_token_id
+    (the first, when it lists several), else the first known name (EOS_NAMES) the vocabulary holds."""
+    if declared_eos(directory) is not None:
+        return tokenizer
+    from ..config import read_json
+
+    generation = directory / "generation_config.json"
+    sources = ([read_json(generation, "Hugging Face generation config")] if generation.is_file() else []) + [config]
+    for source in sources:
+        eos = source.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int) and 0 <= eos < tokenizer.vocab_size:
+            if eos == tokenizer.eos_id:
+                return tokenizer
+            return BPETokenizer.from_json(tokenizer.to_json(), directory, eos=tokenizer.token_strings()[eos])
+    return tokenizer
 
 
 # ---- export ----------------------------------------------------------------------------------------
@@ -182,11 +214,14 @@ def hf_family(fields: dict) -> str:
         heads_ok = name == "llama" or fields["n_kv_heads"] == fields["n_heads"]  # GPT-2 has no GQA
         if heads_ok and all(fields.get(k) == v for k, v in need.items()):
             return name
-    wrong = {k: fields.get(k) for k, v in LLAMA.items() if fields.get(k) != v}
-    raise LmforgeError(f"this model ({', '.join(f'{k}={v!r}' for k, v in wrong.items())}) matches neither GPT-2 nor "
-                       "Llama; train with norm=rmsnorm pos=rope mlp=swiglu qk_norm=false value_residual=false (Llama) "
-                       "or norm=layernorm pos=learned mlp=gelu bias=true qk_norm=false value_residual=false (GPT-2) "
-                       "to export")
+    gpt2 = [f"{k}={fields.get(k)!r} (GPT-2 has {v!r})" for k, v in {**GPT2, "bias": True}.items()
+            if fields.get(k) != v]
+    if fields["n_kv_heads"] != fields["n_heads"]:
+        gpt2.append(f"n_kv_heads={fields['n_kv_heads']} (GPT-2 has no grouped-query attention: n_heads)")
+    llama = [f"{k}={fields.get(k)!r} (Llama has {v!r})" for k, v in LLAMA.items() if fields.get(k) != v]
+    closer, differences = ("GPT-2", gpt2) if len(gpt2) < len(llama) else ("Llama", llama)
+    raise LmforgeError(f"this model matches neither GPT-2 nor Llama; closest is {closer}, which differs in "
+                       f"{', '.join(differences)}: train with those settings to export")
 
 
 def lmforge_to_gpt2(w: dict, f: dict) -> dict:
@@ -221,9 +256,10 @@ def lmforge_to_llama(w: dict, f: dict) -> dict:
     return out
 
 
-def hf_config(family: str, f: dict, eos_id: int) -> dict:
-    common = {"vocab_size": f["vocab_size"], "tie_word_embeddings": f["tie_embeddings"], "bos_token_id": eos_id,
-              "eos_token_id": eos_id, "dtype": "float32", "torch_dtype": "float32"}
+def hf_config(family: str, f: dict, eos_id: int, bos_id: int | None = None) -> dict:
+    common = {"vocab_size": f["vocab_size"], "tie_word_embeddings": f["tie_embeddings"],
+              "bos_token_id": eos_id if bos_id is None else bos_id, "eos_token_id": eos_id, "dtype": "float32",
+              "torch_dtype": "float32"}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": f["d_model"],
                 "n_layer": f["n_layers"], "n_head": f["n_heads"], "n_positions": f["context_len"],
@@ -244,7 +280,8 @@ def export_hf(run, directory, log=print) -> Path:
     run, directory = Path(run), Path(directory)
     data = ckpt.read_config(run)
     if data["model"]["arch"] != "transformer":
-        raise LmforgeError(f"{run} is a {data['model']['arch']} model; only Transformers export to Hugging Face")
+        raise LmforgeError(f"{run} holds a model of the {data['model']['arch']} family; only Transformers export to "
+                           f"Hugging Face")
     fields = data["model"]["options"]
     family = hf_family(fields)
     tokenizer = load_tokenizer(run)
@@ -256,12 +293,15 @@ def export_hf(run, directory, log=print) -> Path:
     weights = ckpt.load_tensors(run / ckpt.WEIGHTS)
     converted = (lmforge_to_gpt2 if family == "gpt2" else lmforge_to_llama)(weights, fields)
     directory.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(directory / "config.json", hf_config(family, fields, tokenizer.eos_id))
+    bos_id = getattr(tokenizer, "bos_id", None)
+    ckpt.write_json(directory / "config.json", hf_config(family, fields, tokenizer.eos_id, bos_id))
     ckpt.save_tensors(directory / "model.safetensors", converted, metadata={"format": "pt"})
     tokenizer.save(directory)
-    eos = tokenizer.token_strings()[tokenizer.eos_id]
+    strings = tokenizer.token_strings()
+    eos = strings[tokenizer.eos_id]
     ckpt.write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+        "bos_token": eos if bos_id is None else strings[bos_id],
         "model_max_length": fields["context_len"], "clean_up_tokenization_spaces": False})
     task = (data.get("finetune") or {}).get("task")
     if task == "classify":  # a causal LM folder has no place for them

@@ -87,6 +87,8 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LmforgeError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.context_len < 2:  # decoding re-reads part of a full window, and a window of 1 has no part
+            raise LmforgeError(f"model.context_len must be at least 2, got {self.context_len}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise LmforgeError(f"model.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}")

@@ -2,8 +2,9 @@
 
 Fields OpenAI clients send that do not change what lmforge does (user, a logprobs of null...) are
 accepted and ignored; values lmforge cannot honour (logprobs, penalties, logit_bias, best_of, and the
-sampling extensions of other servers in EXTENSIONS) are a 400 that names the parameter. `top_k` and `ignore_eos` are extensions (vLLM has the same two), and
-`token_healing` (true unless sent false: see lmforge.generation.healing) is lmforge's own.
+sampling extensions of other servers in EXTENSIONS) are a 400 that names the parameter. `top_k` and
+`ignore_eos` are extensions (vLLM has the same two), and `token_healing` (true unless sent false: see
+lmforge.generation.healing) is lmforge's own.
 """
 from __future__ import annotations
 

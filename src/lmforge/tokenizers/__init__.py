@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -30,6 +31,20 @@ class Tokenizer(Protocol):
     def fingerprint(self) -> str: ...
 
 
+def checked_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """`ids` as a list, or a one-line error naming the first id that is not a token of this vocabulary
+    (Python would read -1 as the last token, and Hugging Face's decoder skips ids past the end)."""
+    try:
+        if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+            ids = [operator.index(i) for i in ids]  # numpy or torch integers too, never floats
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            bad = next(i for i in ids if not 0 <= i < vocab_size)
+            raise LmforgeError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    except (TypeError, ValueError):
+        raise LmforgeError(f"decode takes a list of whole-number token ids, got {ids!r:.80}") from None
+    return ids
+
+
 def write_tokenizer_json(directory, content: str) -> None:
     """Write directory/tokenizer.json atomically: a reader sees the old file or the new one, never half."""
     directory = Path(directory)
@@ -37,6 +52,35 @@ def write_tokenizer_json(directory, content: str) -> None:
     tmp = directory / f".tokenizer.json.{os.getpid()}.tmp"
     tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, directory / "tokenizer.json")
+
+
+SPECIAL_TOKENS = "tokenizer_config.json"  # where a Hugging Face folder names its end-of-text token
+
+
+def write_special_tokens(directory, eos: str) -> None:
+    """Record which token ends a text, as Hugging Face folders do (an imported model's own choice)."""
+    directory = Path(directory)
+    tmp = directory / f".{SPECIAL_TOKENS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"eos_token": eos}, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, directory / SPECIAL_TOKENS)
+
+
+def declared_eos(directory) -> str | None:
+    """The end-of-text token a folder's tokenizer_config.json names, if it names one."""
+    try:
+        eos = json.loads((Path(directory) / SPECIAL_TOKENS).read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):  # {"content": "</s>", ...}, as older transformers write it
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
+
+
+def start_id(tokenizer) -> int:
+    """The id every sequence starts from: the tokenizer's own beginning-of-text token (an imported
+    Llama's <s>), else end-of-text, which lmforge puts between documents."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eos_id if bos is None else bos
 
 
 def sha256_text(content: str) -> str:
@@ -99,6 +143,6 @@ def load_tokenizer(path) -> Tokenizer:
     if isinstance(data, dict) and data.get("kind") in ("char", "word"):
         return TOKENIZERS[data["kind"]].from_dict(data, path)
     if isinstance(data, dict) and "model" in data:  # Hugging Face's format: ours (bpe) or an imported model's
-        return BPETokenizer.from_json(content, path)
+        return BPETokenizer.from_json(content, path, eos=declared_eos(path.parent))
     raise LmforgeError(f"{path} is neither an lmforge char/word tokenizer nor a Hugging Face tokenizer.json; "
                        "point at the tokenizer.json written by `lmforge prepare` or shipped with the model")

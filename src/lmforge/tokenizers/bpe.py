@@ -12,7 +12,7 @@ import numpy as np
 
 from ..device import physical_cores
 from ..errors import LmforgeError
-from . import EOS, sha256_text, write_tokenizer_json
+from . import EOS, checked_ids, sha256_text, write_special_tokens, write_tokenizer_json
 
 CHUNK_CHARS = 1 << 16  # long texts are encoded as chunks this long, in parallel
 # GPT-2's pre-tokenizer pattern, which Hugging Face's ByteLevel(use_regex=True) applies.
@@ -93,15 +93,32 @@ def find_eos(hf) -> int:
                        f"add one (e.g. {EOS}) to its added_tokens")
 
 
+def leading_special(hf) -> int | None:
+    """The special token this tokenizer puts before every text (a Llama's <s> or <|begin_of_text|>),
+    which its model always read first; None when it adds none (GPT-2's, and lmforge's own)."""
+    plain = hf.encode("a", add_special_tokens=False).ids
+    full = hf.encode("a", add_special_tokens=True).ids
+    specials = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+    if len(full) > len(plain) and full[0] in specials and full[1:len(plain) + 1] == plain:
+        return full[0]
+    return None
+
+
 class BPETokenizer:
     kind = "bpe"
     DEFAULTS = {"vocab_size": 4096}
 
-    def __init__(self, hf, options: dict | None = None):
+    def __init__(self, hf, options: dict | None = None, eos: str | None = None):
+        """`eos`: the end-of-text token's name where the model's folder declares it (tokenizer_config.json),
+        else the first of EOS_NAMES the vocabulary holds."""
         self._hf = hf
         # text spelling a special token ("<|endoftext|>") is encoded as ordinary text, never as the token
         self._hf.encode_special_tokens = True
         self.eos_id = find_eos(hf)
+        self.declared_eos = eos if eos is not None and hf.token_to_id(eos) not in (None, self.eos_id) else None
+        if self.declared_eos is not None:
+            self.eos_id = hf.token_to_id(eos)
+        self.bos_id = leading_special(hf)
         self.options = dict(options or {"vocab_size": self.vocab_size})
         unk_token = getattr(hf.model, "unk_token", None)
         self._unk_id = hf.token_to_id(unk_token) if unk_token else None
@@ -157,7 +174,7 @@ class BPETokenizer:
         return ids[np.asarray(ranks, dtype=np.int64)].tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._hf.decode(list(ids), skip_special_tokens=True)
+        return self._hf.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=True)
 
     def unknown(self, text: str) -> dict[str, int]:
         """Byte-level BPE represents every string; other Hugging Face models may map pieces to <unk>."""
@@ -191,12 +208,15 @@ class BPETokenizer:
 
     def save(self, directory) -> None:
         write_tokenizer_json(directory, self.to_json())
+        if self.declared_eos is not None:  # Hugging Face's place for it, read back by load_tokenizer
+            write_special_tokens(directory, self.declared_eos)
 
     def fingerprint(self) -> str:
-        return sha256_text(self.to_json())
+        extra = "" if self.declared_eos is None else f"\neos: {self.declared_eos}"  # it separates documents
+        return sha256_text(self.to_json() + extra)
 
     @classmethod
-    def from_json(cls, content: str, path) -> BPETokenizer:
+    def from_json(cls, content: str, path, eos: str | None = None) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         try:
@@ -204,4 +224,4 @@ class BPETokenizer:
         except Exception as exc:  # the Rust side raises a bare Exception with serde's message
             raise LmforgeError(f"{path}: Hugging Face tokenizers cannot read it ({exc}); "
                                "point at a valid tokenizer.json") from None
-        return cls(hf)
+        return cls(hf, eos=eos)

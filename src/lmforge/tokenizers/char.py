@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Sequence
 
 from ..errors import LmforgeError
-from . import EOS, FORMAT_VERSION, UNK, sha256_text, write_tokenizer_json
+from . import EOS, FORMAT_VERSION, UNK, checked_ids, sha256_text, write_tokenizer_json
 
 
 class CharTokenizer:
@@ -38,7 +38,7 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         strings = self._strings
-        return "".join(strings[i] for i in ids)
+        return "".join(strings[i] for i in checked_ids(ids, len(strings)))
 
     def unknown(self, text: str) -> dict[str, int]:
         return {c: n for c, n in Counter(text).items() if c not in self._index}

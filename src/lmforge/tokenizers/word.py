@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Sequence
 
 from ..errors import LmforgeError
-from . import EOS, FORMAT_VERSION, UNK, sha256_text, write_tokenizer_json
+from . import EOS, FORMAT_VERSION, UNK, checked_ids, sha256_text, write_tokenizer_json
 
 # Always in the vocabulary: a space lets "Zebra " encode as <unk> + " " and ". " as "." + " ",
 # so a piece outside the vocabulary keeps its spacing.
@@ -118,7 +118,7 @@ class WordTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         strings = self._strings
-        return "".join(strings[i] for i in ids)
+        return "".join(strings[i] for i in checked_ids(ids, len(strings)))
 
     def unknown(self, text: str) -> dict[str, int]:
         index, counts = self._index, Counter()

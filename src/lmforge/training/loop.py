@@ -240,12 +240,19 @@ def speed(tokens_per_s: float, model, peak: float | None) -> str:
 
 def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threads, compiled: bool = False) -> str:
     tokenizer = job.tokenizer
-    where = f"{device.type}" + (f", {threads} threads" if threads else "")
+    where = f"{device.type}" + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
     if dist.world_size() > 1:
         where += f", {dist.world_size()} processes"
-    return (f"model: {config.model.arch}, {count_params(model) / 1e6:.2f}M parameters "
-            f"({count_params(model, exclude_embeddings=True) / 1e6:.2f}M without embeddings), "
-            f"{model.flops_per_token() / 1e6:.1f} MFLOPs per training token; tokenizer: {tokenizer.kind} "
+
+    def millions(n: float) -> str:  # a tiny model's count as it is, not "0.00M"
+        return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,.0f}"
+
+    flops = model.flops_per_token()
+    flops = f"{flops / 1e6:.1f} MFLOPs" if flops >= 100_000 else f"{flops:,.0f} FLOPs"
+
+    return (f"model: {config.model.arch}, {millions(count_params(model))} parameters "
+            f"({millions(count_params(model, exclude_embeddings=True))} without embeddings), "
+            f"{flops} per training token; tokenizer: {tokenizer.kind} "
             f"(vocab {tokenizer.vocab_size}); data: {job.batches.description}; {where}, "
             f"{str(dtype).removeprefix('torch.')}{' autocast' if dtype != torch.float32 else ''}"
             f"{', compiled step' if compiled else ''}")
