@@ -41,9 +41,15 @@ def test_type_a_prompt_press_generate_and_see_the_text_stream(served):
             shown = page.inner_text("#output .new")
             updates = page.evaluate("window.updates")
             page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+            # Ctrl+Enter while a generation streams starts no second one writing into the same text
+            page.evaluate("""() => { document.querySelector('#generate').click();
+                document.querySelector('#prompt').dispatchEvent(
+                    new KeyboardEvent('keydown', {key: 'Enter', ctrlKey: true})); }""")
+            page.wait_for_function("document.querySelector('#generate').disabled === false", timeout=60000)
+            again = page.inner_text("#output .new")
         finally:
             browser.close()
     expected = lm.generate("Emma", 300, temperature=0.8, top_p=0.95, seed=seed)
-    assert shown == expected
+    assert shown == expected and again == expected
     assert updates >= 3  # the text arrived piece by piece, not all at the end (one update)
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
