@@ -404,3 +404,11 @@ def test_an_export_refusal_names_what_differs_from_the_closest_family():
         hf_family(gqa)
     with pytest.raises(LmforgeError, match=r"closest is GPT-2, which differs in bias=False"):
         hf_family({**gqa, "bias": False, "n_kv_heads": 4})
+
+
+def test_a_fine_tune_runs_where_this_machine_decides_not_where_the_base_ran(base):
+    from lmforge.finetuning.run import finetune_config
+
+    config = finetune_config(base / "base", [str(base / "new.txt")])  # the base trained with train.threads=1
+    assert config.train.device == "auto" and config.train.threads is None  # as README says: --device auto
+    assert finetune_config(base / "base", [str(base / "new.txt")], overrides=["train.threads=2"]).train.threads == 2

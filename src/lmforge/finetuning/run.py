@@ -89,7 +89,9 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     warmup = 20 if train.get("warmup_steps") is None else min(train["warmup_steps"], 20)
     train.update(max_time=max_time or 0, max_steps=max_steps, lr=DEFAULT_LR.get(mode, 1e-3) if lr is None else lr,
                  warmup_steps=warmup, keep_best=True, weight_decay=DEFAULT_WEIGHT_DECAY,
-                 embedding_lr_scale=1.0)
+                 embedding_lr_scale=1.0,
+                 # where and how the base ran is this machine's to decide again (--device, --set train.threads=N)
+                 device="auto", threads=None)
     if max_steps is not None and max_time is None:
         train["eval_interval"] = min(train["eval_interval"], max(1, max_steps // 4))
     extra = parse_overrides(overrides or [], sections=("train", "data"), what="--set")
