@@ -286,6 +286,10 @@ def test_resuming_with_the_same_data_typed_as_a_relative_path_is_no_conflict(cli
 def test_eval_options_that_need_another_option_are_refused_not_ignored(cli_run, capsys):
     one_line_error(capsys, main(["eval", str(cli_run / "run"), "--encoding", "latin-1"]), "--encoding", "--text FILE")
     one_line_error(capsys, main(["eval", str(cli_run / "run"), "--prompts", "5"]), "--prompts", "--report DIR")
+    one_line_error(capsys, main(["eval", str(cli_run / "run"), "--seed", "3"]), "--seed", "--report DIR")
+    one_line_error(capsys, main(["bench", "train", "model.bogus=1"]), "model.bogus is a field of none")
+    one_line_error(capsys, main(["bench", "prepare", "--arch", "lstm"]), "takes no --arch")
+    one_line_error(capsys, main(["bench", "train", "--dtype", "float16"]), "float16")
 
 
 def test_a_stop_string_typed_with_backslash_escapes(cli_run, capsys):

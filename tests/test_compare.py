@@ -37,6 +37,10 @@ def test_report_folder_has_table_json_and_plot(report_dir):
     report = json.loads((report_dir / "report.json").read_text())
     names = [r["name"] for r in report["candidates"]]
     assert names == ["lstm-char", "transformer-char", "lstm-word", "transformer-word"]
+    from lmforge.probe import machine
+
+    assert report["machine"].startswith(machine()["cpu"])  # tokens/s mean something on one machine only
+    assert f"Machine: {report['machine']}" in (report_dir / "report.md").read_text()
     table = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].split("|")[1:-1] == [f" {c} " for c in ("candidate", "params", "train tokens/s", "val bits/byte",
                                                              "OOV rate", "time to best", "peak memory", "sample",
@@ -91,6 +95,11 @@ def test_match_params_solves_widths_within_ten_percent(tiny_file, tmp_path):
     given = RunConfig.from_dict({**raw, "model": {**raw["model"], "d_hidden": 32}})  # a width the user set
     with pytest.raises(LmforgeError, match="--match params sets lstm's model.d_hidden .* drop model.d_hidden=32"):
         matched_sizes(["lstm", "transformer"], "char", given)
+    from lmforge.compare import compare
+
+    with pytest.raises(LmforgeError, match="d_hidden"):  # refused before its folder is made: a rerun may use it
+        compare(["lstm", "transformer"], ["char"], None, "params", tmp_path / "out", given, max_steps=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_original_passage_follows_the_first_whole_word():

@@ -115,15 +115,22 @@ def test_report_on_a_text_file_and_its_errors(char_report, tmp_path):
     text.write_text(" ".join(["She smiled at him. He said nothing at all to anyone that day, and the "
                               "weather was fine."] * 40), encoding="utf-8")
     report = write_report(lm, tmp_path / "r", text_path=text, n_prompts=2, progress=False, log=quiet)
-    assert report["text"]["documents"] == ["other.txt"]
-    assert list(report["likelihood"]["documents"]) == ["other.txt"]
+    assert report["text"]["documents"] == [str(text)]  # named as `lmforge eval --text` names it
+    assert list(report["likelihood"]["documents"]) == [str(text)]
     assert report["text"]["bytes"] == len(text.read_bytes())
     # read as `eval --text` reads it: every JSONL document, from the field named
     line = "She smiled at him. He said nothing at all to anyone that day, and the weather was fine. " * 20
     (tmp_path / "two.jsonl").write_text("\n".join(json.dumps({"body": line}) for _ in range(2)))
     report = write_report(lm, tmp_path / "j", text_path=tmp_path / "two.jsonl", n_prompts=2, progress=False,
                           log=quiet, jsonl_field="body")
-    assert report["text"]["documents"] == ["two.jsonl:1", "two.jsonl:2"]
+    assert report["text"]["documents"] == [f"{tmp_path / 'two.jsonl'}:{i}" for i in (1, 2)]
+    for folder in ("a", "b"):  # two files of one name: two documents, each scored by every baseline
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ch.txt").write_text(line * (2 if folder == "a" else 3), encoding="utf-8")
+    report = write_report(lm, tmp_path / "g", text_path=str(tmp_path / "*" / "ch.txt"), n_prompts=2,
+                          progress=False, log=quiet)
+    names = [str(tmp_path / folder / "ch.txt") for folder in ("a", "b")]
+    assert list(report["likelihood"]["documents"]) == names == list(report["baselines"]["kn5"]["documents"])
     text.write_bytes(b"caf\xe9 au lait")
     with pytest.raises(LmforgeError, match="not valid utf-8"):
         write_report(lm, tmp_path / "r", text_path=text, n_prompts=2, progress=False, log=quiet)
@@ -164,3 +171,12 @@ def test_prompts_are_spread_over_documents_by_length():
         text = dict(docs)[p.document]
         assert text[p.offset:].startswith(p.prompt + p.original)
         assert len(p.prompt) <= 100 and len(p.original) <= 200
+
+
+def test_prompts_go_only_to_documents_long_enough_to_hold_them():
+    docs = [(f"short {i}", "Abc def. " * 10) for i in range(20)] + [("long", "Abc def. " * 200)]
+    prompts = make_prompts(docs, 8, seed=0)  # by length the short ones would get some; none can hold one
+    assert [p.document for p in prompts] == ["long"] * 8
+    with pytest.raises(LmforgeError, match=r"asked for 8 prompts, but the held-out text \(1,800 characters in 20 "
+                                           r"documents\) has 0 sentence starts"):
+        make_prompts(docs[:20], 8, seed=0)

@@ -43,10 +43,14 @@ def _family_fields(arch: str, model_fields: dict, vocab_size: int) -> dict:
     return {"vocab_size": vocab_size, **{k: v for k, v in model_fields.items() if k in names}}
 
 
-def _archs(archs: list[str] | None) -> list[str]:
+def _archs(archs: list[str] | None, model_fields: dict | None = None) -> list[str]:
     archs = list(MODELS) if not archs or archs == ["all"] else archs
     for arch in archs:
         config_class(arch)  # fails in one line for an unknown name
+    unused = [k for k in model_fields or {} if not any(k in config_class(a).__dataclass_fields__ for a in archs)]
+    if unused:  # a typo would otherwise benchmark the default sizes, for minutes
+        raise LmforgeError(f"model.{unused[0]} is a field of none of the families benchmarked ({', '.join(archs)}); "
+                           f"check its spelling")
     return archs
 
 
@@ -92,6 +96,9 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
     with `train.compile=true`; the compilation happens in the warm-up and is reported as `warmup_s`."""
     dev = resolve_device(device)
     threads = set_threads(threads)
+    if dtype == "float16":  # as `lmforge train` refuses it: its steps would be measured, never run
+        raise LmforgeError("--dtype float16 is not a training dtype lmforge runs (no loss scaling); use bfloat16, "
+                           "float32 or auto")
     if dtype == "auto":  # as `lmforge train` decides it: by the probe's measurement, not by CPU flags
         from .probe import choices
 
@@ -101,7 +108,7 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
     peaks = []
     cfg = TrainConfig(max_steps=1, compile=compile)  # the training defaults: AdamW, clip 1.0
     results = {}
-    for arch in _archs(archs):
+    for arch in _archs(archs, model_fields):
         torch.manual_seed(0)
         fields = {**TRAIN_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).train()
@@ -173,7 +180,7 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     vocab_size = vocab_size or austen_char_vocab()
     cases = {}  # (family or "hf", batch size or "fp32_modules") -> (decoder or HF model, prompt)
     results = {}
-    for arch in _archs(archs):
+    for arch in _archs(archs, model_fields):
         fields = {**GENERATE_SHAPE, **(model_fields or {})} if arch == "transformer" else (model_fields or {})
         torch.manual_seed(0)
         model = build_model(arch, **_family_fields(arch, fields, vocab_size)).to(dev).eval()
@@ -305,6 +312,8 @@ def bench_prepare(sources: list[str] | None = None, kinds: tuple = ("char", "wor
     from .data import prepare, read_sources
     from .tokenizers import train_tokenizer
 
+    from .tokenizers import load_tokenizer
+
     texts = [doc.text for doc in read_sources(sources or ["gutenberg:*"])]
     megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     results = {}
@@ -312,6 +321,9 @@ def bench_prepare(sources: list[str] | None = None, kinds: tuple = ("char", "wor
         tic = time.perf_counter()
         tokenizer = train_tokenizer(kind, texts)
         trained = time.perf_counter() - tic
+        with tempfile.TemporaryDirectory() as tmp:  # as a run loads it: not holding what training split
+            tokenizer.save(tmp)
+            tokenizer = load_tokenizer(tmp)
         tic = time.perf_counter()
         for text in texts:
             tokenizer.encode(text)
@@ -350,9 +362,11 @@ def run(name: str, **options) -> dict:
     accepted = inspect.signature(fn).parameters
     extra = sorted(set(options) - set(accepted))
     if extra:
-        raise LmforgeError(f"bench {name} takes no {', '.join('--' + e.replace('_', '-') for e in extra)}; "
-                           f"drop it")
+        flags = {"archs": "--arch", "model_fields": "model.key=value overrides"}
+        raise LmforgeError(f"bench {name} takes no {', '.join(flags.get(e, '--' + e.replace('_', '-')) for e in extra)}"
+                           f"; drop it")
     from .probe import machine
 
     result = fn(**options)
+    result.setdefault("threads", torch.get_num_threads())  # what the figures ran on (set by the benchmark)
     return {"benchmark": result.pop("benchmark", name), "cpu": machine()["cpu"], **result}  # figures name the CPU

@@ -288,16 +288,16 @@ def cmd_eval(args) -> int:
         args.device = str(dist.start(resolve_device(args.device)))
     if not args.adapt and (args.adapt_lr is not None or args.adapt_lora):
         raise LmforgeError("--adapt-lr and --adapt-lora set up --adapt; add --adapt, or drop them")
-    unused = [flag for flag, value, needs in (("--encoding", args.encoding, args.text),
-                                              ("--errors", args.errors, args.text),
-                                              ("--jsonl-field", args.jsonl_field, args.text),
-                                              ("--prompts", args.prompts, args.report))
-              if value is not None and not needs]
-    if unused:  # not silently ignored
-        needed = "--report DIR" if unused == ["--prompts"] else "--text FILE"
-        raise LmforgeError(f"{', '.join(unused)} applies to {needed}; add it, or drop {', '.join(unused)}")
+    for flag, value, needed, given in (("--encoding", args.encoding, "--text FILE", args.text),
+                                       ("--errors", args.errors, "--text FILE", args.text),
+                                       ("--jsonl-field", args.jsonl_field, "--text FILE", args.text),
+                                       ("--prompts", args.prompts, "--report DIR", args.report),
+                                       ("--seed", args.seed, "--report DIR", args.report)):
+        if value is not None and not given:  # not silently ignored
+            raise LmforgeError(f"{flag} applies to {needed}; add it, or drop {flag}")
     args.encoding, args.errors = args.encoding or "utf-8", args.errors or "strict"
     args.jsonl_field, args.prompts = args.jsonl_field or "text", 100 if args.prompts is None else args.prompts
+    args.seed = 0 if args.seed is None else args.seed
     lm = api.load(args.run, device=args.device)
     task = (lm.config.get("finetune") or {}).get("task")
     if task in ("classify", "completion") and not args.text and not args.report:
@@ -452,6 +452,7 @@ def cmd_compare(args) -> int:
     overrides = list(args.overrides) + _flag_overrides(args, {"data": "data.sources"})
     base = build_config(args.config, None, overrides)
     budget = None if args.budget in ("0", "none") else parse_duration(args.budget)
+    budget = budget or None  # "0s" as "0": no time budget (then --max-steps must be given)
     out = Path(args.out)
     report = compare(_names(args.arch), _names(args.tokenizer), budget, args.match, out, base,
                      max_steps=args.max_steps, prompt=args.prompt)
@@ -712,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-lora", action="store_true", help="--adapt: learn LoRA adapters only")
     p.add_argument("--report", metavar="DIR", help="write a full report (report.md, report.json, plots) to DIR")
     p.add_argument("--prompts", type=int, help="continuation prompts for the report (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="--report: the seed of its prompts and samples (default 0)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 

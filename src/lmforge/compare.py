@@ -58,18 +58,25 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LmforgeError(f"{out_dir} exists and is not empty; choose another --out (nothing was written)")
+    # sized before anything is written: a size that cannot be matched leaves no folder behind
+    matched = {tokenizer: matched_sizes(archs, tokenizer, base) if match == "params" else {}
+               for tokenizer in tokenizers}
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     rows = []
     for tokenizer in tokenizers:
-        sizes = matched_sizes(archs, tokenizer, base) if match == "params" else {}
+        sizes = matched[tokenizer]
         for arch in archs:
             name = f"{arch}-{tokenizer}"
             args = train_args(arch, tokenizer, out_dir / name, budget_s, max_steps, prompt, base, sizes.get(arch, {}))
             log(f"[{len(rows) + 1}/{len(archs) * len(tokenizers)}] {name}: lmforge {shlex.join(args)}")
             rows.append(run_candidate(name, arch, tokenizer, args, out_dir, prompt))
             log(f"    {row_summary(rows[-1])}")
-    report = {"budget_s": budget_s, "max_steps": max_steps, "match": match, "prompt": prompt,
+    from .probe import machine
+
+    threads = base.train.threads or "the tuner's choice of"
+    report = {"machine": f"{machine()['cpu']}, {threads} torch threads", "budget_s": budget_s,
+              "max_steps": max_steps, "match": match, "prompt": prompt,
               "data": base.data.sources, "val_fraction": base.data.val_fraction, "seed": base.train.seed,
               "candidates": rows}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -296,7 +303,8 @@ def render_markdown(report: dict) -> str:
         "# Architecture comparison", "",
         f"Data: {', '.join(report['data'])} (last {report['val_fraction']:.0%} of each document validates). "
         f"Budget: {' and '.join(b for b in budget if b)} per candidate; sizes matched by {report['match']}; "
-        f"seed {report['seed']}.", "",
+        f"seed {report['seed']}. Machine: {report.get('machine', 'not recorded')} (tokens/s compare only "
+        f"within one machine).", "",
         "Validation bits per byte is scored on the whole validation split with the best checkpoint. "
         "**≥** marks a lower bound: that tokenizer maps unseen pieces to `<unk>`, whose spelling costs "
         "nothing, so the true cost is higher (the OOV column says how often). Samples continue "

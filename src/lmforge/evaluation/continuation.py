@@ -17,7 +17,7 @@ from ..generation.healing import prompt_tail
 from ..tokenizers import start_id
 from .copying import CopyIndex
 from .likelihood import score_ids
-from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_starts
+from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_start_candidates, sentence_starts
 
 PROMPT_CHARS = 100  # the prompt: a sentence start and up to this many characters, cut at a word end
 CONTINUATION_CHARS = 200  # the original continuation: up to this many following characters, cut at a word end
@@ -47,14 +47,26 @@ def _cut_at_word_end(text: str, start: int, limit: int) -> int:
 
 
 def make_prompts(documents: list[tuple[str, str]], count: int, seed: int) -> list[Prompt]:
-    """`count` prompts spread over the documents in proportion to their length (largest remainder)."""
+    """`count` prompts spread over the documents in proportion to their length (largest remainder),
+    each within one document: a document gets no more than it has sentence starts with room after them."""
     if count < 1:
         raise LmforgeError(f"the continuation test needs at least one prompt, got --prompts {count}")
+    room = PROMPT_CHARS + CONTINUATION_CHARS
+    capacity = np.array([len(sentence_start_candidates(text, room)) for _, text in documents])
+    if capacity.sum() < count:
+        chars = sum(len(text) for _, text in documents)
+        most = int(capacity.sum())
+        fix = f"ask for at most {most} prompt{'s' if most > 1 else ''} (--prompts), or " if most else ""
+        raise LmforgeError(f"asked for {count} prompts, but the held-out text ({chars:,} characters in "
+                           f"{len(documents)} document{'s' if len(documents) > 1 else ''}) has {most} sentence "
+                           f"starts with {room} characters after them in the same document; {fix}give longer "
+                           f"documents (--text FILE)")
     sizes = np.array([len(text) for _, text in documents], dtype=np.float64)
     shares = sizes / sizes.sum() * count
-    per_doc = np.floor(shares).astype(int)
-    for i in np.argsort(-(shares - per_doc), kind="stable")[:count - per_doc.sum()]:
-        per_doc[i] += 1
+    per_doc = np.minimum(np.floor(shares).astype(int), capacity)
+    while per_doc.sum() < count:  # the largest remainders first, among documents with room left
+        spare = np.where(per_doc < capacity, shares - per_doc, -np.inf)
+        per_doc[int(np.argmax(spare))] += 1
     prompts = []
     for (name, text), n in zip(documents, per_doc):
         if n == 0:

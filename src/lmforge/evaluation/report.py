@@ -115,8 +115,17 @@ def _read_split(lm, text_path, options: dict) -> tuple[list[tuple[str, str]], st
     documents = None if text_path is None else read_sources([text_path], **options)  # bad text fails first
     prepared = lm.prepared_data()
     if documents is None:
-        return prepared.validation_documents(), prepared.train_text
-    return [(Path(d.name).name, d.text) for d in documents], prepared.train_text
+        return _distinct(lm.validation_documents()), prepared.train_text  # a classify run's refusal, in words
+    return _distinct([(d.name, d.text) for d in documents]), prepared.train_text  # named as `lmforge eval` names them
+
+
+def _distinct(documents: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every document under a name of its own (the tables and baselines are keyed by name)."""
+    seen, out = Counter(), []
+    for name, text in documents:
+        seen[name] += 1
+        out.append((name if seen[name] == 1 else f"{name} ({seen[name]})", text))
+    return out
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -80,6 +80,14 @@ def _is_abbreviation(word: str, mark: str) -> bool:
     return mark == "." and (word in _ABBREVIATIONS or (len(word) == 1 and word.isupper()))
 
 
+def sentence_start_candidates(text: str, min_chars: int) -> list[int]:
+    """Every offset in `text` where a sentence starts with at least `min_chars` characters after it."""
+    candidates = [m.end() for m in _SENTENCE_START.finditer(text) if not _is_abbreviation(*m.groups())]
+    if text[:1].strip():
+        candidates.insert(0, 0)  # the text's first character starts a sentence too
+    return [c for c in candidates if len(text) - c >= min_chars]
+
+
 def sentence_starts(text: str, count: int, min_chars: int, seed: int) -> list[int]:
     """`count` character offsets of sentence starts in `text`, sorted, spread over the whole text.
 
@@ -88,10 +96,7 @@ def sentence_starts(text: str, count: int, min_chars: int, seed: int) -> list[in
     numpy's generator seeded by `seed`, so the same inputs always give the same offsets.
     Raises LmforgeError if the text has fewer usable sentence starts than `count`.
     """
-    candidates = [m.end() for m in _SENTENCE_START.finditer(text) if not _is_abbreviation(*m.groups())]
-    if text[:1].strip():
-        candidates.insert(0, 0)  # the text's first character starts a sentence too
-    candidates = [c for c in candidates if len(text) - c >= min_chars]
+    candidates = sentence_start_candidates(text, min_chars)
     if count < 1 or len(candidates) < count:
         fix = (f"ask for at most {len(candidates)} prompt{'s' if len(candidates) > 1 else ''} (--prompts) or "
                if candidates else "")
