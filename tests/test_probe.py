@@ -206,3 +206,18 @@ def test_a_damaged_probe_cache_is_measured_again(tmp_path):
         assert _cached(tmp_path / "probe.json", facts, "choices") is None  # not a crash: the probe runs again
     (tmp_path / "probe.json").write_text(json.dumps({"machine": facts, "choices": {"dtype": "float32"}}))
     assert _cached(tmp_path / "probe.json", facts, "choices") == {"dtype": "float32"}
+
+
+def test_choices_that_name_no_setting_are_measured_again(tmp_path, monkeypatch):
+    import torch
+
+    from lmforge import probe
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    measured = {"dtype": "float32", "attention": "float32", "decoding": "fp32", "cache": "fp32"}
+    monkeypatch.setattr(probe, "measure", lambda: dict(measured))
+    for damaged in ({"dtype": "bfloat16"}, {**measured, "dtype": "float64"}):  # valid JSON, not valid choices
+        (tmp_path / "probe.json").write_text(json.dumps({"machine": probe.machine(), "choices": damaged}))
+        assert {k: v for k, v in probe.choices(torch.device("cpu")).items() if k in measured} == measured
+    report = probe.report()
+    assert report["cache"] == str(tmp_path / "probe.json") and not report["probed_now"]

@@ -215,6 +215,8 @@ def test_two_processes_cannot_train_into_one_folder(straight, tmp_path):
     with ckpt.RunLock(tmp_path / "run"):  # another process holds the folder
         with pytest.raises(LmforgeError, match="in use by lmforge process"):
             lmforge.train(config, out=tmp_path / "run", log=quiet)
+        # the refused start leaves the holder's lock be: a third process is kept out too
+        assert (tmp_path / "run" / "run.lock").exists() and ckpt.training_process(tmp_path / "run")
     lmforge.train(config, out=tmp_path / "run", log=quiet)  # free again: trains
 
 

@@ -117,6 +117,12 @@ def test_the_budget_the_user_names_is_the_one_that_binds(tiny_file, tmp_path):
     assert result.steps > 4
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["max_steps"] is None and saved["max_time"] == budget
+    lmforge.train(None, out=tmp_path / "run", resume=True, log=quiet, final_eval=False)  # finished: nothing to do
+    with pytest.raises(LmforgeError, match="has trained for .* s already, more than --max-time 0.1 s"):
+        lmforge.train(None, out=tmp_path / "run", resume=True, overrides=["train.max_time=0.1"], log=quiet)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"] == saved  # unchanged
+    with pytest.raises(LmforgeError, match="--budget is the training time; drop train.max_steps"):
+        lmforge.train(None, out=tmp_path / "other", budget=20, overrides=["train.max_steps=5"], log=quiet)
 
 
 def test_a_run_whose_text_changed_is_not_resumed_on_the_new_text(tiny_file, tmp_path, capsys):

@@ -267,6 +267,10 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     _check_flag("resume", resume)
     if budget is not None:  # seconds, or a duration as the CLI takes it ("5m")
         budget = parse_duration(budget)
+        limits = [o.split("=")[0] for o in overrides or [] if o.split("=")[0].strip() in ("train.max_steps",
+                                                                                           "train.max_time")]
+        if limits:  # as --budget with --max-steps or --max-time is
+            raise LmforgeError(f"--budget is the training time; drop {limits[0]}, or drop --budget")
     if resume:
         if out is None:
             raise LmforgeError("resume needs the run folder: --resume RUN")

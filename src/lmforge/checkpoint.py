@@ -205,8 +205,8 @@ def remove_unstarted(out: Path, created: bool) -> None:
     """After a start that failed before config.json was written: remove what it left (the lock, a
     tokenizer), and the folder itself if the start created it and nothing else is in it."""
     out = Path(out)
-    if not out.is_dir() or (out / CONFIG).exists():
-        return
+    if not out.is_dir() or (out / CONFIG).exists() or training_process(out) is not None:
+        return  # (a start refused because another process holds the folder leaves that process's files be)
     for name in LEFTOVERS:
         (out / name).unlink(missing_ok=True)
     if created and not any(out.iterdir()):
@@ -343,6 +343,8 @@ def resume_command(run_dir: Path) -> str:
 def read_config(run_dir: Path) -> dict:
     """A run's config.json, checked: the format this lmforge reads, and every section well formed."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise LmforgeError(f"{run_dir} is a file; give a run folder (the one holding config.json)")
     if not run_dir.is_dir():
         raise LmforgeError(f"run folder {run_dir} does not exist; train one with `lmforge train --out {run_dir}`")
     if not (run_dir / CONFIG).exists():

@@ -536,7 +536,13 @@ def cmd_doctor(args) -> int:
         print(f"GPU: {result['cuda']['device']}: training dtype {result['cuda']['dtype']}, decoding fp32")
     took = "" if result["probe_s"] is None else f" in {result['probe_s']} s"
     when = "probed now" if result["probed_now"] else "probed earlier"
-    print(f"({when}{took}; cached in {result['cache']}; lmforge doctor --refresh probes again)")
+    if result["cache"] is None:
+        from .probe import cache_file
+
+        print(f"({when}{took}; not cached: {cache_file().parent} cannot be written, so every run probes again; "
+              f"set LMFORGE_CACHE to a writable folder)")
+    else:
+        print(f"({when}{took}; cached in {result['cache']}; lmforge doctor --refresh probes again)")
     return 0
 
 

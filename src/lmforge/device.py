@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise LmforgeError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+        raise LmforgeError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
     return DTYPES[name]
 
 

@@ -68,13 +68,22 @@ def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
                 "cache": "fp32", "why": f"{device.type}: not probed"}
     facts = machine()
     cached = None if refresh else _cached(cache_file(), facts, "choices")
-    if cached is not None:
+    if cached is not None and _sound(cached):
         return cached
     if log is not None:
         log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
     tic = time.perf_counter()
     measured = measure()
     return _store(cache_file(), facts, "choices", {**measured, "probe_s": round(time.perf_counter() - tic, 2)})
+
+
+CHOICES = {"dtype": ("float32", "bfloat16"), "attention": ("float32", "native"), "decoding": ("fp32", "fp16", "int8"),
+           "cache": ("fp32", "bf16")}
+
+
+def _sound(picked: dict) -> bool:
+    """Whether cached choices name a value lmforge has for each setting (a damaged file is measured again)."""
+    return all(picked.get(name) in allowed for name, allowed in CHOICES.items())
 
 
 def _cached(path, facts: dict, key: str):
@@ -265,12 +274,17 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
 
 def report(refresh: bool = False) -> dict:
     """What `lmforge doctor` prints: the machine, the choices and the timings behind them."""
-    fresh = refresh or _cached(cache_file(), machine(), "choices") is None  # measured now, not read back
+    before = _cached(cache_file(), machine(), "choices")
+    fresh = refresh or before is None or not _sound(before)  # measured now, not read back
     picked = choices(torch.device("cpu"), refresh=refresh)
     if refresh:  # measured again by the next run long enough to ask
-        compile_file().unlink(missing_ok=True)
+        try:
+            compile_file().unlink(missing_ok=True)
+        except OSError:  # a read-only cache: nothing stored to forget
+            pass
+    kept = _cached(cache_file(), machine(), "choices") == picked  # whether the next run reads these back
     out = {"machine": machine(), "choices": picked, "probe_s": picked.get("probe_s"), "probed_now": fresh,
-           "cache": str(cache_file()), "threads": torch.get_num_threads(),
+           "cache": str(cache_file()) if kept else None, "threads": torch.get_num_threads(),
            "compiled_training_step": compile_gain(picked["dtype"], picked["attention"], measure=False)}
     if torch.cuda.is_available():
         out["cuda"] = {"device": torch.cuda.get_device_name(), **choices(torch.device("cuda"))}

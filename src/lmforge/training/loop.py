@@ -138,6 +138,10 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     if saved is not None and cfg.max_steps and state.step > cfg.max_steps:
         raise LmforgeError(f"{run_dir} has trained {state.step} steps already, more than --max-steps "
                            f"{cfg.max_steps}; give a larger budget to go on (it is unchanged)")
+    new_time = saved is not None and cfg.max_time != ckpt.read_config(run_dir)["train"].get("max_time")
+    if new_time and cfg.max_time and state.train_time > cfg.max_time:  # (a finished run ends a little past its own)
+        raise LmforgeError(f"{run_dir} has trained for {state.train_time:.0f} s already, more than --max-time "
+                           f"{cfg.max_time:g} s; give a larger budget to go on (it is unchanged)")
     if resume and dist.is_main():  # a longer budget, say: the next plain --resume continues to it
         ckpt.update_config(run_dir, config, asdict(model.config))
     # its checks fall on the same steps in a resumed run as in an uninterrupted one
