@@ -249,8 +249,9 @@ def _cli_config_args(config: dict) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_resume_point_and_exits_130(straight, tmp_path, sig):
+    # eager: a 100,000-step run is long enough to compile its step, which took half a minute before step 1
     config = tiny(straight / "tiny.txt", straight / "cache", steps=100000, checkpoint_interval=100000,
-                  checkpoint_time=100000, eval_interval=100000)
+                  checkpoint_time=100000, eval_interval=100000, compile=False)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lmforge", "train", "--out", str(out), "--arch", "transformer", "--tokenizer", "char",
            *_cli_config_args(config)]
