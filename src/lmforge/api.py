@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import (DataConfig, RunConfig, as_raw, build_config, default_embedding_lr_scale, default_lr,
+from .config import (RunConfig, absolute_sources, as_raw, build_config, default_embedding_lr_scale, default_lr,
                      default_warmup_steps, default_weight_decay, merge, parse_duration, parse_overrides)
 from .data.examples import render
 from .device import resolve_device
@@ -24,6 +24,7 @@ from .generation import Decoder, Engine, Generation, SamplingConfig, default_wei
 from .generation import generate as _generate
 from .generation import stream as _stream
 from .generation.healing import prompt_tail
+from .tokenizers import bos_prefix
 
 __all__ = ["LanguageModel", "build_config", "finetune", "load", "train"]
 
@@ -66,9 +67,7 @@ class LanguageModel:
         """What the model reads for `prompt`: the run's template applied, then encoded (after the
         tokenizer's beginning-of-text token, for a model imported with one: a Llama's <s>)."""
         text = self._prompt_text(prompt)
-        ids = self.tokenizer.encode(text) if text else []
-        bos = getattr(self.tokenizer, "bos_id", None)
-        return ids if bos is None else [bos] + ids
+        return bos_prefix(self.tokenizer) + (self.tokenizer.encode(text) if text else [])
 
     def prompt_tail(self, prompt: str) -> str:
         """The end of `prompt` (templated) when prompt_ids ends in <unk> for it (a word the vocabulary has
@@ -138,7 +137,6 @@ class LanguageModel:
             raise LmforgeError(f"sampling must be a lmforge.generation.SamplingConfig, got {type(sampling).__name__}")
         if on_text is not None and not callable(on_text):
             raise LmforgeError(f"on_text must be a function taking each piece of text, got {type(on_text).__name__}")
-        _check_flag("exact", exact)
         return _generate(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling, on_text,
                          self.prompt_tail(prompt))
 
@@ -146,7 +144,6 @@ class LanguageModel:
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, exact: bool = False, token_healing: bool = True) -> Iterator[str]:
         """Yield text pieces as they are generated (the arguments are generate's)."""
-        _check_flag("exact", exact)
         sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed, stop or [],
                                   token_healing=token_healing)
         return _stream(self.decoder_for(exact), self.tokenizer, self.prompt_ids(prompt), sampling,
@@ -267,8 +264,8 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     _check_flag("resume", resume)
     if budget is not None:  # seconds, or a duration as the CLI takes it ("5m")
         budget = parse_duration(budget)
-        limits = [o.split("=")[0] for o in overrides or [] if o.split("=")[0].strip() in ("train.max_steps",
-                                                                                           "train.max_time")]
+        keys = [o.split("=")[0].strip() for o in overrides or []]
+        limits = [k for k in keys if k in ("train.max_steps", "train.max_time")]
         if limits:  # as --budget with --max-steps or --max-time is
             raise LmforgeError(f"--budget is the training time; drop {limits[0]}, or drop --budget")
     if resume:
@@ -468,7 +465,7 @@ def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None
             have = have.get("options", {}).get(key, have.get(key)) if section in ("model", "tokenizer") and \
                 key not in ("arch", "kind") else have.get(key)
             if section == "data" and key == "sources" and isinstance(value, list):  # as the run recorded them
-                value = DataConfig(sources=value).sources
+                value = absolute_sources(value)
             if have != value:
                 conflicts.append(f"{section}.{key}={value!r} (the run has {have!r})")
     if conflicts:

@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .device import measure_peak_flops, resolve_device, resolve_dtype, set_threads, synchronize as _sync
 from .errors import LmforgeError
 from .generation import Decoder, Engine, SamplingConfig
-from .models import MODELS, build_model, config_class, count_params
+from .models import MODELS, build_model, config_class, count_params, fields_of_none
 from .training.optim import build_optimizers
 from .training.step import lm_loss, train_step
 
@@ -47,7 +47,7 @@ def _archs(archs: list[str] | None, model_fields: dict | None = None) -> list[st
     archs = list(MODELS) if not archs or archs == ["all"] else archs
     for arch in archs:
         config_class(arch)  # fails in one line for an unknown name
-    unused = [k for k in model_fields or {} if not any(k in config_class(a).__dataclass_fields__ for a in archs)]
+    unused = fields_of_none(archs, model_fields or {})
     if unused:  # a typo would otherwise benchmark the default sizes, for minutes
         raise LmforgeError(f"model.{unused[0]} is a field of none of the families benchmarked ({', '.join(archs)}); "
                            f"check its spelling")

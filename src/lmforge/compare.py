@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import AUSTEN, RunConfig, TrainConfig
 from .errors import LmforgeError
-from .models import build_model, config_class, count_params
+from .models import build_model, config_class, count_params, fields_of_none
 from .training.plots import read_metrics
 
 MATCHES = ("time", "params")
@@ -47,7 +47,7 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
     tokenizers = tokenizers or [base.tokenizer.kind]
     check_request(archs, tokenizers, budget_s, max_steps, match)
     # each model field goes to the families that have it (base_overrides): one that none has is a mistake
-    unused = [k for k in base.model.options if not any(k in config_class(a).__dataclass_fields__ for a in archs)]
+    unused = fields_of_none(archs, base.model.options)
     if unused:
         raise LmforgeError(f"model.{unused[0]} is a field of none of the families compared ({', '.join(archs)}); "
                            f"check its spelling, or drop it")

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import LmforgeError
 from ..generation import SamplingConfig
 from ..generation.healing import prompt_tail
-from ..tokenizers import start_id
+from ..tokenizers import bos_prefix, start_id
 from .copying import CopyIndex
 from .likelihood import score_ids
 from .text_metrics import bleu, chrf, distinct_n, repetition_rate, sentence_start_candidates, sentence_starts
@@ -100,7 +100,7 @@ def model_continuations(lm, prompts: list[Prompt], seed: int, progress: bool = T
     tokenizer = lm.tokenizer
     encoded = [tokenizer.encode(p.prompt) for p in prompts]
     start = start_id(tokenizer)  # what the model reads first (scoring); generation puts a tokenizer's own first
-    lead = [start] if getattr(tokenizer, "bos_id", None) is not None else []
+    lead = bos_prefix(tokenizer)
     bar = tqdm(total=2 * len(prompts), desc="model continuations", unit="prompt", disable=not progress,
                dynamic_ncols=True)
     texts = []

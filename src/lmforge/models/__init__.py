@@ -31,6 +31,11 @@ def config_class(arch: str) -> type:
     return CONFIGS[MODELS[arch]]
 
 
+def fields_of_none(archs: list[str], names) -> list[str]:
+    """The model fields in `names` that none of the families `archs` has (a typo, most likely)."""
+    return [k for k in names if not any(k in config_class(a).__dataclass_fields__ for a in archs)]
+
+
 def resolve_config(arch: str, **fields):
     """The family's config dataclass for `fields`, validated and with its defaults resolved (no weights)."""
     cls = config_class(arch)
@@ -65,5 +70,5 @@ def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-__all__ = ["MODELS", "build_model", "config_class", "count_params", "resolve_config", "KVCache",
+__all__ = ["MODELS", "build_model", "config_class", "count_params", "fields_of_none", "resolve_config", "KVCache",
            "Transformer", "TransformerConfig", "RNNModel", "RNNConfig", "CNNModel", "CNNConfig"]

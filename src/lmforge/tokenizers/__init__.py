@@ -76,6 +76,12 @@ def declared_eos(directory) -> str | None:
     return eos if isinstance(eos, str) else None
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[the tokenizer's beginning-of-text token] to put before a prompt, or [] when it has none."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return [] if bos is None else [bos]
+
+
 def start_id(tokenizer) -> int:
     """The id every sequence starts from: the tokenizer's own beginning-of-text token (an imported
     Llama's <s>), else end-of-text, which lmforge puts between documents."""
