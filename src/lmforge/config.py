@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LmforgeError
+from .errors import LmforgeError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -267,7 +267,8 @@ class RunConfig:
             raise LmforgeError(f"{where} must be a table of sections")
         unknown = set(raw) - set(SECTION_TYPES)
         if unknown:
-            raise LmforgeError(f"{where}: unknown section(s) {sorted(unknown)}; valid: {sorted(SECTION_TYPES)}")
+            raise LmforgeError(f"{where}: unknown section(s) {sorted(unknown)}{did_you_mean(sorted(unknown), SECTION_TYPES)}; "
+                               f"valid: {sorted(SECTION_TYPES)}")
         sections = {name: _build(kind, raw.get(name, {}), f"{where} [{name}]")
                     for name, kind in SECTION_TYPES.items() if name != "finetune"}
         if raw.get("finetune") is not None:
@@ -295,7 +296,8 @@ def _build(kind, values: dict, where: str):
         values["options"] = options
     unknown = set(values) - set(fields)
     if unknown:
-        raise LmforgeError(f"{where}: unknown option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+        raise LmforgeError(f"{where}: unknown option(s) {sorted(unknown)}{did_you_mean(sorted(unknown), fields)}; "
+                           f"valid: {sorted(fields)}")
     section = where.rsplit("[", 1)[-1].rstrip("]")
     if isinstance(values.get("max_time"), str):  # a duration: "5m", "90s"; "none" or "0" for no limit
         text = values["max_time"].strip().lower()
@@ -384,7 +386,8 @@ def parse_overrides(items: list[str], sections=tuple(SECTION_TYPES), what: str =
         if not sep and "data" in sections and _names_text(item):
             raise LmforgeError(f"{what} {item!r} is not section.key=value; to train on that text, pass --data {item}")
         if not sep or len(parts) != 2 or parts[0] not in sections or not parts[1]:
-            raise LmforgeError(f"{what} {item!r} is not section.key=value (sections: {', '.join(sections)})")
+            hint = did_you_mean(parts[0], sections) if sep and len(parts) == 2 else ""
+            raise LmforgeError(f"{what} {item!r} is not section.key=value{hint} (sections: {', '.join(sections)})")
         out.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())
     return out
 

@@ -3,3 +3,12 @@
 
 class LmforgeError(Exception):
     """A user mistake or bad input. The CLI prints it as one line and exits with status 2."""
+
+
+def did_you_mean(names, choices) -> str:
+    """" (did you mean 'lr'?)" for the closest of `choices` to each of `names` (a typo), or ""."""
+    import difflib
+
+    close = [match[0] for name in ([names] if isinstance(names, str) else names)
+             for match in [difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)] if match]
+    return f" (did you mean {', '.join(map(repr, dict.fromkeys(close)))}?)" if close else ""

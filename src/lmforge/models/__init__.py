@@ -12,7 +12,7 @@ import dataclasses
 import torch.nn as nn
 
 from lmforge.config import check_type
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, did_you_mean
 
 from .cnn import CNNConfig, CNNModel
 from .rnn import RNNConfig, RNNModel
@@ -42,7 +42,8 @@ def resolve_config(arch: str, **fields):
     valid = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - set(valid))
     if unknown:
-        raise LmforgeError(f"unknown {arch} model field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
+        raise LmforgeError(f"unknown {arch} model field(s) {', '.join(unknown)}{did_you_mean(unknown, valid)}; "
+                           f"valid fields: {', '.join(valid)}")
     fields = {name: check_type(f"model.{name}", value, valid[name].type) for name, value in fields.items()}
     if "vocab_size" not in fields:
         raise LmforgeError(f"the {arch} model needs vocab_size (normally taken from the tokenizer)")
