@@ -140,4 +140,4 @@ def test_a_finetune_under_torchrun_reports_once(setup, tmp_path):
     out = finish(torchrun("finetune", str(folder / "single"), "--data", str(folder / "tiny.txt"), "--mode", "lora",
                           "--max-steps", "4", "--out", str(tmp_path / "tuned"), "--no-progress",
                           "--set", "train.threads=1", "--set", f"data.cache_dir={json.dumps(str(folder / 'cache'))}"))
-    assert out.count("run: ") == 1 and out.count("val_bits_per_byte: ") == 1
+    assert out.count("run: ") == 1 and out.count("validation: ") == 1

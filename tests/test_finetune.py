@@ -259,7 +259,8 @@ def test_finetune_cli_end_to_end(base, mode, capsys):
                  "--set", f"data.cache_dir={json.dumps(str(base / 'cache'))}"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    bpb = float(printed.split("val_bits_per_byte: ")[1].split()[0])
+    assert printed.count("bits per byte") == 1  # measured once, printed once
+    bpb = float(printed.split("validation: ")[1].split()[0])
     assert bpb == pytest.approx(lmforge.load(out).evaluate()["bits_per_byte"], abs=1e-4)  # printed to 4 places
     assert main(["generate", str(out), "--prompt", "Anne", "-n", "10", "--seed", "0"]) == 0
     text = lmforge.load(out).generate("Anne", max_new_tokens=10, seed=0)

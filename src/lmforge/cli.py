@@ -138,10 +138,8 @@ def cmd_finetune(args) -> int:
             lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None)
     if not dist.is_main():  # under torchrun, process 0 reports
         return 130 if result.interrupted else 0
+    # the task's own figures were printed as they were measured (finetuning.run.finetune_results)
     print(f"run: {result.run_dir}  {result.steps} steps, {result.extra['trainable_params']:,} trainable parameters")
-    for key in ("val_bits_per_byte", "completion_bits_per_byte", "accuracy", "macro_f1"):
-        if key in result.extra:
-            print(f"{key}: {result.extra[key]:.4f}")
     return 130 if result.interrupted else 0
 
 
