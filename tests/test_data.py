@@ -183,9 +183,9 @@ def test_a_damaged_or_abandoned_cache_is_made_again_and_prepare_shares_trains_ca
     monkeypatch.chdir(tmp_path)
     made = prepare(["other.txt"], cache_dir=tmp_path)  # a relative path, as a user types it
     assert not stale.exists() and fresh.exists()
-    config = RunConfig.from_dict({"data": {"sources": ["other.txt"], "cache_dir": str(tmp_path)},
-                                  "tokenizer": {"kind": "char"}}, "test")
-    assert prepare_data(config).path == made.path  # what train reads is what prepare wrote
+    config = RunConfig.from_dict({"data": {"sources": ["other.txt"], "cache_dir": str(tmp_path)}}, "test")
+    # what train reads is what prepare wrote: the same tokenizer by default (BPE), the same names
+    assert prepare_data(config).path == made.path and made.tokenizer.kind == "bpe"
 
 
 def test_default_cache_dir_from_environment(tiny_file, tmp_path, monkeypatch):

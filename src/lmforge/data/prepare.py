@@ -65,7 +65,7 @@ class Prepared:
         return [(d.name, d.text) for d in self.documents]
 
 
-def prepare(sources, *, tokenizer: str = "char", tokenizer_options: dict | None = None,
+def prepare(sources, *, tokenizer: str = "bpe", tokenizer_options: dict | None = None,
             val_fraction: float = 0.1, cache_dir=None, jsonl_field: str = "text", encoding: str = "utf-8",
             errors: str = "strict", tokenizer_obj=None) -> Prepared:
     """Split, tokenize and cache `sources`, or reuse the cache folder of an identical earlier call.
@@ -73,6 +73,7 @@ def prepare(sources, *, tokenizer: str = "char", tokenizer_options: dict | None 
     Each document is split by characters: the first int(len(text) * (1 - val_fraction)) train, the
     rest validate (Austen at 0.1: int(len(text) * 0.9) per book). The tokenizer is trained on the
     train parts, unless `tokenizer_obj` is given (fine-tuning encodes new text with a base model's).
+    The tokenizer defaults to BPE, as for `lmforge prepare` and `train`, so they share one cache.
     """
     number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
     if not (number and 0.0 < val_fraction < 1.0):
