@@ -15,13 +15,23 @@ from .errors import LmforgeError
 AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
 
 
-def _flag_overrides(args, names: dict[str, str]) -> list[str]:
-    """Convenience flags as dotted overrides (the same names a TOML file uses): {flag attr: section.key}."""
+def _flag_overrides(args, names: dict[str, str], given: list[str] = ()) -> list[str]:
+    """Convenience flags as dotted overrides (the same names a TOML file uses): {flag attr: section.key}.
+    A flag and one of the `given` overrides that set one key to different values are refused."""
+    from .config import parse_value
+
     out = []
     for attr, key in names.items():
         value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={json.dumps(value)}")
+        if value is None:
+            continue
+        for item in given:
+            name, _, text = item.partition("=")
+            if name.strip() == key and parse_value(text.strip()) != value:
+                flag = "--" + attr.replace("_", "-")
+                shown = " ".join(value) if isinstance(value, list) else value
+                raise LmforgeError(f"{flag} {shown} and {item} both set {key}; give one of them")
+        out.append(f"{key}={json.dumps(value)}")
     return out
 
 
@@ -44,7 +54,7 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + _flag_overrides(args, {
         "max_steps": "train.max_steps", "max_time": "train.max_time", "seed": "train.seed", "arch": "model.arch",
         "tokenizer": "tokenizer.kind", "device": "train.device", "data": "data.sources",
-        "encoding": "data.encoding", "errors": "data.errors", "jsonl_field": "data.jsonl_field"})
+        "encoding": "data.encoding", "errors": "data.errors", "jsonl_field": "data.jsonl_field"}, args.overrides)
     if args.no_progress:
         overrides.append("train.progress=false")
     lm, result = api.train(args.config, args.resume or args.out, preset=args.preset, overrides=overrides,
@@ -95,7 +105,7 @@ def cmd_finetune(args) -> int:
     from .training import distributed as dist
 
     settings = (args.set or []) + (["train.progress=false"] if args.no_progress else []) \
-        + _flag_overrides(args, {"device": "train.device"})
+        + _flag_overrides(args, {"device": "train.device"}, args.set or [])
     if args.resume:
         setup = [flag for flag, value in (("BASE", args.base), ("--data", args.data), ("--out", args.out),
                                           ("--mode", args.mode), ("--task", args.task), ("--lr", args.lr),
@@ -116,7 +126,7 @@ def cmd_finetune(args) -> int:
             raise LmforgeError(f"{args.resume} is not a fine-tune; continue its training with `lmforge train --resume "
                                f"{args.resume}`, or fine-tune it with `lmforge finetune {args.resume} --data ...`")
         lm, result = api.train(None, args.resume, resume=True, overrides=settings + _flag_overrides(args, {
-            "max_steps": "train.max_steps"}) + ([f"train.max_time={parse_duration(args.max_time)}"]
+            "max_steps": "train.max_steps"}, settings) + ([f"train.max_time={parse_duration(args.max_time)}"]
                                                if args.max_time else []))
     else:
         if not args.base or not args.data:
@@ -131,7 +141,7 @@ def cmd_finetune(args) -> int:
             args.base, args.data, args.out, task=args.task or "lm", mode=args.mode or "full", lr=args.lr,
             max_time=parse_duration(args.max_time), max_steps=args.max_steps,
             overrides=settings + _flag_overrides(args, {"encoding": "data.encoding", "errors": "data.errors",
-                                                     "jsonl_field": "data.jsonl_field"}),
+                                                     "jsonl_field": "data.jsonl_field"}, settings),
             freeze_layers=args.freeze_layers, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, pooling=args.pooling, template=args.template,
             from_scratch=args.from_scratch or None,
@@ -447,7 +457,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, table_lines
     from .config import build_config, parse_duration
 
-    overrides = list(args.overrides) + _flag_overrides(args, {"data": "data.sources"})
+    overrides = list(args.overrides) + _flag_overrides(args, {"data": "data.sources"}, args.overrides)
     base = build_config(args.config, None, overrides)
     budget = None if args.budget in ("0", "none") else parse_duration(args.budget)
     budget = budget or None  # "0s" as "0": no time budget (then --max-steps must be given)
