@@ -350,3 +350,14 @@ def test_eval_of_a_run_whose_text_is_gone_says_how_to_score_other_text(tmp_path,
     book.unlink()
     capsys.readouterr()
     one_line_error(capsys, main(["eval", str(tmp_path / "run")]), "book.txt", "does not exist", "--text FILE")
+
+
+def test_resume_takes_a_restated_default_as_no_change(tmp_path, tiny_file, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--out", run, "--data", str(tiny_file), "--max-steps", "2", "--no-progress",
+                 f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY, "train.sample_tokens=0"]) == 0
+    # the run recorded no tokenizer options: BPE's default vocabulary size, restated, changes nothing
+    assert main(["train", "--resume", run, "--max-steps", "3", "--no-progress", "tokenizer.vocab_size=4096"]) == 0
+    capsys.readouterr()
+    one_line_error(capsys, main(["train", "--resume", run, "--max-steps", "4", "tokenizer.vocab_size=300"]),
+                   "tokenizer.vocab_size=300 (the run has 4096)")

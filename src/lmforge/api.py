@@ -24,7 +24,7 @@ from .generation import Decoder, Engine, Generation, SamplingConfig, default_wei
 from .generation import generate as _generate
 from .generation import stream as _stream
 from .generation.healing import prompt_tail
-from .tokenizers import bos_prefix
+from .tokenizers import bos_prefix, resolve_options
 
 __all__ = ["LanguageModel", "build_config", "finetune", "load", "train"]
 
@@ -462,8 +462,12 @@ def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None
             if section == "train" and key in RESUME_MAY_CHANGE:
                 continue
             have = stored.get(section, {}) or {}
-            have = have.get("options", {}).get(key, have.get(key)) if section in ("model", "tokenizer") and \
-                key not in ("arch", "kind") else have.get(key)
+            if section == "tokenizer" and key != "kind":  # options as given; restating a default is no change
+                have = resolve_options(have.get("kind"), have.get("options")).get(key)
+            elif section == "model" and key != "arch":  # options resolved, defaults included
+                have = have.get("options", {}).get(key, have.get(key))
+            else:
+                have = have.get(key)
             if section == "data" and key == "sources" and isinstance(value, list):  # as the run recorded them
                 value = absolute_sources(value)
             if have != value:
