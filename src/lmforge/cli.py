@@ -767,7 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("prepare", "tokenizer training and encoding speed, Austen preparation time"),
                        ("serve", "a load test of lmforge serve: N concurrent streaming clients on loopback")):
         b = benchmarks.add_parser(name, help=text)
-        b.add_argument("overrides", nargs="*", help="model.key=value for the families that have that field")
+        b.add_argument("overrides", nargs="*",
+                       help="section.key=value settings of the training run (any section)" if name == "austen"
+                       else "model.key=value for the families that have that field")
         b.add_argument("--json", action="store_true", help="(the output is always JSON)")
         b.add_argument("--arch", help="comma-separated families, or all (default)")
         b.add_argument("--batch-size", type=int, help="train: sequences per step (default 16)")
