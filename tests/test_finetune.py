@@ -209,8 +209,8 @@ def test_classification_head_learns_a_separable_task(base, capsys):
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["a", "b"]
     (base / "texts.jsonl").write_text(json.dumps({"passage": "Emma handsome"}) + "\n")
     assert main(["classify", str(run), "--file", str(base / "texts.jsonl")]) == 2
-    assert "no string field 'text' (it has 'passage'); add it, or name the field holding the text with --jsonl-field" \
-        in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith("no string field 'text' (it has 'passage'); add it, or name the field "
+                                            "holding the text with --jsonl-field\n")  # no training hints
     assert main(["classify", str(run), "--file", str(base / "texts.jsonl"), "--jsonl-field", "passage"]) == 0
     assert capsys.readouterr().out.startswith("b\t")
     assert main(["classify", str(run)]) == 2

@@ -381,7 +381,8 @@ def cmd_classify(args) -> int:
         path = Path(args.file)
         if not path.is_file():
             raise LmforgeError(f"--file {path} is not a file; give a text file (one text per line) or a .jsonl")
-        documents = read_file(path, jsonl_field=args.jsonl_field, encoding=args.encoding, errors=args.errors)
+        documents = read_file(path, jsonl_field=args.jsonl_field, encoding=args.encoding, errors=args.errors,
+                              training=False)
         if path.suffix == ".jsonl":
             texts += [d.text for d in documents]
         else:

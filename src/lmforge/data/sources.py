@@ -76,14 +76,16 @@ def expand_path(spec: str) -> list[Path]:
     return [path]
 
 
-def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str) -> list[Document]:
+def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str, training: bool = True) -> list[Document]:
+    """A text file as one document, a .jsonl as one per line. `training` False (texts to classify):
+    a missing field's message leaves out the config and fine-tuning hints."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise LmforgeError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
     text = decode(data, path, encoding, errors).replace("\r\n", "\n")
     if path.suffix == ".jsonl":
-        return read_jsonl(text, path, jsonl_field)
+        return read_jsonl(text, path, jsonl_field, training)
     return [Document(str(path), text)]
 
 
@@ -109,7 +111,7 @@ def json_lines(text: str, path) -> Iterator[tuple[int, object]]:
             raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove that line") from None
 
 
-def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
+def read_jsonl(text: str, path: Path, field: str, training: bool = True) -> list[Document]:
     """One document per non-blank line, from the string under `field`."""
     documents = []
     for number, record in json_lines(text, path):
@@ -120,10 +122,11 @@ def read_jsonl(text: str, path: Path, field: str) -> list[Document]:
                                f"name the field holding the text with --jsonl-field)")
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             has = f" (it has {', '.join(map(repr, record))})" if isinstance(record, dict) and record else ""
-            hint = ("; for prompt -> completion pairs, fine-tune with --task completion"
-                    if isinstance(record, dict) and {"prompt", "completion"} <= set(record) else "")
+            pairs = isinstance(record, dict) and {"prompt", "completion"} <= set(record)
+            hint = "; for prompt -> completion pairs, fine-tune with --task completion" if pairs and training else ""
+            config = " (data.jsonl_field=... in a config)" if training else ""
             raise LmforgeError(f"{path}:{number}: no string field {field!r}{has}; add it, or name the field holding "
-                               f"the text with --jsonl-field (data.jsonl_field=... in a config){hint}")
+                               f"the text with --jsonl-field{config}{hint}")
         documents.append(Document(f"{path}:{number}", record[field].replace("\r\n", "\n")))  # as in text files
     return documents
 
