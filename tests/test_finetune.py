@@ -413,3 +413,36 @@ def test_a_fine_tune_runs_where_this_machine_decides_not_where_the_base_ran(base
     config = finetune_config(base / "base", [str(base / "new.txt")])  # the base trained with train.threads=1
     assert config.train.device == "auto" and config.train.threads is None  # as README says: --device auto
     assert finetune_config(base / "base", [str(base / "new.txt")], overrides=["train.threads=2"]).train.threads == 2
+
+
+def test_lora_for_a_classifier_adapts_only_layers_it_uses_and_resumes(base):
+    rows = [{"text": ("Emma handsome " if i % 2 else "rich world ") * (1 + i % 3), "label": "ab"[i % 2],
+             "split": "test" if i < 12 else "val" if i < 20 else "train"} for i in range(60)]
+    (base / "pairs-untied.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = [str(base / "pairs-untied.jsonl")]
+    bases = {"transformer": {**TINY_MODEL, "tie_embeddings": False},
+             "gru": {"d_model": 16, "d_hidden": 24, "n_layers": 1, "context_len": 32}}
+    for arch, fields in bases.items():
+        config = {"data": {"sources": [str(base / "base.txt")], "cache_dir": str(base / "cache")},
+                  "tokenizer": {"kind": "char"}, "model": {"arch": arch, **fields},
+                  "train": {"max_steps": 2, "max_time": 0, "batch_size": 8, "progress": False, "threads": 1,
+                            "sample_tokens": 0}}
+        lmforge.train(config, out=base / f"untied-{arch}", log=quiet)
+    overrides = [*QUIET, f"data.cache_dir={json.dumps(str(base / 'cache'))}"]
+    # a Transformer with its own output layer: LoRA goes on the blocks, not on the unused lm_head,
+    # so every adapter trains and the run resumes (an adapter without gradients had no optimizer state)
+    _, result = lmforge.finetune(base / "untied-transformer", data, base / "cls-lora", task="classify", mode="lora",
+                                 max_steps=4, overrides=overrides, log=quiet)
+    adapter = load_file(result.run_dir / "adapter.safetensors")
+    assert adapter and not any(k.startswith("lm_head.") for k in adapter)
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_b"))
+    lmforge.train(None, result.run_dir, resume=True, overrides=["train.max_steps=6"], log=quiet)
+    assert lmforge.load(result.run_dir).classify(["rich world"])[0].keys() == {"a", "b"}
+    with pytest.raises(LmforgeError, match="a classifier does not use lm_head"):
+        lmforge.finetune(base / "untied-transformer", data, base / "cls-head", task="classify", mode="lora",
+                         lora_targets=["lm_head"], max_steps=2, overrides=overrides, log=quiet)
+    # an untied GRU's only LoRA target is that output layer: refused, naming the modes that train something
+    with pytest.raises(LmforgeError, match="adapts only its output layer .*--mode freeze or --mode full"):
+        lmforge.finetune(base / "untied-gru", data, base / "gru-lora", task="classify", mode="lora", max_steps=2,
+                         overrides=overrides, log=quiet)
+    assert not (base / "gru-lora").exists()

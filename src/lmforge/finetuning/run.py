@@ -138,7 +138,24 @@ def adapt(model, ft) -> None:
     if ft.mode == "freeze":
         freeze(model, model.config.n_layers // 2 if ft.freeze_layers is None else ft.freeze_layers)
     elif ft.mode == "lora":
-        apply_lora(model, ft.lora_targets, ft.lora_rank, ft.lora_alpha, ft.lora_dropout)
+        apply_lora(model, _lora_targets(model, ft), ft.lora_rank, ft.lora_alpha, ft.lora_dropout)
+
+
+def _lora_targets(model, ft) -> list[str] | None:
+    """The layers LoRA adapts: those asked for (None: the family's own), leaving out the next-token
+    output layer (lm_head) for a classifier, which never uses it: an adapter there would take no
+    gradient (and an LSTM's or GRU's only target is that layer)."""
+    if ft.task != "classify":
+        return ft.lora_targets
+    asked = list(ft.lora_targets or model.lora_targets)
+    kept = [t for t in asked if t.rsplit(".", 1)[-1] != "lm_head"]
+    if ft.lora_targets and len(kept) < len(asked):
+        raise LmforgeError("a classifier does not use lm_head (the next-token output layer); drop it from "
+                           "--lora-targets")
+    if not kept:
+        raise LmforgeError(f"LoRA on this {model.arch} model adapts only its output layer (lm_head), which a "
+                           f"classifier does not use; fine-tune it with --mode freeze or --mode full")
+    return kept
 
 
 def weight_files(state: dict[str, torch.Tensor], ft) -> dict[str, dict[str, torch.Tensor]]:
