@@ -135,6 +135,35 @@ def test_bad_text_under_torchrun_stops_every_process_with_its_message(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_taken_run_folder_or_a_report_under_torchrun_is_one_line_from_each_process(setup):
+    folder, common = setup
+    for args, messages in [(["train", "--out", str(folder / "single"), "--max-steps", "2", *common],
+                            ["already holds a run; continue it with --resume", "process 0 stopped the run"]),
+                           (["eval", str(folder / "single"), "--report", str(folder / "report")],
+                            ["--report runs in one process"] * 2)]:
+        child = torchrun(*args)
+        _, err = child.communicate(timeout=180)
+        assert child.returncode != 0 and all(err.count(m) == messages.count(m) for m in messages), err[-3000:]
+        assert err.count("error: ") == 2, err[-3000:]  # one line from each process (torchrun adds its summary)
+        assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err, err[-3000:]
+    assert not (folder / "report").exists()
+
+
+def test_a_process_of_a_torchrun_job_probes_with_its_share_of_the_cores(monkeypatch):
+    import torch
+
+    from lmforge.config import TrainConfig
+    from lmforge.device import physical_cores
+    from lmforge.training.sizing import probe_tokens_per_s
+
+    monkeypatch.setenv("RANK", "0")  # as torchrun starts the first of two processes on this machine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    options = {"vocab_size": 40, "d_model": 32, "n_layers": 1, "n_heads": 2, "context_len": 16}
+    probe_tokens_per_s(options, TrainConfig(batch_size=2, compile=False, dtype="float32"), steps=1, size={})
+    assert torch.get_num_threads() == max(1, physical_cores() // 2)  # the share the run's loop will take
+
+
 def test_a_finetune_under_torchrun_reports_once(setup, tmp_path):
     folder, _ = setup
     out = finish(torchrun("finetune", str(folder / "single"), "--data", str(folder / "tiny.txt"), "--mode", "lora",

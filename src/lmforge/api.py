@@ -296,21 +296,24 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
     if budget is not None:
         check_budget(cfg, budget)
-    cfg = with_measured_choices(cfg, log)
+    # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
+    # shared cores, each would time a slower machine and could choose apart)
+    cfg = dist.main_first(lambda: with_measured_choices(cfg, log))
     speedup = None
     if not resume:  # a resumed run compiles, or not, as it started
         cfg, speedup = with_compile_choice(cfg, log, budget)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     created = not Path(out).exists()
-    if dist.is_main():
-        ckpt.open_run_dir(Path(out), resume)  # before any data is read: a taken --out fails at once
+    # before any data is read: a taken --out fails at once (under torchrun, every process with its line)
+    dist.on_main(ckpt.open_run_dir, Path(out), resume)
     try:
         if budget is not None:
             cfg = size_for_budget(cfg, budget, log, decay_given, speedup)
         elif not resume:
             cfg = regularise_for_passes(cfg, log, decay_given, speedup)
-        with ckpt.RunLock(out) if dist.is_main() else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            dist.on_main(lambda: held.enter_context(ckpt.RunLock(out)))  # process 0 holds the folder's lock
             if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
                 job = dist.main_first(lambda: finetune_job(cfg, tokenizer, log=log,
                                                            resume=resume and bool(ckpt.resume_points(out))))

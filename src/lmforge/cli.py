@@ -326,6 +326,9 @@ def cmd_eval(args) -> int:
             flag = "--adapt" if args.adapt else "--json"
             raise LmforgeError(f"--report writes its own report.md and report.json; {flag} applies to the table "
                                f"eval prints: drop it, or run eval without --report")
+        if dist.world_size() > 1:  # each process would write the same files at once, for no speed-up
+            raise LmforgeError("--report runs in one process (its work is not shared out): run "
+                               "`lmforge eval ... --report DIR` without torchrun")
         from .evaluation.report import write_report
 
         write_report(lm, Path(args.report), text_path=args.text, n_prompts=args.prompts, seed=args.seed,

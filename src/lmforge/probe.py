@@ -45,10 +45,11 @@ def machine() -> dict:
     """What the probe's answer depends on: the CPU, the cores, and this torch build."""
     model = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return {"cpu": model, "machine": platform.machine(), "logical_cpus": os.cpu_count(),

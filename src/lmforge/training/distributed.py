@@ -42,6 +42,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def cpu_threads(threads: int | None) -> int:
+    """A process's intra-op threads on a CPU: `threads` if given, else its share of the physical cores
+    (each process of a torchrun job on this machine takes an equal share; all of them without one)."""
+    from ..device import physical_cores
+
+    return threads or max(1, physical_cores() // local_world_size())
+
+
 def start(device: torch.device) -> torch.device:
     """Join torchrun's process group (once) and return this process's device: on CUDA, the GPU of its
     local rank; on a CPU, the CPU."""
@@ -148,10 +156,11 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 
     from torch.distributed.fsdp import fully_shard
 
-    # A Transformer block returns its attention's values (a view) for the value residual; later blocks
-    # read them out of place, which keeps FSDP's gradients right (test_distributed: FSDP ends where DDP
-    # does), so PyTorch's warning about in-place ops on such a view is not for the user.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
+    # A Transformer block returns its attention's values (a view) for the value residual, and a recurrent
+    # model returns views among its outputs and state; they are read out of place, which keeps
+    # FSDP's gradients right (test_distributed: FSDP ends where DDP does, for both), so PyTorch's warning
+    # about in-place ops on such a view is not for the user.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(Block|RNNModel)\) returned a view tensor")
     body = getattr(model, "lm", model)  # a classifier's language model
     for block in getattr(body, "blocks", []):
         fully_shard(block)

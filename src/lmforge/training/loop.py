@@ -24,7 +24,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import RunConfig, check_type
 from ..data.batches import Batches
-from ..device import (ThreadTuner, all_but_global_state, measure_peak_flops, physical_cores, resolve_device,
+from ..device import (ThreadTuner, all_but_global_state, measure_peak_flops, resolve_device,
                       resolve_dtype, set_threads)
 from ..errors import LmforgeError
 from ..models import count_params
@@ -106,8 +106,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
         device = dist.start(device)
     dtype = resolve_dtype(cfg.dtype, device)
     # on a CPU each process of a torchrun job takes its share of the cores
-    threads = set_threads(cfg.threads or max(1, physical_cores() // dist.local_world_size())) \
-        if device.type == "cpu" else None
+    threads = set_threads(dist.cpu_threads(cfg.threads)) if device.type == "cpu" else None
     run_dir = ckpt.open_run_dir(Path(out), resume) if dist.is_main() else Path(out)
     dist.barrier()
     model = job.model.to(device)

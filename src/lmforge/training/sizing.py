@@ -95,8 +95,8 @@ def probe_tokens_per_s(options: dict, cfg: TrainConfig, steps: int = 3, size: di
     this machine), eager steps times that, rather than compiling the probe (10-30 s). Also returns the
     probe's FLOPs per token."""
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        set_threads(cfg.threads)
+    if device.type == "cpu":  # as the run will: under torchrun each process with its share of the cores
+        set_threads(dist.cpu_threads(cfg.threads))
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(0)
     size = rung(DEFAULT_D_MODEL) if size is None else size
