@@ -267,8 +267,8 @@ class RunConfig:
             raise LmforgeError(f"{where} must be a table of sections")
         unknown = set(raw) - set(SECTION_TYPES)
         if unknown:
-            raise LmforgeError(f"{where}: unknown section(s) {sorted(unknown)}{did_you_mean(sorted(unknown), SECTION_TYPES)}; "
-                               f"valid: {sorted(SECTION_TYPES)}")
+            hint = did_you_mean(sorted(unknown), SECTION_TYPES)
+            raise LmforgeError(f"{where}: unknown section(s) {sorted(unknown)}{hint}; valid: {sorted(SECTION_TYPES)}")
         sections = {name: _build(kind, raw.get(name, {}), f"{where} [{name}]")
                     for name, kind in SECTION_TYPES.items() if name != "finetune"}
         if raw.get("finetune") is not None:
