@@ -1,7 +1,7 @@
 """Run the guide: every command and code block of docs/guide/, in order, and every figure and table.
 
     python docs/make_figures.py            # full: the published figures, outputs and tables (an hour or two)
-    python docs/make_figures.py --quick    # every block at a tiny budget, in a scratch folder (~8 minutes)
+    python docs/make_figures.py --quick    # every block at a tiny budget, in a scratch folder (5-11 minutes)
     python docs/make_figures.py --quick --only 01,06  # those chapters only
     python docs/make_figures.py --notebook # also write docs/guide.ipynb from the same source
     python docs/make_figures.py --notebook-only  # only that (a test checks the committed one is current)

@@ -1,7 +1,7 @@
 """The guide runs: its code blocks, in order, at a tiny budget (`python docs/make_figures.py --quick`),
 and the notebook made from the same source holds them all.
 
-The whole guide takes about 8 minutes even at tiny budgets (every command still prepares its data and
+The whole guide takes 5-11 minutes even at tiny budgets (every command still prepares its data and
 evaluates on the whole validation split), so the suite runs the chapters of the README's main job
 (1-3 and 6: prepare, train on Austen, evaluate, generate) and leaves the rest to the slow check,
 `python -m pytest -m slow`, which CI runs after the suite: every chapter, including the evaluation
