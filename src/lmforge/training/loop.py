@@ -319,8 +319,11 @@ def restore(model, optimizers, average: WeightAverage | None, point: ckpt.Resume
     try:
         dist.load_full_states(model, optimizers, weights, optimizer_states)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise LmforgeError(f"the resume point of {run_dir} does not fit this run's model "
-                           f"({str(e).splitlines()[0][:200]}); resume with the run's own config") from None
+        # (a resume keeps the run's own config, and the manifest catches an edited one: what is left is a
+        # resume point this version of lmforge did not write, or cannot read back)
+        raise LmforgeError(f"the resume point of {run_dir} does not fit the model its config.json describes "
+                           f"({str(e).splitlines()[0][:200]}); it cannot be continued: start a new run with "
+                           f"another --out") from None
     if average is not None:
         try:
             average.load(point.average if point.average is not None else dist.full_state(model))
