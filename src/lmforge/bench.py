@@ -310,9 +310,7 @@ def bench_prepare(sources: list[str] | None = None, kinds: tuple = ("char", "wor
 
     from .config import AUSTEN
     from .data import prepare, read_sources
-    from .tokenizers import train_tokenizer
-
-    from .tokenizers import load_tokenizer
+    from .tokenizers import load_tokenizer, train_tokenizer
 
     texts = [doc.text for doc in read_sources(sources or ["gutenberg:*"])]
     megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6

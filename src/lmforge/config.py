@@ -27,6 +27,14 @@ AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
+def check_source_names(sources) -> None:
+    """A one-line error for an empty source name: "" would be the current folder, every *.txt under it,
+    which nobody asked for."""
+    if any(isinstance(s, str) and not s.strip() for s in sources):
+        raise LmforgeError("a data source is an empty name; give a file, folder, glob or gutenberg:ID "
+                           "(an unset shell variable?)")
+
+
 def absolute_sources(sources: list) -> list:
     """Local sources as absolute paths ("~" expanded), Gutenberg ids as they are. A run folder records where
     its text is from anywhere (resuming, evaluating and fine-tuning from another folder read the same
@@ -48,9 +56,7 @@ class DataConfig:
     def __post_init__(self):
         if not self.sources:
             raise LmforgeError("data.sources is empty; name at least one text file, folder, glob or gutenberg:ID")
-        if any(isinstance(s, str) and not s.strip() for s in self.sources):
-            raise LmforgeError("a data source is an empty name; give a file, folder, glob or gutenberg:ID "
-                               "(an unset shell variable?)")
+        check_source_names(self.sources)
         self.sources = absolute_sources(self.sources)
         if not 0.0 < self.val_fraction < 1.0:
             raise LmforgeError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")

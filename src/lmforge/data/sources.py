@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..config import check_source_names
 from ..errors import LmforgeError
 
 GUTENBERG = "gutenberg:"
@@ -31,13 +32,11 @@ def read_sources(specs, *, jsonl_field: str = "text", encoding: str = "utf-8",
         specs = [specs]
     if not isinstance(specs, (list, tuple)) or not all(isinstance(s, (str, os.PathLike)) for s in specs):
         raise LmforgeError(f"sources must be a path or gutenberg:ID, or a list of them, got {specs!r}")
+    check_source_names([str(spec) for spec in specs])
     documents: list[Document] = []
     seen: set = set()
     for spec in specs:
         spec = str(spec)
-        if not spec.strip():  # "" would be the current folder: every *.txt under it, which nobody asked for
-            raise LmforgeError("a data source is an empty name; give a file, folder, glob or gutenberg:ID "
-                               "(an unset shell variable?)")
         if spec.startswith(GUTENBERG):
             documents += [d for d in read_gutenberg(spec[len(GUTENBERG):]) if d.name not in seen]
             seen.update(d.name for d in documents)
