@@ -216,8 +216,21 @@ def test_choices_that_name_no_setting_are_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     measured = {"dtype": "float32", "attention": "float32", "decoding": "fp32", "cache": "fp32"}
     monkeypatch.setattr(probe, "measure", lambda: dict(measured))
-    for damaged in ({"dtype": "bfloat16"}, {**measured, "dtype": "float64"}):  # valid JSON, not valid choices
+    damages = ({"dtype": "bfloat16"}, {**measured, "dtype": "float64"},  # valid JSON, not valid choices
+               {**measured, "train_step_ms": "x"}, {**measured, "decode_step_us": {"int8": "fast"}})
+    for damaged in damages:
         (tmp_path / "probe.json").write_text(json.dumps({"machine": probe.machine(), "choices": damaged}))
         assert {k: v for k, v in probe.choices(torch.device("cpu")).items() if k in measured} == measured
     report = probe.report()
     assert report["cache"] == str(tmp_path / "probe.json") and not report["probed_now"]
+    # a compile measurement of the wrong shape is as if none were cached: `doctor` and runs read it
+    facts = {**probe.machine(), "dtype": "float32", "attention": "float32"}
+    for damaged in ({"compile_s": 3}, {"gain": 1.4}, {"gain": 0}, {"gain": 1.4, "compile_s": 3, "step_ms": []}):
+        (tmp_path / "probe-compile.json").write_text(json.dumps({"machine": facts, "result": damaged}))
+        assert probe.compile_gain("float32", "float32", measure=False) is None
+    good = {"gain": 1.4, "compile_s": 3, "step_ms": {"eager": 70.0, "compiled": 50.0}}
+    (tmp_path / "probe-compile.json").write_text(json.dumps({"machine": facts, "result": good}))
+    assert probe.compile_gain("float32", "float32", measure=False) == good
+    (tmp_path / "probe.json").write_text("{trunc")  # doctor says that it measures, rather than going quiet
+    heard = []
+    assert probe.report(log=heard.append)["probed_now"] and heard and "probing" in heard[0]

@@ -60,6 +60,14 @@ def test_only_the_newest_resume_points_are_kept(straight):
     assert points == ["step-00000018", "step-00000024"]  # keep_checkpoints = 2
 
 
+def test_weights_are_readable_by_whoever_can_read_the_run(straight):
+    # a server under another account, or a group, loads the weights the owner trained
+    run = straight / "run"
+    point = sorted((run / "checkpoints").iterdir())[-1]
+    modes = {path.name: path.stat().st_mode & 0o777 for path in [run / "model.safetensors", *point.iterdir()]}
+    assert set(modes.values()) == {(run / "config.json").stat().st_mode & 0o777}, modes
+
+
 def test_a_damaged_newest_resume_point_falls_back_to_the_one_before_and_still_ends_the_same(straight, tmp_path):
     config = tiny(straight / "tiny.txt", straight / "cache")
 

@@ -9,6 +9,7 @@ it is read instead of producing garbage. Nothing is ever unpickled.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -95,6 +96,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
         save_file(tensors, str(tmp), metadata={**(metadata or {}), CHECKSUM: tensor_digest(tensors)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())  # safetensors makes files for the owner only; others read the JSON beside it
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -103,6 +105,14 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | 
         tmp.unlink(missing_ok=True)
         raise LmforgeError(f"cannot write {path}: {exc}; the previous {path.name} is unchanged") from None
     _fsync_dir(path.parent)
+
+
+@functools.cache
+def _file_mode() -> int:
+    """The permissions a file created here normally gets: rw for all, less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -522,7 +522,7 @@ def cmd_bench(args) -> int:
 def cmd_doctor(args) -> int:
     from .probe import report
 
-    result = report(refresh=args.refresh)
+    result = report(refresh=args.refresh, log=lambda message: print(message, file=sys.stderr))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -82,9 +82,33 @@ CHOICES = {"dtype": ("float32", "bfloat16"), "attention": ("float32", "native"),
            "cache": ("fp32", "bf16")}
 
 
+TIMINGS = ("train_step_ms", "decode_step_us", "batch8_decode_step_us")
+
+
+def _numbers(value) -> bool:
+    """Whether `value` is a {name: number} dict, as the probe writes its timings."""
+    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _sound(picked: dict) -> bool:
-    """Whether cached choices name a value lmforge has for each setting (a damaged file is measured again)."""
-    return all(picked.get(name) in allowed for name, allowed in CHOICES.items())
+    """Whether cached choices name a value lmforge has for each setting, with timings of the shape the
+    probe writes (a damaged file is measured again)."""
+    return all(picked.get(name) in allowed for name, allowed in CHOICES.items()) \
+        and all(_numbers(picked.get(name, {})) for name in TIMINGS)
+
+
+def _sound_gain(result: dict) -> bool:
+    """Whether a cached compile measurement has the shape `_compile_times` writes."""
+    if not _number(result.get("gain")):
+        return False
+    if result["gain"] <= 0:
+        return isinstance(result.get("why"), str)
+    return _number(result.get("compile_s")) and _numbers(result.get("step_ms")) \
+        and {"eager", "compiled"} <= set(result["step_ms"])
 
 
 def _cached(path, facts: dict, key: str):
@@ -232,6 +256,8 @@ def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> 
     then cached; None when not cached and `measure` is False."""
     facts = {**machine(), "dtype": dtype, "attention": attention}
     cached = _cached(compile_file(), facts, "result")
+    if cached is not None and not _sound_gain(cached):  # a damaged file is measured again
+        cached = None
     if cached is not None or not measure:
         return cached
     if log is not None:
@@ -273,11 +299,12 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
             "step_ms": {k: round(v * 1e3, 2) for k, v in times.items()}}
 
 
-def report(refresh: bool = False) -> dict:
-    """What `lmforge doctor` prints: the machine, the choices and the timings behind them."""
+def report(refresh: bool = False, log=None) -> dict:
+    """What `lmforge doctor` prints: the machine, the choices and the timings behind them. `log` hears
+    that the probe runs, when it does."""
     before = _cached(cache_file(), machine(), "choices")
     fresh = refresh or before is None or not _sound(before)  # measured now, not read back
-    picked = choices(torch.device("cpu"), refresh=refresh)
+    picked = choices(torch.device("cpu"), refresh=refresh, log=log)
     if refresh:  # measured again by the next run long enough to ask
         try:
             compile_file().unlink(missing_ok=True)
