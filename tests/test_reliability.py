@@ -137,6 +137,10 @@ def test_changed_json_files_and_other_versions_are_named(straight, tmp_path, cap
     (run / "config.json").write_text(text.replace('"format_version"', '"format_ver2ion"'))
     with pytest.raises(LmforgeError, match="config.json is damaged"):
         lmforge.load(run)
+    # an edited size reads as a bad setting to the config's own checks: on resume, too, it is damage first
+    (run / "config.json").write_text(text.replace('"d_model": 32', '"d_model": 33'))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "config.json is damaged" in capsys.readouterr().err
     shutil.copy(straight / "run" / "config.json", run / "config.json")
     config = json.loads((run / "config.json").read_text())
     for change, needle in [({"format_version": 99}, "another lmforge"), ({"model": {"arch": "transformer"}}, "model"),
@@ -226,6 +230,9 @@ def test_two_processes_cannot_train_into_one_folder(straight, tmp_path):
         # the refused start leaves the holder's lock be: a third process is kept out too
         assert (tmp_path / "run" / "run.lock").exists() and ckpt.training_process(tmp_path / "run")
     lmforge.train(config, out=tmp_path / "run", log=quiet)  # free again: trains
+    with ckpt.RunLock(tmp_path / "run"):  # a new run into a folder being trained: not told to resume it
+        with pytest.raises(LmforgeError, match="in use by lmforge process .*choose another --out"):
+            lmforge.train(config, out=tmp_path / "run", log=quiet)
 
 
 def test_ctrl_c_while_preparing_data_leaves_no_half_cache(straight, tmp_path, monkeypatch):
@@ -304,3 +311,41 @@ def test_a_killed_lora_finetune_resumes_and_generates(straight, tmp_path):
     assert main(["finetune", "--resume", str(tmp_path / "resumed")]) == 0
     for name in ("model.safetensors", "adapter.safetensors"):
         assert same(load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))), name
+
+
+@pytest.mark.parametrize("phase", ["last evaluation", "final figures"])
+def test_sigterm_after_the_last_step_saves_says_so_and_a_resume_finishes(straight, tmp_path, monkeypatch, capsys,
+                                                                         phase):
+    import os
+
+    from lmforge import api
+    from lmforge.training import loop
+
+    config = tiny(straight / "tiny.txt", straight / "cache", steps=26)  # its last evaluation is after the loop
+    args = ["train", "--out", str(tmp_path / "run"), "--arch", "transformer", "--tokenizer", "char",
+            *_cli_config_args(config)]
+    real_evaluate, real_figures = loop.evaluate, api.final_figures
+
+    def evaluate(model, job, state, *rest):
+        if state.step == 26:  # a scheduler stops the job while the final weights are scored
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(model, job, state, *rest)
+
+    def final_figures(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_figures(*args, **kwargs)
+
+    if phase == "last evaluation":
+        monkeypatch.setattr(loop, "evaluate", evaluate)
+    else:
+        monkeypatch.setattr(api, "final_figures", final_figures)
+    assert main(args) == 130
+    out, err = capsys.readouterr()
+    assert f"lmforge train --resume {tmp_path / 'run'}" in out + err and "Traceback" not in err
+    assert not (tmp_path / "run" / "summary.json").exists()
+    saved = json.loads((sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "trainer_state.json").read_text())
+    assert saved["step"] == 26  # the trained steps are kept: none is trained again
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 26
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command gave the handler back

@@ -539,3 +539,13 @@ def test_adaptive_evaluation_learns_from_what_it_has_scored_and_leaves_the_model
     lora = adaptive_score(lm.model, lm.tokenizer, novel, AdaptSettings(lr=3e-2, lora=True))
     assert lora.bits_per_byte < static["bits_per_byte"]
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_the_loss_plot_leaves_out_rows_it_cannot_read(tmp_path):
+    from lmforge.training.plots import plot_losses
+
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "val_losr": 2.9, "val_bpb": 3.1, "train_time": 1.0},  # edited by hand
+            [1, 2], {"step": 3, "loss": "x"}, {"step": 4, "val_loss": 2.5, "val_bpb": 2.8, "train_time": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    assert plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -326,7 +326,12 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         raise
     lm = load(result.run_dir, device=result.extra["device"])
     if final_eval and not result.interrupted:
-        result.extra.update(final_figures(lm, log))
+        try:
+            result.extra.update(final_figures(lm, log))
+        except KeyboardInterrupt:
+            log(f"\ninterrupted while scoring the trained model (it is saved); the same command with --resume "
+                f"scores it: {ckpt.resume_command(result.run_dir)}")
+            raise
         if dist.is_main():
             ckpt.write_json(result.run_dir / "summary.json", {
                 "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
@@ -455,6 +460,7 @@ def resume_config(run_dir: Path, config=None, overrides: list[str] | None = None
     """The run's own config, with the caller's changes to the training budget and to how it runs;
     changes to the data, tokenizer, model, optimisation or fine-tuning setup would not continue the
     same run, and are refused."""
+    ckpt.check_manifest(Path(run_dir))  # first: an edited config.json is damage, whatever its values say
     stored = ckpt.read_config(run_dir)
     base = {k: stored[k] for k in ("data", "tokenizer", "train", "finetune") if stored.get(k) is not None}
     base["model"] = {"arch": stored["model"]["arch"], "options": stored["model"]["options"]}

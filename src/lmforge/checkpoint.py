@@ -196,6 +196,10 @@ def open_run_dir(out: Path, resume: bool) -> Path:
         check_manifest(out)
         return out
     if (out / CONFIG).exists():
+        holder = training_process(out)
+        if holder is not None:  # --resume would be refused too while that process runs
+            raise LmforgeError(f"{out} is in use by lmforge process {holder}, which is training it; "
+                               f"choose another --out")
         raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     # what a start killed before config.json was written leaves behind is not "a run": start again over it
     if out.exists() and (not out.is_dir() or any(p.name not in LEFTOVERS and not p.name.endswith(".tmp")

@@ -6,8 +6,10 @@ command (Ctrl-C, SIGTERM) exits with 130 after saving what it can.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 
 from .errors import LmforgeError
@@ -33,6 +35,24 @@ def _flag_overrides(args, names: dict[str, str], given: list[str] = ()) -> list[
                 raise LmforgeError(f"{flag} {shown} and {item} both set {key}; give one of them")
         out.append(f"{key}={json.dumps(value)}")
     return out
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (`kill`, a job scheduler's stop) ends a training command as Ctrl-C does: the training loop
+    saves and stops, and outside it the command ends with a note and status 130, not silently with 143."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from another thread): signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_out(piece: str) -> None:
@@ -858,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv)
     try:
         try:
-            return args.func(args) or 0
+            with _sigterm_as_ctrl_c() if args.func in (cmd_train, cmd_finetune) else contextlib.nullcontext():
+                return args.func(args) or 0
         finally:
             if "RANK" in os.environ:  # under torchrun: leave the process group cleanly (gloo aborts otherwise)
                 from .training import distributed

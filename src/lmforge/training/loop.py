@@ -212,15 +212,20 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
     finally:
         bar.close()
         tuner.settle()
-    if not interrupted and state.last_eval_step != state.step:
-        evaluate(model, job, state, cfg, device, dtype, run_dir, metrics, average)  # the final weights get a score
-    save_resume_point(run_dir, model, optimizers, state, cfg, average)
-    if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
-        with average.swapped_in() if average is not None else contextlib.nullcontext():
-            save_weights(run_dir, job.weights(dist.full_state(model)))
-    metrics.close()
-    if dist.is_main():
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    with stop:  # a signal now lets the last evaluation and the saving finish; then the run stops as interrupted
+        if not interrupted and state.last_eval_step != state.step:
+            evaluate(model, job, state, cfg, device, dtype, run_dir, metrics, average)  # the final weights' score
+        save_resume_point(run_dir, model, optimizers, state, cfg, average)
+        if not cfg.keep_best or not (run_dir / ckpt.WEIGHTS).exists():
+            with average.swapped_in() if average is not None else contextlib.nullcontext():
+                save_weights(run_dir, job.weights(dist.full_state(model)))
+        metrics.close()
+        if dist.is_main():
+            plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if dist.any_true(stop.requested) and not interrupted:
+        interrupted = True
+        log(f"interrupted at the end of training (step {state.step}, saved); finish with: "
+            f"{ckpt.resume_command(run_dir)}")
     best = state.best_val_loss
     return TrainResult(run_dir=run_dir, steps=state.step, tokens=state.tokens, train_time=state.train_time,
                        tokens_per_s=state.tokens / max(state.train_time, 1e-9),

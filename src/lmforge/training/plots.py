@@ -6,15 +6,24 @@ from pathlib import Path
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows, less any that is not a JSON object (a line cut short by an interrupted write)."""
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by an interrupted write
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def _with(rows: list[dict], *fields: str) -> list[dict]:
+    """The rows that hold a number in each of `fields` (an edited or damaged row is left out of the plot)."""
+    return [r for r in rows if all(isinstance(r.get(f), (int, float)) and not isinstance(r.get(f), bool)
+                                   for f in fields)]
 
 
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:
@@ -24,8 +33,8 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_bpb" in r]
+    train = _with(rows, "step", "loss")
+    val = _with(rows, "step", "val_loss", "val_bpb", "train_time")
     if not train and not val:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
