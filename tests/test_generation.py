@@ -330,8 +330,9 @@ def test_token_healing_lets_the_model_choose_how_the_prompts_last_word_goes_on()
                                 SamplingConfig(max_new_tokens=3, temperature=0, stop=["was"], token_healing=healing))
         engine.run()
         assert request.finish_reason == "length"  # the prompt's own "was" is not a stop string's match
+        assert request.new_tokens == 3 and len(request.new_ids) == 3 + healing  # the healed one rewrites "was"
         texts[healing] = request.text
-    assert texts == {True: " \n\n", False: "\n\n\n"}
+    assert texts == {True: " \n\n\n", False: "\n\n\n"}  # three tokens after the prompt's text, either way
 
 
 def test_a_word_known_only_with_a_space_after_it_is_written_by_the_model_not_fed_as_unk():
@@ -346,7 +347,7 @@ def test_a_word_known_only_with_a_space_after_it_is_written_by_the_model_not_fed
     engine = Engine(Scripted(scores), word)
     request = engine.submit(ids, SamplingConfig(max_new_tokens=2, temperature=0), tail="Mr.")
     engine.run()
-    assert request.text == " \n"  # "Mr. " less the "Mr." the prompt has, then the likeliest token
+    assert request.text == " \n\n"  # "Mr. " less the "Mr." the prompt has, then the two likeliest tokens
 
 
 def test_a_seeded_or_greedy_generation_keeps_the_configured_thread_count(char, monkeypatch):

@@ -36,7 +36,8 @@ class Request:
     max_chars: int | None = None  # also end ("length") once the text is this long
     on_update: Callable[["Request", str], None] | None = None  # (request, new text): from the engine's thread
     tail: str = ""  # the prompt's last word when its last id is <unk> for it (healing.prompt_tail)
-    new_ids: list[int] = field(default_factory=list)
+    new_ids: list[int] = field(default_factory=list)  # healed, the first rewrites the prompt's last token
+    healed: bool = False  # whether it was: that token is not one of the max_new_tokens
     text: str = ""  # the text handed out so far
     finish_reason: str | None = None  # "stop" (end of text or a stop string), "length", "cancelled" or "error"
     stopped_by: str | None = None
@@ -47,6 +48,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens written after the prompt's own (a healed token takes the place of the prompt's last)."""
+        return len(self.new_ids) - self.healed
 
     def take(self) -> str:
         """The text produced since the last take."""
@@ -183,6 +189,7 @@ class Engine:
         allowed, known = None, ""  # known: the text of the prompt's last token, which the first new one repeats
         if healed is not None:
             ids, known, allowed = healed
+            request.healed = True
         stream = None if self.tokenizer is None else TextStream(self.tokenizer, cfg.stop, ids, skip=len(known))
         row = _Row(request, generator, stream, list(ids))
         if cfg.max_new_tokens == 0:
@@ -212,7 +219,7 @@ class Engine:
         piece = row.stream.push(token) if row.stream is not None else ""
         if row.stream is not None and row.stream.stopped_by is not None:
             self._finish(row, "stop", row.stream.stopped_by, piece)
-        elif len(request.new_ids) >= request.sampling.max_new_tokens:
+        elif request.new_tokens >= request.sampling.max_new_tokens:
             self._finish(row, "length", None, piece)
         elif request.max_chars is not None and len(row.stream.text) >= request.max_chars:
             self._finish(row, "length", None, piece)

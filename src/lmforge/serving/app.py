@@ -190,7 +190,7 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
     texts = await gather(request, streams)
     choices, completion_tokens = [], 0
     for stream, (index, text, *_), out in zip(streams, jobs, texts):
-        completion_tokens += len(stream.request.new_ids)
+        completion_tokens += stream.request.new_tokens
         if chat:
             choices.append({"index": index, "message": {"role": "assistant", "content": out.lstrip()},
                             "finish_reason": stream.finish_reason, "logprobs": None})
@@ -310,7 +310,7 @@ async def sse(streams, jobs, body, rid: str, created: int, chat: bool, include_u
                     yield event([choice(index, piece)])
         if include_usage:
             prompt_tokens = sum(len(ids) for _, _, ids, *_ in jobs[::body.n])
-            completion = sum(len(s.request.new_ids) for s in streams)
+            completion = sum(s.request.new_tokens for s in streams)
             yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                              "total_tokens": prompt_tokens + completion})
         yield "data: [DONE]\n\n"
