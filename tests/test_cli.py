@@ -63,6 +63,13 @@ def test_train_generate_eval_end_to_end(cli_run, capsys):
     assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "2", "--num-samples", "2"]) == 0
     two = capsys.readouterr().out.split("-" * 40 + "\n")
     assert two[:2] == ["Emma" + lm.generate("Emma", max_new_tokens=30, seed=s) + "\n" for s in (2, 3)]
+    largest = 2**64 - 1  # the next sample's seed wraps to 0, rather than failing after the first sample
+    assert main(["generate", run, "--prompt", "Emma", "-n", "5", "--seed", str(largest), "--num-samples", "2"]) == 0
+    assert capsys.readouterr().out.split("-" * 40 + "\n")[1] == "Emma" + lm.generate("Emma", 5, seed=0) + "\n"
+    for flags in (["--temperature", "1.5"], ["--top-k", "5", "--top-p", "0.9"]):  # greedy would ignore them
+        assert main(["generate", run, "--prompt", "Emma", "--greedy", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --greedy") and all(f in err for f in flags if f.startswith("--"))
     assert main(["eval", run, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["bits_per_byte"] == pytest.approx(lm.evaluate()["bits_per_byte"], rel=1e-9)
@@ -340,6 +347,15 @@ def test_an_unknown_last_word_is_noted_unless_the_model_can_write_it(tmp_path, t
     assert "'Zzyzx'×1" in capsys.readouterr().err  # no entry begins with it: fed as <unk>, and said so
     assert main(["generate", str(tmp_path / "w"), "--prompt", "Emma Woodh", "-n", "3", "--greedy"]) == 0
     assert "<unk>" not in capsys.readouterr().err  # "Woodhouse" begins with it: the model writes the word
+    assert main(["train", "--data", str(tiny_file), "--tokenizer", "word", "--max-steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "s"), f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                 "tokenizer.remove_stopwords=true", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "s"), "--prompt", "Emma was very", "-n", "3"]) == 0
+    err = capsys.readouterr().err  # the model never sees the stop words: the user is told what it reads
+    assert "'was', 'very' are left out of the prompt; the model reads 'Emma '" in err
+    assert main(["generate", str(tmp_path / "s"), "--prompt", "She was the", "-n", "3"]) == 0
+    assert "the model reads none of it" in capsys.readouterr().err
 
 
 def test_eval_of_a_run_whose_text_is_gone_says_how_to_score_other_text(tmp_path, tiny_file, capsys):

@@ -41,6 +41,9 @@ def test_report_folder_has_table_json_and_plot(report_dir):
 
     assert report["machine"].startswith(machine()["cpu"])  # tokens/s mean something on one machine only
     assert f"Machine: {report['machine']}" in (report_dir / "report.md").read_text()
+    # the samples' yardstick: what the text says after the prompt, in its validation part
+    assert report["original"]["text"].startswith("Emma Woodhouse, ")
+    assert report["original"]["text"][:40] in (report_dir / "report.md").read_text()
     table = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].split("|")[1:-1] == [f" {c} " for c in ("candidate", "params", "train tokens/s", "val bits/byte",
                                                              "OOV rate", "time to best", "peak memory", "sample",

@@ -192,7 +192,14 @@ def cmd_generate(args) -> int:
 
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples must be at least 1, got {args.num_samples}")
-    sampling = SamplingConfig(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k,
+    if args.greedy:
+        given = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                          ("--top-p", args.top_p)) if value is not None]
+        if given:
+            raise LmforgeError(f"--greedy always takes the likeliest token, so {'/'.join(given)} would change "
+                               f"nothing; drop {'them' if len(given) > 1 else 'it'}, or drop --greedy to sample")
+    temperature = 0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature
+    sampling = SamplingConfig(args.max_new_tokens, temperature, args.top_k,
                               args.top_p, args.seed, [unescape(s) for s in args.stop or []],
                               token_healing=not args.no_token_healing)
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
@@ -207,6 +214,12 @@ def cmd_generate(args) -> int:
     if unknown:
         pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
         print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
+    dropped = lm.tokenizer.dropped(args.prompt) if args.prompt and hasattr(lm.tokenizer, "dropped") else []
+    if dropped:  # the model never sees them: what it continues is the prompt without them
+        words = ", ".join(repr(w) for w in dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+        reads = f"the model reads {lm.tokenizer.decode(ids)!r}" if ids else "the model reads none of it"
+        print(f"note: this run's tokenizer removes stop words (tokenizer.remove_stopwords), so {words} "
+              f"{'is' if len(dropped) == 1 else 'are'} left out of the prompt; {reads}", file=sys.stderr)
     length, limit = len(ids), lm.decoder.max_context
     if limit is not None and length >= limit:  # a full context leaves no position for the first new token
         from .generation.engine import refill_length
@@ -222,7 +235,7 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
     for i in range(args.num_samples):
         _print_out(args.prompt)
-        seed = None if sampling.seed is None else sampling.seed + i
+        seed = None if sampling.seed is None else (sampling.seed + i) % 2**64  # the largest seed's next is 0
         lm.complete(args.prompt, SamplingConfig(**{**sampling.__dict__, "seed": seed}), on_text=_print_out)
         sys.stdout.write("\n")
         if args.num_samples > 1:
@@ -688,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--prompt", "-p", default="")
     p.add_argument("--max-new-tokens", "-n", type=int, default=200)
-    p.add_argument("--temperature", "-t", type=float, default=0.8)
+    p.add_argument("--temperature", "-t", type=float, help="0.8 unless given; 0 is greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")

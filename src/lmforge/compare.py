@@ -51,10 +51,13 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
     if unused:
         raise LmforgeError(f"model.{unused[0]} is a field of none of the families compared ({', '.join(archs)}); "
                            f"check its spelling, or drop it")
+    documents = validation_parts(base)
     if prompt is None:
         prompt = base.train.sample_prompt
         if prompt == TrainConfig().sample_prompt and list(base.data.sources) != AUSTEN:
-            prompt = seed_phrase(validation_parts(base), prompt)  # the default seed is Austen's
+            prompt = seed_phrase(documents, prompt)  # the default seed is Austen's
+    # what the author wrote after the same phrase, in text no candidate trains on: the samples' yardstick
+    original = original_passage(documents, prompt, SAMPLE_CHARS - len(prompt))
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LmforgeError(f"{out_dir} exists and is not empty; choose another --out (nothing was written)")
@@ -77,6 +80,7 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
     threads = base.train.threads or "the tuner's choice of"
     report = {"machine": f"{machine()['cpu']}, {threads} torch threads", "budget_s": budget_s,
               "max_steps": max_steps, "match": match, "prompt": prompt,
+              "original": None if original is None else {"document": original[0], "text": prompt + original[1]},
               "data": base.data.sources, "val_fraction": base.data.val_fraction, "seed": base.train.seed,
               "candidates": rows}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -298,7 +302,8 @@ def table_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     budget = [f"{report['budget_s']:g} s of training" if report["budget_s"] else None,
-              f"at most {report['max_steps']} steps" if report["max_steps"] else None]
+              f"at most {report['max_steps']} step{'s' if report['max_steps'] != 1 else ''}"
+              if report["max_steps"] else None]
     lines = [
         "# Architecture comparison", "",
         f"Data: {', '.join(report['data'])} (last {report['val_fraction']:.0%} of each document validates). "
@@ -325,6 +330,10 @@ def render_markdown(report: dict) -> str:
         sample = r["sample"][:SAMPLE_CHARS] + ("…" if len(r["sample"]) > SAMPLE_CHARS else "")
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {mark}{r['val_bpb']:.3f} "
                      f"| {r['unknown_rate']:.2%} | {best} | {_mib(r['peak_rss_bytes'])} | {_cell(sample)} | {rerun} |")
+    original = report.get("original")
+    if original:
+        lines += ["", f"The original, from the validation text of {original['document']} (after its first "
+                      f"{report['prompt']!r}): {_cell(original['text'])}"]
     lines += ["", "![validation bits per byte against training time](bpb_vs_time.png)", ""]
     return "\n".join(lines)
 

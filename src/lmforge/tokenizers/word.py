@@ -131,6 +131,13 @@ class WordTokenizer:
                 counts[piece_word(piece)] += 1
         return dict(counts)
 
+    def dropped(self, text: str) -> list[str]:
+        """The stop words that encoding `text` leaves out, in order (none unless remove_stopwords)."""
+        if not self.options["remove_stopwords"]:
+            return []
+        source = text.lower() if self.options["lowercase"] else text
+        return [t.text for doc in english().tokenizer.pipe(PARAGRAPH.split(source)) for t in doc if t.is_stop]
+
     def token_strings(self) -> list[str]:
         return FIXED + self.words
 
