@@ -139,3 +139,16 @@ def test_chat_reads_piped_lines_and_writes_only_the_answers(served_run):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Emma" + expected + "\n"  # no prompts, no terminal control codes
     assert "temperature 0" in done.stderr and "not a terminal" not in done.stderr
+
+
+def test_a_chat_reply_starts_at_its_first_visible_character(served_run, monkeypatch):
+    from lmforge import generation
+    from lmforge.chat import Chat
+    from lmforge.generation import SamplingConfig
+
+    monkeypatch.setattr(generation, "stream", lambda *args: iter(["  ", " Emma", " was"]))  # "Assistant:" + " Emma"
+    for mode, shown in (("chat", ["Emma", " was"]), ("complete", ["  ", " Emma", " was"])):
+        written = []
+        chat = Chat(lmforge.load(served_run), SamplingConfig(10), write=written.append, say=lambda _: None)
+        chat.command(f"/mode {mode}")
+        assert chat.answer("Who?") == "".join(shown) and written == shown  # as the server's chat replies

@@ -333,6 +333,10 @@ def test_token_healing_lets_the_model_choose_how_the_prompts_last_word_goes_on()
         assert request.new_tokens == 3 and len(request.new_ids) == 3 + healing  # the healed one rewrites "was"
         texts[healing] = request.text
     assert texts == {True: " \n\n\n", False: "\n\n\n"}  # three tokens after the prompt's text, either way
+    engine = Engine(Scripted(scores), word)
+    request = engine.submit(word.encode("Emma was"), SamplingConfig(max_new_tokens=0))
+    engine.run()
+    assert (request.text, request.new_tokens, request.finish_reason) == ("", 0, "length")  # nothing generated
 
 
 def test_a_word_known_only_with_a_space_after_it_is_written_by_the_model_not_fed_as_unk():

@@ -122,6 +122,9 @@ def test_concurrent_requests_are_decoded_together_and_each_matches_its_solo_answ
     ({"prompt": "Emma", "top_p": 0}, 400, "top_p"),
     ({"prompt": "Emma", "max_tokens": 100000}, 400, "max_tokens"),
     ({"prompt": "Emma", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "Emma", "logprobs": 0}, 400, "logprobs"),  # 0 asks for the chosen tokens' logprobs
+    ({"prompt": "Emma", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # without stream
+    ({"prompt": "Emma", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "include_usage"),
     ({"prompt": "Emma", "n": 99}, 400, "n"),
     ({"prompt": "x" * 100}, 400, "context"),
     ({"prompt": [999999]}, 400, "vocabulary"),
@@ -195,7 +198,7 @@ def test_a_model_id_with_a_slash_and_max_completion_tokens_zero(served_run):
         server.stop()
 
 
-def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
+def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run, capfd):
     run = served_run
     lm = lmforge.load(run)
     server = Server(create_app(lm, Settings("austen", max_batch=1, max_waiting=0, max_tokens=100_000)))
@@ -221,6 +224,7 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_run):
             httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 100_000},
                        timeout=1.0)
         assert freed()
+        assert "Exception in ASGI application" not in capfd.readouterr().err  # a client leaving is no failure
         again = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 5})
         assert again.status_code == 200
         # more choices than the server ever decodes at once: no retry can help, so a 400 that says so

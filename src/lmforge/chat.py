@@ -136,6 +136,10 @@ class Chat:
         pieces = []
         try:
             for piece in stream(self.lm.decoder, self.lm.tokenizer, ids, sampling, tail):
+                if self.mode == "chat" and not pieces:  # a reply starts at its first visible character
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
                 pieces.append(piece)
                 self.write(piece)
                 sys.stdout.flush()
@@ -176,8 +180,9 @@ def run(lm, sampling: SamplingConfig, history_file=None) -> None:
                 sys.stdout.write(line)
             chat.answer(line)
             sys.stdout.write("\n")
-        except KeyboardInterrupt:
-            sys.stdout.write("\n[stopped]\n")
+        except KeyboardInterrupt:  # the note goes where replies to commands go: not into redirected answers
+            sys.stdout.write("\n")
+            chat.say("[stopped]\n")
         sys.stdout.flush()
 
 

@@ -189,12 +189,12 @@ class Engine:
         allowed, known = None, ""  # known: the text of the prompt's last token, which the first new one repeats
         if healed is not None:
             ids, known, allowed = healed
-            request.healed = True
         stream = None if self.tokenizer is None else TextStream(self.tokenizer, cfg.stop, ids, skip=len(known))
         row = _Row(request, generator, stream, list(ids))
         if cfg.max_new_tokens == 0:
             self._finish(row, "length")
             return []
+        request.healed = healed is not None  # its first token takes the place of the prompt's last
         return self._prefill(row, ids, allowed)
 
     def _prefill(self, row: _Row, ids: list[int], allowed: torch.Tensor | None = None) -> list[tuple[_Row, object]]:

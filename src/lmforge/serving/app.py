@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -184,10 +184,12 @@ async def respond(app: FastAPI, request: Request, body, prompts, chat: bool):
         raise APIError(429, str(exc), kind="rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(sse(streams, jobs, body, rid, created, chat, include_usage, settings.name),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     texts = await gather(request, streams)
+    if texts is None:  # nobody reads the answer: nginx's "client closed request", for the access log
+        return Response(status_code=499)
     choices, completion_tokens = [], 0
     for stream, (index, text, *_), out in zip(streams, jobs, texts):
         completion_tokens += stream.request.new_tokens
@@ -243,8 +245,8 @@ class Stream:
         return reason
 
 
-async def gather(request: Request, streams: list[Stream]) -> list[str]:
-    """Every stream's whole text; a client that disconnects cancels them all."""
+async def gather(request: Request, streams: list[Stream]) -> list[str] | None:
+    """Every stream's whole text; None when the client disconnected, which cancels them all."""
     async def collect(stream: Stream) -> str:
         return "".join([piece async for piece in stream.pieces()])
 
@@ -253,7 +255,7 @@ async def gather(request: Request, streams: list[Stream]) -> list[str]:
         while not all(t.done() for t in tasks):
             await asyncio.wait(tasks, timeout=0.5)
             if not all(t.done() for t in tasks) and await request.is_disconnected():
-                raise asyncio.CancelledError
+                return None  # (an exception here would be logged as the server's failure)
         return [t.result() for t in tasks]
     finally:
         for t in tasks:

@@ -39,6 +39,12 @@ EXTENSIONS = {"top_logprobs": (None, 0), "prompt_logprobs": (None, 0), "repetiti
               "grammar": (None,), "json_schema": (None,), "tool_choice": (None, "none", "auto")}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
     # strict: a client that sends "5" or true for max_tokens, or "yes" for stream, learns of its bug (as
     # from OpenAI) instead of having it guessed at; an integer is still a valid float
@@ -56,7 +62,7 @@ class Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extension (as vLLM's): generate past the end-of-text token
     token_healing: bool = True  # an extension: regenerate the prompt's last token
 
@@ -80,10 +86,15 @@ class Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name, neutral in (("logprobs", (None, False, 0)), ("presence_penalty", (0.0,)),
-                              ("frequency_penalty", (0.0,)), ("logit_bias", (None, {}))):
+        # logprobs: false asks for nothing, but a completion's logprobs: 0 asks for the chosen tokens' own
+        if self.logprobs is not None and self.logprobs is not False:
+            raise ValueError("logprobs is not supported by this server; leave it out")
+        for name, neutral in (("presence_penalty", (0.0,)), ("frequency_penalty", (0.0,)),
+                              ("logit_bias", (None, {}))):
             if getattr(self, name) not in neutral:
                 raise ValueError(f"{name} is not supported by this server; leave it out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
 
 
