@@ -178,8 +178,9 @@ def test_a_seeded_request_gives_the_same_text_alone_and_among_others(arch, char)
     assert early.finished and late.finish_reason == "length" and len(late.new_ids) == 8
 
 
-def test_requests_arriving_together_join_the_batch_in_one_concatenation(char, monkeypatch):
-    # each concatenation copies every row's cache: eight requests at once cost one, not seven
+def test_requests_arriving_together_are_prefilled_together(char, monkeypatch):
+    # eight prompts of one length: one batched prefill (about the cost of one), and no concatenation
+    # (each copies every row's cache); prompts of other lengths: one prefill per length, one concatenation
     model = make("transformer", char.vocab_size)
     decoder = Decoder(model)
     settings = dict(max_new_tokens=12, temperature=0.9)
@@ -188,15 +189,21 @@ def test_requests_arriving_together_join_the_batch_in_one_concatenation(char, mo
         engine = Engine(decoder, char)
         alone.append(engine.submit(char.encode("Emma"), SamplingConfig(seed=seed, **settings)))
         engine.run()
-    joins = []
-    cat_states = decoder.cat_states
+    joins, prefills = [], []
+    cat_states, prefill = decoder.cat_states, decoder.prefill
     monkeypatch.setattr(decoder, "cat_states", lambda states: joins.append(len(states)) or cat_states(states))
+    monkeypatch.setattr(decoder, "prefill", lambda ids: prefills.append(tuple(ids.shape)) or prefill(ids))
     engine = Engine(decoder, char, max_batch=8)
     together = [engine.submit(char.encode("Emma"), SamplingConfig(seed=seed, **settings)) for seed in range(8)]
     engine.step()
-    assert len(engine.running) == 8 and joins == [8]
+    assert len(engine.running) == 8 and prefills == [(8, 4)] and joins == []
     engine.run()
     assert [r.new_ids for r in together] == [r.new_ids for r in alone]
+    joins.clear(), prefills.clear()
+    mixed = [engine.submit(char.encode(p), SamplingConfig(seed=1, **settings)) for p in ("Emma", "Jane", "Harriet")]
+    engine.step()
+    assert prefills == [(2, 4), (1, 7)] and joins == [2] and [r.request for r in engine.running] == mixed[:2] + [mixed[2]]
+    engine.run()
 
 
 def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char, monkeypatch):
@@ -225,6 +232,14 @@ def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char
     again = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=5, temperature=0))
     engine.run()  # the engine stays usable
     assert again.finish_reason == "length" and len(again.new_ids) == 5
+    # the first prefill of a step fails: the requests admitted with it, not yet prefilled, end too
+    requests = [engine.submit(char.encode(p), SamplingConfig(max_new_tokens=5, temperature=0))
+                for p in ("Emma", "Harriet")]
+    monkeypatch.setattr(decoder, "prefill", lambda ids: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    engine.fail("generation failed (RuntimeError: out of memory)")
+    assert [r.finish_reason for r in requests] == ["error"] * 2 and engine.idle
 
 
 def test_in_the_server_a_request_that_fails_to_start_ends_alone(char, monkeypatch):
@@ -246,6 +261,18 @@ def test_in_the_server_a_request_that_fails_to_start_ends_alone(char, monkeypatc
     engine.run()
     assert bad.finish_reason == "error" and "IndexError" in bad.error
     assert running.finish_reason == "length" and len(running.new_ids) == 8
+    # prefilled together with a good one of the same length, a bad prompt still fails alone
+    poison = char.encode("J")[0]
+
+    def failing_with(ids):
+        if (ids == poison).any():
+            raise IndexError("index 128 is out of bounds")
+        return prefill(ids)
+
+    monkeypatch.setattr(decoder, "prefill", failing_with)
+    good, bad = (engine.submit(char.encode(p), SamplingConfig(max_new_tokens=8, temperature=0)) for p in ("Emma", "Jane"))
+    engine.run()
+    assert bad.finish_reason == "error" and good.finish_reason == "length" and len(good.new_ids) == 8
 
 
 @pytest.mark.parametrize("weights", ["fp32", "fast"])
