@@ -206,6 +206,29 @@ def test_requests_arriving_together_are_prefilled_together(char, monkeypatch):
     engine.run()
 
 
+def test_rows_leaving_and_joining_a_running_batch_keep_every_requests_text(char):
+    # requests of different lengths come and go through a batch of 3: the last rows move into the places
+    # of those that leave, newcomers are written into the buffers' spare rows, and no text changes
+    model = make("transformer", char.vocab_size)
+    decoder = Decoder(model)
+    prompts = ["Emma", "Harriet Smith", "Jane", "Mr. Knightley", "rich", "clever", "a comfortable home"]
+    settings = [SamplingConfig(max_new_tokens=4 + 5 * (i % 3), temperature=0.9, seed=i) for i in range(len(prompts))]
+    alone = []
+    for prompt, sampling in zip(prompts, settings):
+        engine = Engine(decoder, char)
+        alone.append(engine.submit(char.encode(prompt), sampling))
+        engine.run()
+    engine = Engine(decoder, char, max_batch=3)
+    crowd = [engine.submit(char.encode(prompt), sampling) for prompt, sampling in zip(prompts, settings)]
+    buffers = set()
+    while not engine.idle:
+        engine.step()
+        if engine.state is not None and engine.state.room is not None:
+            buffers.add(engine.state.room[0][0].data_ptr())
+    assert [r.new_ids for r in crowd] == [r.new_ids for r in alone]
+    assert len(buffers) == 1  # one set of buffers, allocated once: joining rows fill its spare rows
+
+
 def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char, monkeypatch):
     # the server ends what ran with the error and keeps serving: no request may be left waiting forever,
     # also those prefilled at the same step before the one that failed

@@ -289,8 +289,13 @@ class Engine:
         self._remove(gone)
 
     def _remove(self, rows: list[_Row]) -> None:
+        """Take `rows` out of the batch: the last rows move into their places (so a Transformer copies
+        only those rows' caches, see KVCache.select_state)."""
         if not rows:
             return
-        keep = [i for i, r in enumerate(self.running) if r not in rows]
+        gone = {i for i, r in enumerate(self.running) if r in rows}
+        n = len(self.running) - len(gone)
+        last = [i for i in range(n, len(self.running)) if i not in gone]
+        keep = [i if i not in gone else last.pop() for i in range(n)]
         self.state = self.decoder.select_state(self.state, keep) if keep else None
         self.running = [self.running[i] for i in keep]

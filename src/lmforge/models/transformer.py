@@ -185,10 +185,21 @@ class KVCache:
 
     Rows may hold different lengths (a server decodes requests of different ages together); a call
     with several new positions needs rows of one length. The model writes the new keys and values
-    into the buffers in place and advances `pos`: the state passed in is updated and returned."""
+    into the buffers in place and advances `pos`: the state passed in is updated and returned.
+
+    `room`: buffers with more rows than the state holds, whose first rows `keys` and `values` are (views),
+    kept by cat_states and select_state so that a row joining or leaving a batch copies that row's
+    cache, not every row's (each holds the whole context: a megabyte at the standard shape in bf16)."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     pos: list[int]
+    room: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _room_rows(self) -> int:
+        """How many rows the room holds (0 without one, or when `keys` are no longer its views)."""
+        if self.room is None or self.room[0][0].data_ptr() != self.keys[0].data_ptr():
+            return 0
+        return self.room[0][0].size(0)
 
 
 @dataclass
@@ -393,17 +404,43 @@ class Transformer(nn.Module):
 
     @staticmethod
     def select_state(state: KVCache, rows: list[int]) -> KVCache:
-        """A new state holding `rows` of `state`, in that order."""
+        """A state holding `rows` of `state`, in that order. Where each row either stays where it is or
+        comes from past the new end (the last rows filling the places of those that left), the rows
+        that move are copied within the buffers, which are kept (the old state is then spent);
+        otherwise into new buffers."""
+        n = len(rows)
+        if state._room_rows() and len(set(rows)) == n and all(r == i or r >= n for i, r in enumerate(rows)):
+            for i, r in enumerate(rows):
+                if r != i:
+                    for buffer in state.keys + state.values:
+                        buffer[i].copy_(buffer[r])
+            keys, values = state.room
+            return KVCache([k[:n] for k in keys], [v[:n] for v in values], [state.pos[r] for r in rows], state.room)
         index = torch.tensor(rows, device=state.keys[0].device)
         return KVCache([k.index_select(0, index) for k in state.keys], [v.index_select(0, index) for v in state.values],
                        [state.pos[r] for r in rows])
 
     @staticmethod
     def cat_states(states: list[KVCache]) -> KVCache:
-        """One state whose rows are those of `states`, in order."""
-        return KVCache([torch.cat(layer) for layer in zip(*(s.keys for s in states))],
-                       [torch.cat(layer) for layer in zip(*(s.values for s in states))],
-                       [p for s in states for p in s.pos])
+        """One state whose rows are those of `states`, in order: written after the first state's rows
+        into its room if it has enough (the first state is then spent), else into new buffers with room
+        for as many rows again (up to the next power of two)."""
+        first, total = states[0], sum(len(s.pos) for s in states)
+        if first._room_rows() >= total:
+            keys, values = first.room
+            at, rest = len(first.pos), states[1:]
+        else:
+            rows = 1 << (total - 1).bit_length()
+            keys = [k.new_empty((rows, *k.shape[1:])) for k in first.keys]
+            values = [v.new_empty((rows, *v.shape[1:])) for v in first.values]
+            at, rest = 0, states
+        for s in rest:
+            b = len(s.pos)
+            for buffer, part in zip(keys + values, s.keys + s.values):
+                buffer[at:at + b].copy_(part)
+            at += b
+        return KVCache([k[:total] for k in keys], [v[:total] for v in values], [p for s in states for p in s.pos],
+                       (keys, values))
 
     def hidden(self, tokens: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         """(B, T) ids -> final normed hidden states (B, T, D), continuing from `state`; None starts a
