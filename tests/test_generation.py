@@ -256,14 +256,18 @@ def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char
     again = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=5, temperature=0))
     engine.run()  # the engine stays usable
     assert again.finish_reason == "length" and len(again.new_ids) == 5
-    # the first prefill of a step fails: the requests admitted with it, not yet prefilled, end too
+    # the first prefill of a step fails: the requests admitted with it, not yet prefilled, end too, even
+    # for a caller that goes on without fail(); a request already running is not touched
+    running = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=5, temperature=0))
+    engine.step()
     requests = [engine.submit(char.encode(p), SamplingConfig(max_new_tokens=5, temperature=0))
                 for p in ("Emma", "Harriet")]
     monkeypatch.setattr(decoder, "prefill", lambda ids: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError):
         engine.step()
-    engine.fail("generation failed (RuntimeError: out of memory)")
-    assert [r.finish_reason for r in requests] == ["error"] * 2 and engine.idle
+    assert [r.finish_reason for r in requests] == ["error"] * 2 and all("out of memory" in r.error for r in requests)
+    engine.run()
+    assert running.finish_reason == "length" and len(running.new_ids) == 5 and engine.idle
 
 
 def test_in_the_server_a_request_that_fails_to_start_ends_alone(char, monkeypatch):

@@ -157,13 +157,18 @@ class Engine:
                     self._fail([request], f"generation failed ({type(exc).__name__}: {exc})")
             self.joining = [row for row, _, _ in starts]  # fail() reaches them from here on, should anything raise
         joining = []  # (rows, their state) that join the batch at this step, in order
-        for group in _by_length(starts):
-            joining += self._prefill_group(group) if not self.contain_errors else self._prefill_apart(group)
-        limit = self.decoder.max_context
-        for row in [r for r in self.running if limit is not None and r.length >= limit]:
-            self._remove([row])  # its cache is full: re-feed the recent past, then it rejoins at the end
-            self.joining.append(row)
-            joining += self._prefill_group([(row, row.history[-refill_length(limit):], None)])
+        try:
+            for group in _by_length(starts):
+                joining += self._prefill_group(group)
+            limit = self.decoder.max_context
+            for row in [r for r in self.running if limit is not None and r.length >= limit]:
+                self._remove([row])  # its cache is full: re-feed the recent past, then it rejoins at the end
+                self.joining.append(row)
+                joining += self._prefill_group([(row, row.history[-refill_length(limit):], None)])
+        except Exception as exc:  # the rows being admitted end with the error, not forgotten; the running go on
+            self._fail([row.request for row in self.joining], f"generation failed ({type(exc).__name__}: {exc})")
+            self.joining = []
+            raise
         if joining:  # one concatenation for all of them: each one copies every row's cache
             self.running += [row for rows, _ in joining for row in rows]
             states = ([] if self.state is None else [self.state]) + [state for _, state in joining]
@@ -215,9 +220,20 @@ class Engine:
 
     def _prefill_group(self, group: list[tuple[_Row, list[int], torch.Tensor | None]]) -> list[tuple[list, object]]:
         """Feed each row its ids (all of one length) in one batch, and sample each row's next token, one of
-        its allowed ids if it has them (token healing): [(the rows that go on, their state)], or []."""
+        its allowed ids if it has them (token healing): [(the rows that go on, their state)], or []. In the
+        server (contain_errors), a group whose prefill fails is fed again one request at a time, so that
+        only a request that fails alone ends with the error."""
         rows = [row for row, _, _ in group]
-        logits, state = self.decoder.prefill(torch.tensor([ids for _, ids, _ in group]))
+        try:
+            logits, state = self.decoder.prefill(torch.tensor([ids for _, ids, _ in group]))
+        except Exception as exc:
+            if not self.contain_errors:
+                raise
+            if len(group) > 1:
+                return [joined for one in group for joined in self._prefill_group([one])]
+            self.joining = [r for r in self.joining if r is not rows[0]]
+            self._fail([rows[0].request], f"generation failed ({type(exc).__name__}: {exc})")
+            return []
         for row, ids, _ in group:
             row.length = len(ids)
         if any(allowed is not None for _, _, allowed in group):  # (new tensors: the logits may be inference ones)
@@ -233,19 +249,6 @@ class Engine:
         if len(keep) < len(rows):
             state = self.decoder.select_state(state, keep)
         return [([rows[i] for i in keep], state)]
-
-    def _prefill_apart(self, group) -> list[tuple[list, object]]:
-        """_prefill_group for the server: a group whose prefill fails is fed again one request at a time,
-        so that only a request that fails alone ends with the error."""
-        try:
-            return self._prefill_group(group)
-        except Exception as exc:
-            if len(group) == 1:
-                row = group[0][0]
-                self.joining = [r for r in self.joining if r is not row]
-                self._fail([row.request], f"generation failed ({type(exc).__name__}: {exc})")
-                return []
-        return [joined for one in group for joined in self._prefill_apart([one])]
 
     def _accept(self, row: _Row, token: int) -> None:
         request = row.request
