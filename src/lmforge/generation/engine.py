@@ -83,8 +83,8 @@ def _by_length(starts: list[tuple]) -> list[list[tuple]]:
 class Engine:
     """Holds the running batch. `submit` queues a request; each `step` admits waiting requests (one
     prefill for those whose prompts have one length), feeds every running row its last token in one
-    batched decoder step, samples the next, and retires finished rows. Not thread-safe: one thread calls submit/cancel/step (the server
-    wraps it)."""
+    batched decoder step, samples the next, and retires finished rows. Not thread-safe: one thread calls
+    submit/cancel/step (the server wraps it)."""
 
     def __init__(self, decoder: Decoder, tokenizer=None, max_batch: int = 32, tune_threads: bool = True):
         self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
