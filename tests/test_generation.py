@@ -228,6 +228,10 @@ def test_rows_leaving_and_joining_a_running_batch_keep_every_requests_text(char)
             buffers.add(engine.state.room[0][0].data_ptr())
     assert [r.new_ids for r in crowd] == [r.new_ids for r in alone]
     assert len(buffers) == 1  # one set of buffers, allocated once: joining rows fill its spare rows
+    _, wide = decoder.prefill(torch.zeros(16, 1, dtype=torch.long))
+    wide = decoder.cat_states([wide, decoder.prefill(torch.zeros(1, 1, dtype=torch.long))[1]])  # 17 rows: room 32
+    assert decoder.select_state(wide, list(range(12))).room is not None  # leaving rows: the buffers stay
+    assert decoder.select_state(wide, [3, 1]).room is None  # a batch shrunk to a few rows gives them back
 
 
 def test_a_prefill_that_fails_ends_every_request_of_the_step_with_the_error(char, monkeypatch):
