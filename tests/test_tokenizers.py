@@ -73,6 +73,8 @@ def test_word_options(tiny_text):
     assert lower.decode(lower.encode("EMMA Woodhouse")) == "emma woodhouse"
     no_stop = train_tokenizer("word", [tiny_text], remove_stopwords=True, min_freq=1)
     assert "the " not in no_stop.token_strings() and "Emma " in no_stop.token_strings()
+    # what a prompt loses, said as encode reads it (a lone surrogate, from an undecodable argv, included)
+    assert no_stop.dropped("Emma was very \udcff happy") == ["was", "very"] and lower.dropped("the") == []
     # the words it leaves out cost nothing: its bits per byte is said to be a lower bound, and why
     from lmforge.evaluation.likelihood import evaluate_text, lower_bound_reason
     from lmforge.models import build_model

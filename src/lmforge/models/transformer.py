@@ -408,9 +408,8 @@ class Transformer(nn.Module):
         comes from past the new end (the last rows filling the places of those that left), the rows
         that move are copied within the buffers, which are kept (the old state is then spent);
         otherwise, or when the rows left would fill less than a quarter of them, into new buffers."""
-        n = len(rows)
-        if state._room_rows() >= n > state._room_rows() // 4 and len(set(rows)) == n \
-                and all(r == i or r >= n for i, r in enumerate(rows)):
+        n, room = len(rows), state._room_rows()
+        if room >= n > room // 4 and len(set(rows)) == n and all(r == i or r >= n for i, r in enumerate(rows)):
             for i, r in enumerate(rows):
                 if r != i:
                     for buffer in state.keys + state.values:

@@ -81,15 +81,8 @@ class WordTokenizer:
         pieces = self._cache.get(text)
         if pieces is not None:
             return pieces
-        source = text.lower() if self.options["lowercase"] else text
-        try:
-            source.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates (from JSON escapes or undecodable argv): spaCy can't take them
-            source = source.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         skip_stop = self.options["remove_stopwords"]
-        pieces = []
-        for doc in english().tokenizer.pipe(PARAGRAPH.split(source)):
-            pieces.extend(t.text_with_ws for t in doc if not (skip_stop and t.is_stop))
+        pieces = [t.text_with_ws for t in self._spacy_tokens(text) if not (skip_stop and t.is_stop)]
         self._cached_chars += len(text)
         if self._cached_chars > CACHE_CHARS:
             self._cache.clear()
@@ -135,8 +128,17 @@ class WordTokenizer:
         """The stop words that encoding `text` leaves out, in order (none unless remove_stopwords)."""
         if not self.options["remove_stopwords"]:
             return []
+        return [t.text for t in self._spacy_tokens(text) if t.is_stop]
+
+    def _spacy_tokens(self, text: str):
+        """spaCy's tokens of `text`, lowercased first if the options say so, paragraph by paragraph."""
         source = text.lower() if self.options["lowercase"] else text
-        return [t.text for doc in english().tokenizer.pipe(PARAGRAPH.split(source)) for t in doc if t.is_stop]
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (from JSON escapes or undecodable argv): spaCy can't take them
+            source = source.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        for doc in english().tokenizer.pipe(PARAGRAPH.split(source)):
+            yield from doc
 
     def token_strings(self) -> list[str]:
         return FIXED + self.words
