@@ -377,3 +377,12 @@ def test_resume_takes_a_restated_default_as_no_change(tmp_path, tiny_file, capsy
     capsys.readouterr()
     one_line_error(capsys, main(["train", "--resume", run, "--max-steps", "4", "tokenizer.vocab_size=300"]),
                    "tokenizer.vocab_size=300 (the run has 4096)")
+
+
+def test_train_logs_a_line_per_evaluation_when_its_output_is_a_file(tmp_path, tiny_file, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", str(tiny_file), "--max-steps", "4",
+                 f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY, "train.eval_interval=2"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err  # a log file gets no progress bar's carriage returns
+    lines = [line for line in err.splitlines() if "val_bpb" in line]
+    assert [line.split(":")[0] for line in lines] == ["2/4 steps", "4/4 steps"]

@@ -195,7 +195,7 @@ def train(config: RunConfig, out: str | Path, job: Job, *, resume: bool = False,
                                    "lr_factor": lr_factor(state.step - 1, done, cfg), "tokens": state.tokens,
                                    "train_time": state.train_time, "tokens_per_s": tokens_per_s})
                     state.losses = []
-                    bar.set_postfix_str(f"loss {last_loss:.3f} {speed(tokens_per_s, model, peak)}")
+                    bar.set_postfix_str(f"loss {last_loss:.3f} {speed(tokens_per_s, model, peak)}", refresh=False)
                 if evaluation_due(state, cfg):
                     val_bpb = evaluate(model, job, state, cfg, device, dtype, run_dir, metrics, average)
                     bar.set_postfix_str(f"loss {last_loss:.3f} val_bpb {val_bpb:.3f} {speed(tokens_per_s, model, peak)}")
@@ -365,11 +365,35 @@ class StopSignals:
         return False
 
 
+class ProgressLines:
+    """The progress bar's stand-in when stderr is a file or a pipe: one line at each evaluation (the bar
+    would fill a log with carriage returns). Takes the calls the loop makes on a tqdm bar."""
+
+    def __init__(self, total: float, initial: float, unit: str):
+        self.total, self.n, self.unit = total, initial, unit
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        if refresh:  # the loop asks for a refresh after an evaluation only
+            done = f"{self.n:.0f}/{self.total:.0f}{'s' if self.unit == 's' else ' steps'}"
+            print(f"{done}: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(cfg, state: TrainerState):
-    """Counts seconds of training under a time budget, steps under a step budget."""
-    from tqdm.auto import tqdm
+    """Counts seconds of training under a time budget, steps under a step budget: a bar on a terminal,
+    a line per evaluation in a log."""
+    from tqdm import autonotebook, std
+    from tqdm.auto import tqdm  # a notebook's widget in Jupyter
 
     disable = not cfg.progress or not dist.is_main()
+    if not disable and autonotebook.tqdm is std.tqdm and not sys.stderr.isatty():
+        return (ProgressLines(round(cfg.max_time), min(state.train_time, round(cfg.max_time)), "s") if cfg.max_time
+                else ProgressLines(cfg.max_steps, state.step, "step"))
     if cfg.max_time:
         # a run resumed at its budget may be a fraction of a second past it: the bar starts full, not over
         return tqdm(total=round(cfg.max_time), initial=min(state.train_time, round(cfg.max_time)), disable=disable,
