@@ -386,3 +386,64 @@ def test_train_logs_a_line_per_evaluation_when_its_output_is_a_file(tmp_path, ti
     assert "\r" not in err  # a log file gets no progress bar's carriage returns
     lines = [line for line in err.splitlines() if "val_bpb" in line]
     assert [line.split(":")[0] for line in lines] == ["2/4 steps", "4/4 steps"]
+
+
+def test_resume_refuses_to_retrain_a_finished_run_whose_resume_points_are_gone(cli_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    weights = (run / "model.safetensors").read_bytes()
+    (run / "checkpoints").rename(tmp_path / "moved")
+    capsys.readouterr()
+    one_line_error(capsys, main(["train", "--resume", str(run), "--max-steps", "60", "--no-progress"]),
+                   "finished training and its resume points (checkpoints/) are gone", "lmforge finetune")
+    (run / "checkpoints").write_bytes(b"")
+    one_line_error(capsys, main(["train", "--resume", str(run), "--max-steps", "60", "--no-progress"]),
+                   "checkpoints is a file", "move it away")
+    assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_train_into_a_folder_with_a_foreign_config_json_names_it(tmp_path, tiny_file, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text('{"mine": 1}')
+    code = main(["train", "--out", str(tmp_path / "mine"), "--data", str(tiny_file), "--max-steps", "1"])
+    one_line_error(capsys, code, "holds a config.json that lmforge did not write", "choose another --out")
+    assert (tmp_path / "mine" / "config.json").read_text() == '{"mine": 1}'
+
+
+def test_weights_that_do_not_fit_the_config_are_named_in_one_line(cli_run, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    weights = load_file(run / "model.safetensors")
+    cases = [({"norm.weight": torch.ones(33)}, "norm.weight is [33], the model needs [32]"),
+             ({"norm.weight": torch.ones(32, dtype=torch.int64)}, "norm.weight holds int64 values"),
+             ({"norm.weight": torch.full((32,), float("nan"))}, "norm.weight holds NaN or infinite values")]
+    capsys.readouterr()
+    for change, problem in cases:
+        save_file({**weights, **change}, run / "model.safetensors")
+        for command in (["generate", str(run), "-n", "3"], ["eval", str(run)]):
+            one_line_error(capsys, main(command), "model.safetensors does not match its config.json", problem)
+
+
+def test_eval_report_never_replaces_files_it_did_not_write(cli_run, tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "report.md").write_text("my notes")
+    capsys.readouterr()
+    one_line_error(capsys, main(["eval", str(cli_run / "run"), "--report", str(tmp_path / "notes"), "--prompts", "2"]),
+                   "holds report.md, not an earlier lmforge report", "give another folder")
+    assert (tmp_path / "notes" / "report.md").read_text() == "my notes"
+
+
+def test_running_out_of_memory_is_one_line(cli_run, capsys, monkeypatch):
+    import lmforge.api
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 25600000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(lmforge.api, "load", too_big)
+    capsys.readouterr()
+    one_line_error(capsys, main(["generate", str(cli_run / "run"), "-n", "3"]), "not enough memory (23.8 GiB at once)",
+                   "model.context_len")

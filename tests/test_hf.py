@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lmforge
 from lmforge.cli import main
@@ -155,3 +156,27 @@ def test_a_llama_that_begins_with_bos_and_ends_with_its_own_eos_reads_and_stops_
     import_hf(tmp_path / "out", tmp_path / "back", log=lambda *_: None)  # and back: the same two tokens
     back = lmforge.load(tmp_path / "back")
     assert (back.tokenizer.bos_id, back.tokenizer.eos_id) == (bos, eot)
+
+
+def test_a_hugging_face_folder_with_bad_sizes_or_weights_is_refused_in_one_line(tokenizer, tmp_path, capsys):
+    hf_model("llama").save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value in [("hidden_size", "32"), ("num_attention_heads", 0), ("num_hidden_layers", None)]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+        capsys.readouterr()
+        assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"{key} must be a positive whole number, got {value!r}" in err
+    # an absent context length takes the default, as transformers does
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": None}))
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ok")]) == 0
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**weights, "model.norm.weight": torch.ones(7)}, tmp_path / "hf" / "model.safetensors")
+    capsys.readouterr()
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'hf' / 'model.safetensors'} does not match its config.json (norm.weight is "
+                   f"[7], the model needs [32]); download or save the model again")
+    assert not (tmp_path / "r").exists()

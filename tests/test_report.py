@@ -97,15 +97,20 @@ def test_report_numbers_are_complete_and_sane(char_report):
         assert all(len(s[key]) <= len(s["original"]) for key in ("model", "kn5", "unigram"))
 
 
-def test_rewriting_a_report_overwrites_only_report_files(char_report, tmp_path):
+def test_rewriting_a_report_overwrites_only_an_earlier_report(char_report, tmp_path):
     lm, _, _ = char_report
     out = tmp_path / "again"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "report.md").write_text("old")
-    report = write_report(lm, out, n_prompts=3, seed=1, progress=False, log=quiet)
+    with pytest.raises(LmforgeError, match="holds report.md, not an earlier lmforge report"):
+        write_report(lm, out, n_prompts=3, seed=1, progress=False, log=quiet)
+    assert (out / "report.md").read_text() == "old"
+    (out / "report.md").unlink()
+    write_report(lm, out, n_prompts=2, seed=1, progress=False, log=quiet)
+    report = write_report(lm, out, n_prompts=3, seed=1, progress=False, log=quiet)  # the earlier one, refreshed
     assert (out / "notes.txt").read_text() == "mine"
-    assert (out / "report.md").read_text() != "old"
+    assert json.loads((out / "report.json").read_text())["continuation"]["settings"]["prompts"] == 3
     assert report["continuation"]["settings"]["prompts"] == 3
 
 

@@ -333,7 +333,7 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
                 f"scores it: {ckpt.resume_command(result.run_dir)}")
             raise
         if dist.is_main():
-            ckpt.write_json(result.run_dir / "summary.json", {
+            ckpt.write_json(result.run_dir / ckpt.SUMMARY, {
                 "steps": result.steps, "tokens": result.tokens, "train_time_s": result.train_time,
                 "tokens_per_s": result.tokens_per_s, "best_val_bpb": result.best_val_bpb, **result.extra})
     return lm, result

@@ -32,6 +32,7 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 AVERAGE = "average.safetensors"  # a resume point's weight average (train.ema)
 CHECKPOINTS = "checkpoints"  # resume points: checkpoints/step-00000500/
+SUMMARY = "summary.json"  # a finished run's figures
 LEGACY_RESUME = "last"  # the single resume point of runs from before checkpoints/
 LOCK = "run.lock"  # held while a process trains into the folder
 LEFTOVERS = (LOCK, "tokenizer.json", ".lmforge-write-test")  # what a start leaves before config.json
@@ -173,7 +174,10 @@ def check_manifest(folder: Path) -> None:
     path = folder / MANIFEST
     if not path.exists():
         return  # runs from before manifests
-    manifest = read_json(path, "manifest")
+    try:
+        manifest = read_json(path, "manifest")
+    except LmforgeError as e:
+        raise LmforgeError(f"{e}; restore it from a copy or re-run training") from None
     for name, entry in (manifest.get("files") or {}).items():
         file = folder / name
         if not file.exists():
@@ -194,8 +198,18 @@ def open_run_dir(out: Path, resume: bool) -> Path:
     if resume:
         read_config(out)  # fails clearly when it is not a run
         check_manifest(out)
+        if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
+            raise LmforgeError(f"{out / CHECKPOINTS} is a file, where the run keeps its resume points; move it "
+                               f"away, then resume (nothing was written)")
+        if (out / SUMMARY).exists() and not resume_points(out):  # a finished run always saved one
+            raise LmforgeError(f"{out} finished training and its resume points ({CHECKPOINTS}/) are gone, so "
+                               f"--resume would train it again from the start over its {WEIGHTS}; to train "
+                               f"it further, fine-tune it (lmforge finetune {out} --data TEXT --mode full --out NEW)")
         return out
     if (out / CONFIG).exists():
+        if not _lmforge_config(out / CONFIG):
+            raise LmforgeError(f"{out} holds a {CONFIG} that lmforge did not write; choose another --out "
+                               f"(nothing was written)")
         holder = training_process(out)
         if holder is not None:  # --resume would be refused too while that process runs
             raise LmforgeError(f"{out} is in use by lmforge process {holder}, which is training it; "
@@ -213,6 +227,15 @@ def open_run_dir(out: Path, resume: bool) -> Path:
     except OSError as e:
         raise LmforgeError(f"cannot write the run folder {out}: {e.strerror or e}; choose another --out") from None
     return out
+
+
+def _lmforge_config(path: Path) -> bool:
+    """Whether `path` looks like a run's config.json (not whether it is intact: resuming checks that)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return True  # a damaged run's: --resume names the damage
+    return isinstance(data, dict) and "format_version" in data
 
 
 def remove_unstarted(out: Path, created: bool) -> None:
@@ -398,12 +421,32 @@ def load_model(run_dir: Path, weights: Path | None = None) -> tuple[torch.nn.Mod
     check_manifest(run_dir)  # first: a damaged config.json is damage, not a run from another lmforge
     data = read_config(run_dir)
     model = build_from_config(data)
-    state = load_tensors(weights or run_dir / WEIGHTS)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise LmforgeError(f"{run_dir / WEIGHTS} does not match its config.json "
-                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    path = weights or run_dir / WEIGHTS
+    load_weights(model, load_tensors(path), path, "its config.json")
     return model.eval(), run_tokenizer(run_dir, data), data
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, described_by: str) -> None:
+    """Load `state` (read from `path`) into `module`, failing in one line when a tensor is missing,
+    extra, of another shape, not floating point, or not finite (what `described_by` made the module
+    for does not fit those weights)."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LmforgeError(f"{path} does not match {described_by} (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); restore the file or re-run training")
+    for name, tensor in state.items():
+        want = expected[name]
+        if tensor.shape != want.shape:
+            problem = f"{name} is {list(tensor.shape)}, the model needs {list(want.shape)}"
+        elif want.is_floating_point() and not tensor.is_floating_point():
+            problem = f"{name} holds {str(tensor.dtype).removeprefix('torch.')} values, not floating point"
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            problem = f"{name} holds NaN or infinite values"
+        else:
+            continue
+        raise LmforgeError(f"{path} does not match {described_by} ({problem}); restore the file or re-run training")
+    module.load_state_dict(state)
 
 
 def run_tokenizer(run_dir: Path, data: dict):

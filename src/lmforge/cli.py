@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 
@@ -907,6 +908,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the output went to `head` or similar, which has stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (MemoryError, RuntimeError) as e:  # torch's out-of-memory errors are RuntimeErrors
+        text = str(e)
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in text and "out of memory" not in text:
+            raise
+        asked = re.search(r"tried to allocate (\d+) bytes", text)
+        size = f" ({int(asked.group(1)) / 2 ** 30:,.1f} GiB at once)" if asked else ""
+        print(f"error: not enough memory{size}; choose a smaller model, batch or context (model.d_model, "
+              f"train.batch_size, model.context_len)", file=sys.stderr)
+        return 2
     except OSError as e:  # the last line of defence: a file the library did not expect to fail
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space", file=sys.stderr)

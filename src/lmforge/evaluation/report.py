@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import LmforgeError
 from . import continuation as cont
 from .baselines import COMPRESSORS, KneserNeyModel, UnigramModel, compressor_bits_per_byte
 from .copying import CopyIndex
@@ -61,6 +62,7 @@ def write_report(lm, out_dir: Path, text_path=None, n_prompts: int = 100, seed: 
     Fails with LmforgeError if the text is missing, undecodable, or too short for `n_prompts` prompts.
     """
     started, timing = time.perf_counter(), {}
+    _check_out_dir(Path(out_dir))
     documents, train_text = _read_split(lm, text_path, {"encoding": encoding, "errors": errors,
                                                         "jsonl_field": jsonl_field})
     train_bytes = train_text.encode("utf-8")
@@ -105,6 +107,26 @@ def write_report(lm, out_dir: Path, text_path=None, n_prompts: int = 100, seed: 
 
 
 # ---- inputs -------------------------------------------------------------------------------------
+
+REPORT_FILES = ("report.json", "report.md", *PLOTS)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """A report goes into a new folder, or over an earlier report: never over files of the same names
+    that lmforge did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LmforgeError(f"--report {out_dir} is a file; give a folder for the report")
+    taken = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if not taken:
+        return
+    try:
+        earlier = json.loads((out_dir / "report.json").read_bytes())
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "format_version" in earlier and "likelihood" in earlier):
+        raise LmforgeError(f"{out_dir} holds {', '.join(taken)}, not an earlier lmforge report; the report would "
+                           f"replace them: give another folder (nothing was written)")
+
 
 def _read_split(lm, text_path, options: dict) -> tuple[list[tuple[str, str]], str]:
     """([(name, text to evaluate)], training text): the run's validation documents from its prepared

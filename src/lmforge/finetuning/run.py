@@ -109,7 +109,7 @@ def finetune_job(config: RunConfig, tokenizer=None, resume: bool = False, log=pr
     seed_everything(config.train.seed)
     lm = build_model(config.model.arch, **config.model.options)
     if not resume and not ft.from_scratch:
-        lm.load_state_dict(base_weights(base))
+        ckpt.load_weights(lm, base_weights(base), base / ckpt.WEIGHTS, f"the config.json of {base}")
     context_len = lm.config.context_len
     t = config.train
     if ft.task == "lm":
@@ -302,7 +302,8 @@ def load_classifier(lm) -> Classifier:
     if ft.get("task") != "classify":
         raise LmforgeError(f"{lm.run_dir} is not a classification run; fine-tune one with --task classify")
     model = Classifier(lm.model, len(ft["labels"]), lm.tokenizer.eos_id, ft["pooling"])
-    model.classifier.load_state_dict(ckpt.load_tensors(Path(lm.run_dir) / CLASSIFIER))
+    path = Path(lm.run_dir) / CLASSIFIER
+    ckpt.load_weights(model.classifier, ckpt.load_tensors(path), path, "the run's labels and model")
     return model.to(lm.device).eval()
 
 

@@ -53,7 +53,20 @@ def read_folder(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return read_json(directory / "config.json", "Hugging Face config"), state
 
 
+def _check_sizes(c: dict, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """The config's sizes are positive whole numbers (an optional one may also be absent or null)."""
+    for key in required + optional:
+        value = c.get(key)
+        if value is None and key in optional:
+            continue
+        if key not in c:
+            raise LmforgeError(f"the Hugging Face config.json has no {key}; save the model's config again")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LmforgeError(f"the Hugging Face config.json's {key} must be a positive whole number, got {value!r}")
+
+
 def gpt2_fields(c: dict) -> dict:
+    _check_sizes(c, ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), ("n_inner",))
     if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise LmforgeError(f"GPT-2 activation {c['activation_function']!r} is not supported; lmforge matches gelu_new")
     if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
@@ -66,6 +79,8 @@ def gpt2_fields(c: dict) -> dict:
 
 
 def llama_fields(c: dict) -> dict:
+    _check_sizes(c, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+                 ("num_key_value_heads", "max_position_embeddings", "head_dim"))
     heads, d = c["num_attention_heads"], c["hidden_size"]
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -79,7 +94,7 @@ def llama_fields(c: dict) -> dict:
                            "hidden_size / heads, default RoPE and equal attention/MLP bias")
     return {**LLAMA, "vocab_size": c["vocab_size"], "d_model": d, "n_layers": c["num_hidden_layers"],
             "n_heads": heads, "n_kv_heads": c.get("num_key_value_heads") or heads,
-            "context_len": c.get("max_position_embeddings", 2048), "d_ff": c["intermediate_size"],
+            "context_len": c.get("max_position_embeddings") or 2048, "d_ff": c["intermediate_size"],
             "bias": bool(c.get("attention_bias", False)), "tie_embeddings": c.get("tie_word_embeddings", False),
             "dropout": 0.0, "attention_dropout": c.get("attention_dropout", 0.0),
             "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
@@ -167,12 +182,19 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
                     model=ModelConfig("transformer", fields))
     run.train.sample_prompt = ""
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise LmforgeError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
     try:
         ckpt.save_config(tmp, run, fields, extra={"imported": {"from": str(directory), "model_type": kind}})
         ckpt.save_tensors(tmp / ckpt.WEIGHTS, {k: v.float() for k, v in weights.items()})
         tokenizer.save(tmp)
-        ckpt.load_model(tmp)  # fails here, not later, if anything does not fit
+        try:
+            ckpt.load_model(tmp)  # fails here, not later, if anything does not fit
+        except LmforgeError as e:  # it names the temporary folder, and gives a run folder's advice
+            problem = str(e).replace(str(tmp), str(directory)).split("; ")[0]
+            raise LmforgeError(f"{problem}; download or save the model again") from None
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
