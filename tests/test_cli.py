@@ -395,7 +395,8 @@ def test_resume_refuses_to_retrain_a_finished_run_whose_resume_points_are_gone(c
     (run / "checkpoints").rename(tmp_path / "moved")
     capsys.readouterr()
     one_line_error(capsys, main(["train", "--resume", str(run), "--max-steps", "60", "--no-progress"]),
-                   "finished training and its resume points (checkpoints/) are gone", "lmforge finetune")
+                   "finished training and its resume points (checkpoints/) are gone: --resume would train it again "
+                   "from the start over its model.safetensors", "lmforge finetune")
     (run / "checkpoints").write_bytes(b"")
     one_line_error(capsys, main(["train", "--resume", str(run), "--max-steps", "60", "--no-progress"]),
                    "checkpoints is a file", "move it away")

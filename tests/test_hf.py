@@ -171,6 +171,10 @@ def test_a_hugging_face_folder_with_bad_sizes_or_weights_is_refused_in_one_line(
     # an absent context length takes the default, as transformers does
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": None}))
     assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ok")]) == 0
+    weights = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(tmp_path / "ok"), "--max-steps", "2"]) == 2  # no resume point to go on from
+    assert "was imported, so it has no resume points" in capsys.readouterr().err
+    assert (tmp_path / "ok" / "model.safetensors").read_bytes() == weights
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     save_file({**weights, "model.norm.weight": torch.ones(7)}, tmp_path / "hf" / "model.safetensors")

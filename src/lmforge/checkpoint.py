@@ -196,15 +196,19 @@ def open_run_dir(out: Path, resume: bool) -> Path:
     """The run folder to train into: an existing run when resuming, else a new or empty folder."""
     out = Path(out)
     if resume:
-        read_config(out)  # fails clearly when it is not a run
+        imported = "imported" in read_config(out)  # fails clearly when it is not a run
         check_manifest(out)
         if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
             raise LmforgeError(f"{out / CHECKPOINTS} is a file, where the run keeps its resume points; move it "
                                f"away, then resume (nothing was written)")
-        if (out / SUMMARY).exists() and not resume_points(out):  # a finished run always saved one
-            raise LmforgeError(f"{out} finished training and its resume points ({CHECKPOINTS}/) are gone, so "
-                               f"--resume would train it again from the start over its {WEIGHTS}; to train "
-                               f"it further, fine-tune it (lmforge finetune {out} --data TEXT --mode full --out NEW)")
+        # without a resume point a run trains again from the start: right for one killed before its first,
+        # not for a finished run (which always saved one) or an imported model (which never had one)
+        if (imported or (out / SUMMARY).exists()) and not resume_points(out):
+            what = "was imported, so it has no resume points" if imported else \
+                f"finished training and its resume points ({CHECKPOINTS}/) are gone"
+            raise LmforgeError(f"{out} {what}: --resume would train it again from the start over its {WEIGHTS}; "
+                               f"to train it further, fine-tune it (lmforge finetune {out} --data TEXT --mode full "
+                               f"--out NEW)")
         return out
     if (out / CONFIG).exists():
         if not _lmforge_config(out / CONFIG):
