@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from lmforge import api
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--out", default="ablation", help="folder for the runs, the plot and nothing else")
     parser.add_argument("--max-time", type=float, default=300.0, help="training seconds per step")
     args = parser.parse_args()
+    if not args.max_time > 0:
+        parser.error(f"--max-time must be positive, got {args.max_time:g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(out, args.max_time)
@@ -63,4 +66,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

@@ -100,8 +100,10 @@ def main() -> None:
     results["train"] = rows
 
     pairs, labels = out / "pairs.jsonl", out / "labels.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"Who is {n}?", "completion": f"{n} is in Persuasion."}) + "\n"
-                             for n in ("Anne", "Frederick", "Sir Walter", "Mary", "Louisa", "Henrietta") * 10))
+    pairs.write_text("".join(json.dumps({"prompt": f"Who is {n}?", "completion": f"{n} is in Persuasion.",
+                                         "split": "val" if k == 0 else "train"}) + "\n"  # one of each for validation
+                             for k in range(10) for n in ("Anne", "Frederick", "Sir Walter", "Mary", "Louisa",
+                                                          "Henrietta")))
     labels.write_text("".join(json.dumps({"text": t * (1 + k % 3), "label": lab}) + "\n" for k in range(60)
                               for t, lab in ((" Anne walked.", "a"), (" The captain rode.", "b"))))
     kinds = {"full": ["--data", TEXT, "--mode", "full"], "lora": ["--data", TEXT, "--mode", "lora"],
@@ -131,4 +133,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 
 
@@ -112,9 +113,14 @@ def main() -> None:
                 row[name] = value
                 row[name + " / quiet"] = round(value / row["quiet"], 3)
         results[kind] = row
-        print(json.dumps({kind: row}), flush=True)
+        print(json.dumps({kind: row}), file=sys.stderr, flush=True)
     print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

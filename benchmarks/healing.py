@@ -13,6 +13,7 @@ import argparse
 import json
 import random
 import re
+import sys
 
 import lmforge
 from lmforge.generation import SamplingConfig
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1000, help="prompts of each kind")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.prompts < 1:
+        parser.error(f"--prompts must be at least 1, got {args.prompts}")
     lm = lmforge.load(args.run)
     text = "".join(part for _, part in lm.validation_documents())
     rng = random.Random(args.seed)
@@ -47,4 +50,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

@@ -78,6 +78,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
+    if not (args.nanogpt / "model.py").is_file():
+        p.error(f"{args.nanogpt} is not a nanoGPT checkout (no model.py); git clone https://github.com/karpathy/nanoGPT")
+    if args.rounds < 1 or args.warmup < 0:
+        p.error("--rounds must be at least 1 and --warmup at least 0")
     threads = set_threads(None)
     picked = choices(torch.device("cpu"))
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[picked["dtype"]]
@@ -110,4 +114,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

@@ -109,18 +109,24 @@ def soak_serving(run: Path, requests: int, clients: int = 8) -> dict:
 def main() -> None:
     from lmforge.config import parse_duration
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="soak-runs", help="a folder for the run (emptied first)")
     p.add_argument("--train-time", default="10m")
     p.add_argument("--requests", type=int, default=10_000)
     args = p.parse_args()
+    train_time = parse_duration(args.train_time)  # bad input fails before --out is emptied
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    training = soak_training(out, parse_duration(args.train_time))
+    training = soak_training(out, train_time)
     serving = soak_serving(out / "train", args.requests)
     print(json.dumps({"benchmark": "soak", "training": training, "serving": serving}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

@@ -47,4 +47,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmforge.errors import LmforgeError
+
+    try:
+        main()
+    except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
+        sys.exit(f"error: {e}")

@@ -224,7 +224,7 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="reports/transfer")
     p.add_argument("--work", default="runs/transfer")
     p.add_argument("--more", required=True, help="the folder of extra Gutenberg novels (gutenberg-more)")

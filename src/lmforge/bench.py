@@ -281,6 +281,7 @@ def bench_austen(max_time: float = 300.0, overrides: list[str] | None = None, de
            "tokens_per_s": result.tokens_per_s, "train_time_s": result.train_time,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "params": result.extra["params"], "dtype": result.extra["dtype"],
+           "threads": result.extra["threads"],  # what training started on (the thread tuner may have moved it)
            "config": {k: lm.config[k] for k in ("tokenizer", "model", "train")}}
     ppmd = _ppmd_bits_per_byte(lm)  # the yardstick, measured on the same split after training
     if ppmd is not None:
