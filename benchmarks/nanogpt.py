@@ -79,7 +79,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     if not (args.nanogpt / "model.py").is_file():
-        p.error(f"{args.nanogpt} is not a nanoGPT checkout (no model.py); git clone https://github.com/karpathy/nanoGPT")
+        p.error(f"{args.nanogpt} is not a nanoGPT checkout (no model.py); "
+                "git clone https://github.com/karpathy/nanoGPT")
     if args.rounds < 1 or args.warmup < 0:
         p.error("--rounds must be at least 1 and --warmup at least 0")
     threads = set_threads(None)
