@@ -23,13 +23,14 @@ def main() -> None:
     p.add_argument("--out", default="sweep.jsonl")
     p.add_argument("--max-time", default="300")
     args = p.parse_args()
-    out = Path(args.out)
+    out, failed = Path(args.out), 0
     for entry in args.entries:
         name, _, overrides = entry.partition("=")
         result = subprocess.run([sys.executable, "-m", "lmforge", "bench", "austen", "--max-time", args.max_time,
                                  *overrides.split()], capture_output=True, text=True)
+        failed += result.returncode != 0
         if result.returncode != 0:
-            row = {"name": name, "overrides": overrides, "error": result.stderr.strip().splitlines()[-1:]}
+            row = {"name": name, "overrides": overrides, "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
         else:
             row = {"name": name, "overrides": overrides, **json.loads(result.stdout)}
         with open(out, "a") as f:
@@ -44,6 +45,8 @@ def main() -> None:
         else:
             print(f"| {r['name']} | `{r['overrides']}` | {r['bits_per_byte']:.4f} | {r['steps']} | "
                   f"{r['tokens_per_s']:,.0f} |")
+    if failed:
+        sys.exit(f"{failed} of the {len(args.entries)} entries failed (their errors are in {out})")
 
 
 if __name__ == "__main__":

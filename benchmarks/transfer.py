@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -228,20 +229,27 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="reports/transfer")
     p.add_argument("--work", default="runs/transfer")
     p.add_argument("--more", required=True, help="the folder of extra Gutenberg novels (gutenberg-more)")
-    p.add_argument("--pretrain-time", type=float, default=240.0)
-    p.add_argument("--finetune-time", type=float, default=60.0)
+    p.add_argument("--pretrain-time", type=float, default=240.0, help="seconds of pretraining for the base")
+    p.add_argument("--finetune-time", type=float, default=60.0,
+                   help="seconds per Austen run of the transfer report (the authors report fine-tunes the base "
+                        "60 s per author, and its head runs take a fixed number of steps)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--skip", choices=["transfer", "authors"], help="leave out one of the two reports")
     args = p.parse_args(argv)
+    def log(message):  # progress on stderr: stdout is the one JSON document at the end
+        print(message, file=sys.stderr, flush=True)
+
+    out = {"benchmark": "transfer", "cpu": machine()["cpu"]}
     try:
         if args.skip != "transfer":
-            run_transfer(Path(args.out), Path(args.work), Path(args.more), args.pretrain_time, args.finetune_time,
-                         threads=args.threads)
+            out["transfer"] = run_transfer(Path(args.out), Path(args.work), Path(args.more), args.pretrain_time,
+                                           args.finetune_time, threads=args.threads, log=log)
         if args.skip != "authors":
-            run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads,
-                        pretrain_time=args.pretrain_time)
+            out["authors"] = run_authors(Path(args.out), Path(args.work), Path(args.more), threads=args.threads,
+                                         pretrain_time=args.pretrain_time, log=log)
     except LmforgeError as e:  # bad input: one line, as lmforge's own commands say it
         p.exit(2, f"error: {e}\n")
+    print(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":
