@@ -27,6 +27,11 @@ AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
+def is_number(value, integer: bool = False) -> bool:
+    """Whether `value` is an int or float (an int, with `integer`), and not a bool, as JSON hands them over."""
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
 def check_source_names(sources) -> None:
     """A one-line error for an empty source name: "" would be the current folder, every *.txt under it,
     which nobody asked for."""

@@ -22,7 +22,7 @@ import time
 import torch
 
 from .checkpoint import write_json
-from .config import TrainConfig
+from .config import TrainConfig, is_number
 from .data.prepare import cache_root
 from .errors import LmforgeError
 from .device import all_but_global_state, cpu_has_bf16
@@ -87,11 +87,7 @@ TIMINGS = ("train_step_ms", "decode_step_us", "batch8_decode_step_us")
 
 def _numbers(value) -> bool:
     """Whether `value` is a {name: number} dict, as the probe writes its timings."""
-    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, dict) and all(isinstance(k, str) and is_number(v) for k, v in value.items())
 
 
 def _sound(picked: dict) -> bool:
@@ -103,11 +99,11 @@ def _sound(picked: dict) -> bool:
 
 def _sound_gain(result: dict) -> bool:
     """Whether a cached compile measurement has the shape `_compile_times` writes."""
-    if not _number(result.get("gain")):
+    if not is_number(result.get("gain")):
         return False
     if result["gain"] <= 0:
         return isinstance(result.get("why"), str)
-    return _number(result.get("compile_s")) and _numbers(result.get("step_ms")) \
+    return is_number(result.get("compile_s")) and _numbers(result.get("step_ms")) \
         and {"eager", "compiled"} <= set(result["step_ms"])
 
 

@@ -148,14 +148,17 @@ class Engine:
             if request.cancelled:
                 request.finish_reason = "cancelled"
                 self._emit(request, "")
-            elif not self.contain_errors:
-                starts += self._start(request)
-            else:  # a request whose start fails ends alone: the running rows are not touched yet
+            else:
                 try:
-                    starts += self._start(request)
+                    new = self._start(request)
                 except Exception as exc:
+                    if not self.contain_errors:
+                        raise
+                    # in the server a request whose start fails ends alone: the running rows are not touched yet
                     self._fail([request], f"generation failed ({type(exc).__name__}: {exc})")
-            self.joining = [row for row, _, _ in starts]  # fail() reaches them from here on, should anything raise
+                    continue
+                starts += new
+                self.joining += [row for row, _, _ in new]  # fail() reaches them from here on, should anything raise
         joining = []  # (rows, their state) that join the batch at this step, in order
         try:
             for group in _by_length(starts):
@@ -169,7 +172,7 @@ class Engine:
             self._fail([row.request for row in self.joining], f"generation failed ({type(exc).__name__}: {exc})")
             self.joining = []
             raise
-        if joining:  # one concatenation for all of them: each one copies every row's cache
+        if joining:  # one cat_states for all of them (into the cache's spare rows, where it has enough)
             self.running += [row for rows, _ in joining for row in rows]
             states = ([] if self.state is None else [self.state]) + [state for _, state in joining]
             self.state = states[0] if len(states) == 1 else self.decoder.cat_states(states)

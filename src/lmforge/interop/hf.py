@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import ModelConfig, RunConfig, TokenizerConfig
+from ..config import ModelConfig, RunConfig, TokenizerConfig, is_number
 from ..errors import LmforgeError
 from ..models import TransformerConfig
 from ..tokenizers import BPETokenizer, declared_eos, load_tokenizer
@@ -61,7 +61,7 @@ def _check_sizes(c: dict, required: tuple[str, ...], optional: tuple[str, ...] =
             continue
         if key not in c:
             raise LmforgeError(f"the Hugging Face config.json has no {key}; save the model's config again")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_number(value, integer=True) or value < 1:
             raise LmforgeError(f"the Hugging Face config.json's {key} must be a positive whole number, got {value!r}")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import is_number
+
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's rows, less any that is not a JSON object (a line cut short by an interrupted write)."""
@@ -22,8 +24,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def _with(rows: list[dict], *fields: str) -> list[dict]:
     """The rows that hold a number in each of `fields` (an edited or damaged row is left out of the plot)."""
-    return [r for r in rows if all(isinstance(r.get(f), (int, float)) and not isinstance(r.get(f), bool)
-                                   for f in fields)]
+    return [r for r in rows if all(is_number(r.get(f)) for f in fields)]
 
 
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:
