@@ -7,7 +7,8 @@ child process, kills it with SIGKILL after a random time — during a step, an e
 checkpoint write — restarts it with `--resume`, and repeats until the run finishes on its own. The
 final weights (model.safetensors and the last resume point, and a fine-tune's adapter or head) and the
 metrics log (timings left out) must be bitwise identical to an uninterrupted run of the same config.
-Prints JSON: identical / total per kind, kills, and how many kills landed during a file write.
+Prints JSON: identical / total per kind, kills, how many kills landed during a file write, and how many
+starts ran unkilled to their next resume point (after 5 kills in a row that all came before one).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ TRAIN = ["--arch", "transformer", "--tokenizer", "char", "--max-steps", "300", "
          "train.eval_interval=20", "train.eval_batches=16", "train.checkpoint_interval=15", "train.threads=1",
          "train.sample_tokens=0", "train.warmup_steps=10"]
 TIMINGS = ("train_time", "tokens_per_s")
+STALLED = 5
 
 
 def lmforge(*args: str) -> list[str]:
@@ -50,24 +52,38 @@ def digest(run: Path) -> dict:
     return out
 
 
+def newest_point(run: Path) -> str | None:
+    points = sorted((run / "checkpoints").glob("step-*"))
+    return points[-1].name if points else None
+
+
 def run_to_the_end(start: list[str], resume: list[str], run: Path, rng: random.Random, max_kill_s: float) -> dict:
-    """Start, SIGKILL at random moments, resume, until the run finishes; count kills and where they hit."""
-    kills, in_write, command = 0, 0, start
+    """Start, SIGKILL at random moments, resume, until the run finishes; count kills and where they hit.
+    After STALLED kills in a row with no new resume point (kills that come before a start-up is over),
+    the next start runs unkilled until its next resume point, so that a short --max-kill-s still ends."""
+    kills, in_write, command, stalled, spared = 0, 0, start, 0, 0
     while True:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            child.wait(timeout=rng.uniform(0.5, max_kill_s))
-        except subprocess.TimeoutExpired:
+        before = newest_point(run)
+        deadline = time.monotonic() + rng.uniform(0.5, max_kill_s)
+        if stalled >= STALLED:
+            deadline, stalled, spared = float("inf"), 0, spared + 1
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if deadline == float("inf") and newest_point(run) != before:
+                deadline = time.monotonic() + rng.uniform(0.0, 0.5)  # a resume point written: kill soon after
+        if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             child.wait()
             kills += 1
             leftovers = [p for p in run.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
             in_write += bool(leftovers)
+            stalled = 0 if newest_point(run) != before else stalled + 1
             command = resume if (run / "config.json").exists() else start  # killed before it was a run: again
             continue
         if child.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {child.stderr.read().decode()[-500:]}")
-        return {"kills": kills, "kills_during_a_write": in_write}
+        return {"kills": kills, "kills_during_a_write": in_write, "unkilled_starts": spared}
 
 
 def main() -> None:
@@ -78,6 +94,8 @@ def main() -> None:
     p.add_argument("--max-kill-s", type=float, default=15.0, help="kills come 0.5 s to this long after a start")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if not args.max_kill_s > 0.5 or args.trials < 0 or args.finetune_trials < 0:
+        p.error("--max-kill-s must be above 0.5 and the trial counts at least 0")
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -111,7 +129,7 @@ def main() -> None:
              "completion": ["--data", str(pairs), "--task", "completion", "--mode", "lora"]}
     tune = ["--max-steps", "150", "--set", "train.eval_interval=20", "--set", "train.checkpoint_interval=15",
             "--set", "train.threads=1", "--set", "train.progress=false", "--set", cache]
-    for kind, data in kinds.items():
+    for kind, data in (kinds.items() if args.finetune_trials else ()):
         reference = out / f"{kind}-reference"
         subprocess.run(lmforge("finetune", str(out / "train-reference"), *data, *tune, "--out", str(reference)),
                        check=True, stdout=subprocess.DEVNULL)
@@ -127,7 +145,8 @@ def main() -> None:
 
     summary = {kind: {"identical": sum(r["identical"] for r in rows), "trials": len(rows),
                       "kills": sum(r["kills"] for r in rows),
-                      "kills_during_a_write": sum(r["kills_during_a_write"] for r in rows)}
+                      "kills_during_a_write": sum(r["kills_during_a_write"] for r in rows),
+                      "unkilled_starts": sum(r["unkilled_starts"] for r in rows)}
                for kind, rows in results.items()}
     print(json.dumps({"benchmark": "chaos", "summary": summary, "trials": results}, indent=2))
 

@@ -91,7 +91,9 @@ def soak_serving(run: Path, requests: int, clients: int = 8) -> dict:
 
     async def drive() -> None:
         async with httpx.AsyncClient(timeout=120) as http:
-            await asyncio.gather(*(client(http, requests // clients) for _ in range(clients)))
+            # the first requests % clients clients take one more, so that exactly --requests are sent
+            await asyncio.gather(*(client(http, requests // clients + (c < requests % clients))
+                                   for c in range(clients)))
 
     try:
         _wait_until_up(url, server)
@@ -115,6 +117,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=10_000)
     args = p.parse_args()
     train_time = parse_duration(args.train_time)  # bad input fails before --out is emptied
+    if args.requests < 1:
+        p.error("--requests must be at least 1")
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -66,6 +66,8 @@ def test_train_generate_eval_end_to_end(cli_run, capsys):
     largest = 2**64 - 1  # the next sample's seed wraps to 0, rather than failing after the first sample
     assert main(["generate", run, "--prompt", "Emma", "-n", "5", "--seed", str(largest), "--num-samples", "2"]) == 0
     assert capsys.readouterr().out.split("-" * 40 + "\n")[1] == "Emma" + lm.generate("Emma", 5, seed=0) + "\n"
+    assert main(["generate", run, "--prompt", "Emma", "-n", "30", "--seed", "1", "--top-k", "0"]) == 0
+    assert capsys.readouterr().out == "Emma" + continuation + "\n"  # top-k 0 keeps every token, as chat's /top_k 0
     for flags in (["--temperature", "1.5"], ["--top-k", "5", "--top-p", "0.9"]):  # greedy would ignore them
         assert main(["generate", run, "--prompt", "Emma", "--greedy", *flags]) == 2
         err = capsys.readouterr().err

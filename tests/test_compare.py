@@ -156,6 +156,29 @@ def test_bench_generate_decodes_as_load_sets_up(capsys):
     assert family["decoding"] == measured["decoding"]
     assert family["cache"] == (measured["cache"] if measured["decoding"] != "fp32" else "fp32")
     assert set(family["batch"]) == {"1", "2"} and all(b["new_tokens_per_s"] > 0 for b in family["batch"].values())
+    # the time to the first token is for a prompt the 16-position context can take, and says how long it was
+    assert family["time_to_first_token_s"] > 0 and family["time_to_first_token_prompt_tokens"] == 15
+
+
+def test_each_benchmark_help_lists_the_options_it_takes(capsys):
+    import inspect
+
+    from lmforge import bench
+    from lmforge.cli import BENCH_TAKES
+
+    for name, fn in bench.BENCHMARKS.items():
+        params = set(inspect.signature(fn).parameters)
+        for dest in BENCH_TAKES[name]:
+            assert {"arch": "archs", "overrides": "overrides" if name == "austen" else "model_fields"}.get(dest, dest) \
+                in params, (name, dest)
+    with pytest.raises(SystemExit):
+        main(["bench", "generate", "--help"])
+    text = capsys.readouterr().out
+    assert "--rounds" in text and "--new-tokens" in text and "--dtype" not in text and "--max-time" not in text
+    with pytest.raises(SystemExit):
+        main(["bench", "austen", "--help"])
+    text = capsys.readouterr().out
+    assert "--max-time" in text and "--steps" not in text and "--arch" not in text
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -162,7 +162,7 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
                    device: str = "cpu", threads: int | None = None, compile: bool = False) -> dict:
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the batching engine every `lmforge generate` runs, after a warm-up; and the
-    time to the first token after a 500-token prompt. The models decode as `lmforge.load` sets them up
+    time to the first token after a 500-token prompt (shorter where the context is). The models decode as `lmforge.load` sets them up
     (on a CPU, a Transformer's steps use int8 or fp16 weights and the KV cache dtype the probe
     chose); batch 1 with the fp32 modules, and the largest batch with the other cache dtype, are
     timed too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2
@@ -200,11 +200,12 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
             compiled = fast.compile()
             if compiled["compiled"]:  # batch 1 only: larger batches step uncompiled
                 cases[(arch, "1 compiled")] = (fast, torch.zeros(1, 1, dtype=torch.long))
-        long_prompt = torch.randint(vocab_size, (1, 500))
+        # a 500-token prompt, or as long as the model's context takes with room for the first token
+        long_prompt = torch.randint(vocab_size, (1, min(500, (decoder.max_context or 501) - 1)))
         ttft = min(_time_case((arch,), decoder, long_prompt, 1, dev) for _ in range(3))
         results[arch] = {"params": count_params(model), "decoding": decoder.weights, "cache": decoder.cache,
-                         "batch": {},
-                         "time_to_first_token_500_s": ttft}
+                         "batch": {}, "time_to_first_token_s": ttft,
+                         "time_to_first_token_prompt_tokens": long_prompt.size(1)}
         if compiled is not None:
             results[arch]["compiled"] = {**compiled, "batch": {}}
     reference = _hf_gpt2(vocab_size, dev, model_fields)

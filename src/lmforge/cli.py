@@ -200,7 +200,7 @@ def cmd_generate(args) -> int:
             raise LmforgeError(f"--greedy always takes the likeliest token, so {'/'.join(given)} would change "
                                f"nothing; drop {'them' if len(given) > 1 else 'it'}, or drop --greedy to sample")
     temperature = 0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature
-    sampling = SamplingConfig(args.max_new_tokens, temperature, args.top_k,
+    sampling = SamplingConfig(args.max_new_tokens, temperature, args.top_k or None,  # 0: off, as in chat
                               args.top_p, args.seed, [unescape(s) for s in args.stop or []],
                               token_healing=not args.no_token_healing)
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
@@ -304,7 +304,7 @@ def cmd_chat(args) -> int:
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
     if args.compile:
         _compile_decoding(lm)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
     run(lm, sampling, history_file=None if args.no_history else cache_root(None) / "chat_history")
     return 0
 
@@ -522,6 +522,19 @@ def _counts(text: str | None, flag: str, example: str) -> tuple[int, ...] | None
     return counts
 
 
+# the options each benchmark takes (bench.BENCHMARKS' parameters; `overrides` are model fields, or for
+# austen any section's), so that each one's --help lists its own; serve's own flags are added apart
+BENCH_TAKES = {
+    "train": {"arch", "overrides", "batch_size", "steps", "warmup", "vocab_size", "device", "threads", "dtype",
+              "compile"},
+    "generate": {"arch", "overrides", "batch_sizes", "new_tokens", "warmup", "rounds", "vocab_size", "device",
+                 "threads", "compile"},
+    "austen": {"max_time", "overrides", "device", "threads"},
+    "prepare": set(),
+    "serve": {"threads"},
+}
+
+
 def cmd_bench(args) -> int:
     from . import bench
     from .config import parse_duration, parse_overrides
@@ -703,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", default="")
     p.add_argument("--max-new-tokens", "-n", type=int, default=200)
     p.add_argument("--temperature", "-t", type=float, help="0.8 unless given; 0 is greedy")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=int, help="keep the K likeliest tokens (0: all, the default)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int)
@@ -742,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a trained run in the terminal")
     p.add_argument("run")
     p.add_argument("--temperature", "-t", type=float, default=0.8)
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=int, help="keep the K likeliest tokens (0: all, the default)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--max-new-tokens", "-n", type=int, default=200)
     p.add_argument("--seed", type=int)
@@ -805,32 +818,39 @@ def build_parser() -> argparse.ArgumentParser:
                        ("prepare", "tokenizer training and encoding speed, Austen preparation time"),
                        ("serve", "a load test of lmforge serve: N concurrent streaming clients on loopback")):
         b = benchmarks.add_parser(name, help=text)
-        b.add_argument("overrides", nargs="*",
-                       help="section.key=value settings of the training run (any section)" if name == "austen"
-                       else "model.key=value for the families that have that field")
+        takes = BENCH_TAKES[name]
+
+        def option(dest: str, *flags: str, help: str, **kw) -> None:
+            # an option this benchmark does not take stays parsed (and is refused by name), but out of its help
+            b.add_argument(*flags, help=help if dest in takes else argparse.SUPPRESS, **kw)
+
+        option("overrides", "overrides", nargs="*",
+               help="section.key=value settings of the training run (any section)" if name == "austen"
+               else "model.key=value for the families that have that field")
         b.add_argument("--json", action="store_true", help="(the output is always JSON)")
-        b.add_argument("--arch", help="comma-separated families, or all (default)")
-        b.add_argument("--batch-size", type=int, help="train: sequences per step (default 16)")
-        b.add_argument("--batch-sizes", help="generate: comma-separated batch sizes (default 1,8)")
-        b.add_argument("--steps", type=int, help="train: timed steps (default 10)")
-        b.add_argument("--warmup", type=int, help="untimed warm-up steps (train) or tokens (generate)")
-        b.add_argument("--new-tokens", type=int, help="generate: tokens per sequence (default 500)")
-        b.add_argument("--rounds", type=int, help="generate: timed runs per case, cases taking turns (default 5)")
-        b.add_argument("--vocab-size", type=int, help="train/generate: random ids over this many (default: the "
-                                                      "Austen char tokenizer's vocabulary, 82)")
-        b.add_argument("--device", help="cpu (default), cuda, mps, auto")
-        b.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
-        b.add_argument("--max-time", help="austen: training time budget (default 300 s)")
-        b.add_argument("--dtype", help="train: auto (what training uses: the dtype the probe measured faster "
-                                       "here), float32 or bfloat16")
-        b.add_argument("--compile", action="store_true",
-                       help="train: steps through torch.compile, as train.compile=true (compiling is in the "
-                            "warm-up); generate: the compiled decoding step too, as generate --compile")
+        option("arch", "--arch", help="comma-separated families, or all (default)")
+        option("batch_size", "--batch-size", type=int, help="sequences per step (default 16)")
+        option("batch_sizes", "--batch-sizes", help="comma-separated batch sizes (default 1,8)")
+        option("steps", "--steps", type=int, help="timed steps (default 10)")
+        option("warmup", "--warmup", type=int, help="untimed warm-up steps" if name == "train"
+               else "untimed warm-up tokens per case")
+        option("new_tokens", "--new-tokens", type=int, help="tokens per sequence (default 500)")
+        option("rounds", "--rounds", type=int, help="timed runs per case, cases taking turns (default 5)")
+        option("vocab_size", "--vocab-size", type=int,
+               help="random ids over this many (default: the Austen char tokenizer's vocabulary, 82)")
+        option("device", "--device", help="cpu (default), cuda, mps, auto")
+        option("threads", "--threads", type=int, help="torch threads (default: physical cores)")
+        option("max_time", "--max-time", help="training time budget (default 300 s)")
+        option("dtype", "--dtype", help="auto (what training uses: the dtype the probe measured faster here), "
+                                        "float32 or bfloat16")
+        option("compile", "--compile", action="store_true",
+               help="steps through torch.compile, as train.compile=true (compiling is in the warm-up)"
+               if name == "train" else "the compiled decoding step too, as generate --compile")
         if name == "serve":
-            b.add_argument("--run", help="serve: the run folder to serve")
-            b.add_argument("--clients", help="serve: comma-separated client counts (default 1,8,32)")
-            b.add_argument("--duration", help="serve: time per client count (default 20 s)")
-            b.add_argument("--max-tokens", type=int, help="serve: new tokens per request (default 64)")
+            b.add_argument("--run", help="the run folder to serve")
+            b.add_argument("--clients", help="comma-separated client counts (default 1,8,32)")
+            b.add_argument("--duration", help="time per client count (default 20 s)")
+            b.add_argument("--max-tokens", type=int, help="new tokens per request (default 64)")
         b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("doctor", help="what this machine runs fastest: training dtype, decoding weights (a probe)")
