@@ -119,6 +119,11 @@ def test_the_sample_after_training_on_other_text_starts_from_words_of_that_text(
     assert original_passage(dickens, seed_phrase(dickens, "Emma Woodhouse"), 10) == ("carol", ": there is")
     austen = [("emma", "said Emma Woodhouse, handsome, clever")]
     assert seed_phrase(austen, "Emma Woodhouse") == "Emma Woodhouse"
+    # other alphabets, and scripts that do not space their words
+    assert seed_phrase([("ru", "— Всё смешалось в доме Облонских.")], "Emma Woodhouse") == "Всё смешалось в"
+    assert seed_phrase([("zh", "1. 天下大势，分久必合，合久必分。")], "Emma Woodhouse") == "天下大势"
+    assert seed_phrase([("ja", "吾輩は猫である。名前はまだ無い。")], "Emma Woodhouse") == "吾輩は猫であ"
+    assert seed_phrase([("digits", "1 2 3 ... 42")], "Emma Woodhouse") == "Emma Woodhouse"  # nothing to start from
 
 
 def test_compare_on_other_text_takes_its_seed_from_that_texts_validation_part(tmp_path):

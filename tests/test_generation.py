@@ -146,6 +146,7 @@ def test_greedy_engine_equals_recomputing_from_scratch(arch, char):
         for _ in range(40):  # the Transformer's 24-token context fills up on the way: windows then slide
             window = seq[:, -model.max_context:] if model.max_context else seq
             logits, _ = model(window)
+            logits[..., char.unk_id] = float("-inf")  # never sampled
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
     expected = seq[0, len(prompt):].tolist()
     if char.eos_id in expected:
@@ -412,6 +413,22 @@ def test_a_word_known_only_with_a_space_after_it_is_written_by_the_model_not_fed
     request = engine.submit(ids, SamplingConfig(max_new_tokens=2, temperature=0), tail="Mr.")
     engine.run()
     assert request.text == " \n\n"  # "Mr. " less the "Mr." the prompt has, then the two likeliest tokens
+
+
+def test_unk_is_never_sampled_even_where_the_model_likes_it_best(char):
+    # a word model learns <unk> for rare words; written out it would be the literal text "<unk>"
+    scores = torch.zeros(char.vocab_size)
+    scores[char.unk_id], scores[char.encode("e")[0]] = 9.0, 1.0
+    for sampling in (SamplingConfig(max_new_tokens=6, temperature=0), SamplingConfig(max_new_tokens=200, seed=1, ignore_eos=True)):
+        engine = Engine(Scripted(scores), char)
+        request = engine.submit(char.encode("Emma"), sampling)
+        engine.run()
+        assert char.unk_id not in request.new_ids and "<unk>" not in request.text
+    assert request.new_tokens == 200 and len(set(request.new_ids)) > 5  # sampled among the others, unchanged
+    engine = Engine(Scripted(scores), char)
+    request = engine.submit(char.encode("Emma"), SamplingConfig(max_new_tokens=6, temperature=0))
+    engine.run()
+    assert request.text == "eeeeee"  # greedy: the likeliest token after <unk>
 
 
 def test_a_seeded_or_greedy_generation_keeps_the_configured_thread_count(char, monkeypatch):

@@ -269,13 +269,17 @@ def validation_parts(config: RunConfig) -> list[tuple[str, str]]:
 
 def seed_phrase(documents: list[tuple[str, str]], prompt: str) -> str:
     """`prompt` if some validation document holds it, else three words from the validation text (a
-    capitalised word and the two after it), so that a sample on any text has an original beside it."""
+    capitalised word and the two after it; else any three words, in any alphabet; else, in a script
+    that does not space its words, such as Chinese, the first few letters of a run of them), so that a
+    sample on any text has an original beside it."""
     if original_passage(documents, prompt, 1) is not None:
         return prompt
-    for _, text in documents:
-        hit = re.search(r"(?<![\w'])[A-Z][a-z]+ [a-z]+ [a-z]+\b", text)
-        if hit:
-            return hit.group()
+    for pattern, most in ((r"(?<![\w'])[A-Z][a-z]+ [a-z]+ [a-z]+\b", None),
+                          (r"(?<![\w'])[^\W\d_]+ [^\W\d_]+ [^\W\d_]+(?![\w'])", None), (r"[^\W\d_]{2,}", 6)):
+        for _, text in documents:
+            hit = re.search(pattern, text)
+            if hit:
+                return hit.group()[:most]
     return prompt
 
 

@@ -90,6 +90,8 @@ class Engine:
         self.decoder, self.tokenizer, self.max_batch = decoder, tokenizer, max_batch
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         self.start_id = None if tokenizer is None else start_id(tokenizer)  # what an empty prompt feeds
+        # never sampled: <unk> stands for text outside the vocabulary, and would be written as "<unk>"
+        self.unk_id = getattr(tokenizer, "unk_id", None)
         # A decoding step takes a millisecond or two: re-checking the thread count every 40 steps, as for
         # training steps, spent 2-3% of the tokens on trials at the slower count. Every 200 steps (or 2 s)
         # a wrong choice (a trial misled by noise) still lasts only a fraction of a second. Step times
@@ -183,6 +185,7 @@ class Engine:
         tic = time.perf_counter()
         logits, self.state = self.decoder.step(tokens, self.state)
         self.tuner.record((time.perf_counter() - tic) / len(self.running))
+        logits = self._without_unk(logits)
         for row in self.running:
             row.length += 1
         ids = sample_rows(logits, [r.request.sampling for r in self.running], [r.generator for r in self.running])
@@ -239,6 +242,7 @@ class Engine:
             return []
         for row, ids, _ in group:
             row.length = len(ids)
+        logits = self._without_unk(logits)
         if any(allowed is not None for _, _, allowed in group):  # (new tensors: the logits may be inference ones)
             logits = torch.stack([scores if allowed is None else
                                   torch.full_like(scores, float("-inf")).index_copy_(0, allowed, scores[allowed])
@@ -252,6 +256,11 @@ class Engine:
         if len(keep) < len(rows):
             state = self.decoder.select_state(state, keep)
         return [([rows[i] for i in keep], state)]
+
+    def _without_unk(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits with <unk>'s at -inf (a new tensor: the decoder's may be inference tensors)."""
+        return logits if self.unk_id is None else logits.index_fill(
+            1, torch.tensor([self.unk_id], device=logits.device), float("-inf"))
 
     def _accept(self, row: _Row, token: int) -> None:
         request = row.request

@@ -121,7 +121,7 @@ class BPETokenizer:
         self.bos_id = leading_special(hf)
         self.options = dict(options or {"vocab_size": self.vocab_size})
         unk_token = getattr(hf.model, "unk_token", None)
-        self._unk_id = hf.token_to_id(unk_token) if unk_token else None
+        self.unk_id = self._unk_id = hf.token_to_id(unk_token) if unk_token else None  # byte-level: None
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets we don't need
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
         self._fast = None  # (tiktoken Encoding, rank -> id array), built on first use
