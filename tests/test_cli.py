@@ -24,6 +24,30 @@ def cli_run(tmp_path_factory):
     return folder
 
 
+def test_a_long_validation_split_is_scored_on_a_share_of_each_document_after_training(tmp_path, capsys,
+                                                                                         monkeypatch):
+    # scoring a corpus's whole validation split (24M characters of a 245 MB corpus) took minutes after a
+    # short run: the end-of-training figure takes a leading share, cut at a line end, and says so
+    from conftest import TINY_TEXT
+
+    from lmforge import api
+
+    for i in range(2):
+        (tmp_path / f"{i}.txt").write_text(TINY_TEXT * (i + 1))
+    monkeypatch.setattr(api, "FINAL_EVAL_CHARS", 300)
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "0.txt"), str(tmp_path / "1.txt"),
+                 "--tokenizer", "char", "--max-steps", "2", "--no-progress",
+                 f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", *TINY]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    val = summary["val"]
+    lm = api.load(str(tmp_path / "run"))
+    docs = lm.validation_documents()
+    assert val["val_chars"] == sum(len(text) for _, text in docs) > 300 <= val["scored_chars"] < val["val_chars"]
+    assert val["tokens"] < lm.evaluate()["tokens"] and set(val["documents"]) == {name for name, _ in docs}
+    assert f"on the first {val['scored_chars']:,} of {val['val_chars']:,} characters" in out
+
+
 def test_generate_compile_falls_back_to_the_uncompiled_step_when_compiling_fails(cli_run, capsys, monkeypatch):
     import torch
 

@@ -203,6 +203,38 @@ def test_given_tokenizer_encodes_new_text_and_reports_unknown(tiny_file, tmp_pat
     assert open_prepared(p.path).tokenizer.fingerprint() == base.fingerprint()
 
 
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_a_long_text_prepared_a_piece_at_a_time_is_encoded_as_the_whole(kind, gutenberg_dir, tmp_path, monkeypatch):
+    # A corpus of hundreds of MB is encoded a few MB at a time, straight to the token files (not a Python
+    # int per token in memory): the pieces, cut at line ends, must give the ids of the whole text.
+    import importlib
+
+    prepare_module = importlib.import_module("lmforge.data.prepare")  # (lmforge.data.prepare is the function)
+
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 3000)  # Persuasion in about 150 pieces
+    options = {"vocab_size": 400} if kind == "bpe" else {}
+    p = prepare(["gutenberg:austen-persuasion.txt"], tokenizer=kind, tokenizer_options=options, cache_dir=tmp_path)
+    text = p.train_text
+    assert len(list(prepare_module._pieces(text))) > 100
+    whole = train_tokenizer(kind, [text], **options)
+    assert whole.fingerprint() == p.tokenizer.fingerprint()  # trained on the pieces: the same tokenizer
+    assert p.train.tolist() == whole.encode(text) and p.val.tolist() == whole.encode(p.val_text)
+    assert p.meta["train_tokens"] == len(p.train) and p.meta["documents"][0]["val_bytes"] == len(
+        p.val_text.encode("utf-8"))
+
+
+def test_bpe_cuts_a_text_without_line_ends_at_spaces_and_encodes_it_as_the_whole():
+    from lmforge.tokenizers.bpe import chunks
+
+    text = ("It was a truth  universally acknowledged,\tthat a single man... " * 400).replace("\n", " ")
+    pieces = list(chunks(text, 1000))
+    assert "".join(pieces) == text and len(pieces) > 10 and max(map(len, pieces)) < 2100  # not one piece
+    assert list(chunks(text, 1000, spaces=False)) == [text]  # prepare's cut: line ends only
+    bpe = train_tokenizer("bpe", [text[:5000]], vocab_size=300)
+    assert bpe.encode(text) == [i for piece in pieces for i in bpe.encode(piece)]
+    assert bpe.encode(text) == bpe._hf.encode(text, add_special_tokens=False).ids  # Hugging Face's own, whole
+
+
 def test_prepare_austen_bpe(gutenberg_dir, tmp_path):
     p = prepare(AUSTEN, tokenizer="bpe", tokenizer_options={"vocab_size": 512}, cache_dir=tmp_path)
     emma = (gutenberg_dir / "austen-emma.txt").read_text(encoding="latin-1")

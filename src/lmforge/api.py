@@ -424,14 +424,34 @@ def with_compile_choice(cfg: RunConfig, log=print, budget: float | None = None) 
     return RunConfig.from_dict(raw), gain if compile_ else None
 
 
+FINAL_EVAL_CHARS = 1_000_000  # the end-of-training figure scores at most about this much validation text
+
+
 def final_figures(lm: LanguageModel, log=print) -> dict:
-    """What a finished run reports: bits per byte on the whole validation split, or a fine-tuning
-    task's own figures."""
+    """What a finished run reports: bits per byte on the validation split, or a fine-tuning task's own
+    figures. A split longer than FINAL_EVAL_CHARS (a corpus of more than about 10 MB) is scored on the
+    same leading share of each document's validation text, cut at a line end, and says so
+    ("scored_chars" of "val_chars"): scoring 24M validation characters took 9 minutes after a
+    1-minute run. `lmforge eval RUN` scores all of it."""
     if lm.config.get("finetune"):
         from .finetuning.run import finetune_results
 
         return finetune_results(lm, log)
-    return {"val": lm.evaluate()}
+    from .evaluation.likelihood import evaluate_documents
+
+    docs = lm.validation_documents()
+    total = sum(len(text) for _, text in docs)
+    if total <= FINAL_EVAL_CHARS:
+        return {"val": lm.evaluate()}
+
+    def lead(text: str) -> str:
+        cut = max(1, len(text) * FINAL_EVAL_CHARS // total)
+        line_end = text.find("\n", cut, cut + 10_000)
+        return text[:cut if line_end < 0 else line_end + 1]
+
+    docs = [(name, lead(text)) for name, text in docs]
+    val = evaluate_documents(lm.model, lm.tokenizer, docs, device=lm.device)
+    return {"val": {**val, "scored_chars": sum(len(text) for _, text in docs), "val_chars": total}}
 
 
 def finetune(base, data, out=None, *, task: str = "lm", mode: str = "full", max_time: float | None = None,

@@ -92,6 +92,9 @@ def cmd_train(args) -> int:
     if val:
         print(f"validation: {val['bits_per_byte']:.3f} bits per byte, perplexity {val['perplexity']:.2f}, "
               f"accuracy {val['accuracy']:.1%}")
+        if "scored_chars" in val:  # a long split: its leading share
+            print(f"  (on the first {val['scored_chars']:,} of {val['val_chars']:,} characters of validation text, "
+                  f"the same share of each document; `lmforge eval {result.run_dir}` scores it all)")
         if val["bits_per_byte_is_lower_bound"]:
             from .evaluation.likelihood import lower_bound_reason
 
@@ -479,9 +482,10 @@ def cmd_prepare(args) -> int:
     print(f"tokenizer {prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}; "
           f"{len(prepared.train):,} train tokens, {len(prepared.val):,} validation tokens")
     if prepared.unknown:  # pieces of the text the tokenizer has no entry for (a char vocabulary from other text)
-        top = ", ".join(f"{k!r}×{v}" for k, v in list(prepared.unknown.items())[:10])
+        from .data.prepare import unknown_examples
+
         print(f"note: {sum(prepared.unknown.values()):,} piece(s) of the text are <unk> to this tokenizer "
-              f"({len(prepared.unknown)} distinct: {top})")
+              f"({unknown_examples(prepared.unknown)})")
     return 0
 
 

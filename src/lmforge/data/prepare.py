@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections import Counter
@@ -153,30 +154,16 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+PIECE_CHARS = 1 << 22  # text is encoded and written this much at a time, so memory stays near the text's size
+LOUD_CHARS = 32 << 20  # preparing a text this long takes long enough to report its progress
+
+
 def build(folder: Path, documents, sources, val_fraction, kind, options, tokenizer_obj) -> None:
     """Write the prepared files into a temporary folder, then rename it to `folder` in one step,
-    so an interrupted prepare never leaves a half-written cache behind."""
-    parts = [split_text(d.text, val_fraction) for d in documents]
-    train_texts, val_texts = [p[0] for p in parts], [p[1] for p in parts]
-    tok = tokenizer_obj or train_tokenizer(kind, train_texts, **options)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    train, train_spans = join_documents([tok.encode(t) for t in train_texts], tok.eos_id, dtype)
-    val, val_spans = join_documents([tok.encode(t) for t in val_texts], tok.eos_id, dtype)
-    unknown = Counter()
-    for text in train_texts + val_texts:
-        unknown.update(tok.unknown(text))
-
-    meta = {
-        "format_version": FORMAT_VERSION, "key": folder.name, "dtype": np.dtype(dtype).name,
-        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-        "train_tokens": len(train), "val_tokens": len(val),
-        "val_fraction": val_fraction, "split": SPLIT_RULE,
-        "sources": [str(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)],
-        "tokenizer": {"kind": kind, "options": options, "fingerprint": tok.fingerprint(),
-                      "trained": tokenizer_obj is None},
-        "documents": document_meta(documents, train_texts, val_texts, train_spans, val_spans),
-        "unknown": dict(unknown.most_common()),
-    }
+    so an interrupted prepare never leaves a half-written cache behind. Each document is cut at
+    line ends into pieces of about PIECE_CHARS, which every tokenizer encodes as it would the whole
+    (tests/test_data.py checks it), and each piece's ids go straight to the token file: a corpus
+    of hundreds of MB needs about twice its size in memory, not one Python int per token."""
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
     _remove_abandoned(folder.parent)
     try:
@@ -185,13 +172,34 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
     except OSError as exc:
         raise LmforgeError(f"cannot write the data cache {folder.parent}: {exc.strerror or exc}; set LMFORGE_CACHE "
                            f"(or data.cache_dir) to a writable folder") from None
+    cuts = [int(len(d.text) * (1.0 - val_fraction)) for d in documents]  # split_text's rule
+    total = sum(len(d.text) for d in documents)
+    say = _progress(total, tokenizer_obj.kind if tokenizer_obj else kind, tokenizer_obj is None)
     try:
-        train.tofile(tmp / "train.bin")
-        val.tofile(tmp / "val.bin")
+        tok = tokenizer_obj or train_tokenizer(kind, (piece for d, cut in zip(documents, cuts)
+                                                      for piece in _pieces(d.text[:cut])), **options)
+        dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+        unknown = Counter()
+        spans = {}
+        for split, part in (("train", lambda d, cut: d.text[:cut]), ("val", lambda d, cut: d.text[cut:])):
+            with open(tmp / f"{split}.bin", "wb") as ids_file, \
+                    open(tmp / f"{split}.txt", "w", encoding="utf-8", newline="") as text_file:
+                # newline="" keeps the text byte-exact (bits per byte is measured against it)
+                spans[split] = _encode_to(tok, (part(d, cut) for d, cut in zip(documents, cuts)), dtype,
+                                          ids_file, text_file, unknown, say)
+        meta = {
+            "format_version": FORMAT_VERSION, "key": folder.name, "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "train_tokens": spans["train"][-1][1] if spans["train"] else 0,
+            "val_tokens": spans["val"][-1][1] if spans["val"] else 0,
+            "val_fraction": val_fraction, "split": SPLIT_RULE,
+            "sources": [str(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)],
+            "tokenizer": {"kind": kind, "options": options, "fingerprint": tok.fingerprint(),
+                          "trained": tokenizer_obj is None},
+            "documents": document_meta(documents, cuts, spans["train"], spans["val"]),
+            "unknown": dict(_shortened(unknown).most_common()),
+        }
         tok.save(tmp)
-        # newline="" keeps the text byte-exact (bits per byte is measured against it)
-        (tmp / "train.txt").write_text("".join(train_texts), encoding="utf-8", newline="")
-        (tmp / "val.txt").write_text("".join(val_texts), encoding="utf-8", newline="")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
         try:
             os.replace(tmp, folder)
@@ -200,6 +208,71 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shortened(unknown: Counter, most: int = 60) -> Counter:
+    """The unknown pieces with any longer than `most` characters cut short (a word tokenizer's <unk>
+    can be a whole line of a text without spaces), their counts added where they meet."""
+    out = Counter()
+    for piece, n in unknown.items():
+        out[piece if len(piece) <= most else piece[:most - 1] + "…"] += n
+    return out
+
+
+def unknown_examples(unknown: dict) -> str:
+    """"D distinct: 'x'×3, …": the pieces a tokenizer could not represent, the commonest ten, shortened."""
+    def shown(piece: str) -> str:
+        return repr(piece if len(piece) <= 21 else piece[:20] + "…")
+
+    return f"{len(unknown):,} distinct: " + ", ".join(f"{shown(k)}×{v}" for k, v in list(unknown.items())[:10])
+
+
+def _pieces(text: str, tok=None):
+    """`text` in pieces of about PIECE_CHARS characters, cut just before a line end that follows a
+    non-space character (the points byte-level BPE cuts at too); whole for a tokenizer that must
+    see it whole (`cuttable` false: some Hugging Face ones)."""
+    from ..tokenizers.bpe import chunks
+
+    return chunks(text, PIECE_CHARS, spaces=False) if getattr(tok, "cuttable", True) else [text]
+
+
+def _encode_to(tok, texts, dtype, ids_file, text_file, unknown: Counter, say) -> list[tuple[int, int]]:
+    """Encode `texts` into `ids_file` with eos_id between them, and write them to `text_file`, a piece at a
+    time; count the pieces the tokenizer cannot represent. Each text's [start, end) span of tokens."""
+    spans, n = [], 0
+    for i, text in enumerate(texts):
+        if i:
+            np.array([tok.eos_id], dtype=dtype).tofile(ids_file)
+            n += 1
+        start = n
+        for piece in _pieces(text, tok):
+            ids = np.asarray(tok.encode(piece), dtype=dtype)
+            ids.tofile(ids_file)
+            n += len(ids)
+            text_file.write(piece)
+            unknown.update(tok.unknown(piece))
+            say(len(piece))
+        spans.append((start, n))
+    return spans
+
+
+def _progress(total: int, kind: str, training: bool):
+    """A function to call with each piece's length as it is encoded: on a long text it says on stderr
+    what preparing is doing, then how far encoding has come at every quarter; else it says nothing."""
+    if total < LOUD_CHARS:
+        return lambda chars: None
+    tic, done, marks = time.perf_counter(), 0, [total * q // 4 for q in (1, 2, 3)]
+    print(f"preparing {total / 1e6:,.0f}M characters of text (once: later runs reuse it): "
+          + (f"training the {kind} tokenizer, then encoding" if training else f"encoding with the {kind} tokenizer"),
+          file=sys.stderr, flush=True)
+
+    def say(chars: int) -> None:
+        nonlocal done
+        done += chars
+        while marks and done >= marks[0]:
+            marks.pop(0)
+            print(f"  encoded {done / total:.0%} ({time.perf_counter() - tic:.0f} s)", file=sys.stderr, flush=True)
+    return say
 
 
 ABANDONED_AFTER_S = 24 * 3600  # a temporary folder this old belongs to a prepare that was killed
@@ -216,33 +289,20 @@ def _remove_abandoned(root: Path) -> None:
         pass
 
 
-def join_documents(encoded: list[list[int]], eos_id: int, dtype) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Concatenate documents with eos_id between them; also each document's [start, end) span."""
-    pieces, spans, start = [], [], 0
-    for i, ids in enumerate(encoded):
-        if i:
-            pieces.append(np.array([eos_id], dtype=dtype))
-            start += 1
-        pieces.append(np.array(ids, dtype=dtype))
-        spans.append((start, start + len(ids)))
-        start += len(ids)
-    return np.concatenate(pieces), spans
-
-
-def document_meta(documents, train_texts, val_texts, train_spans, val_spans) -> list[dict]:
+def document_meta(documents, cuts, train_spans, val_spans) -> list[dict]:
     out, train_at, val_at = [], 0, 0
-    for doc, train_text, val_text, train_span, val_span in zip(documents, train_texts, val_texts,
-                                                               train_spans, val_spans):
+    for doc, cut, train_span, val_span in zip(documents, cuts, train_spans, val_spans):
+        train_chars, val_chars = cut, len(doc.text) - cut
         out.append({
             "name": doc.name, "chars": len(doc.text),
-            "train_chars": len(train_text), "val_chars": len(val_text),
-            "val_bytes": len(val_text.encode("utf-8")),
+            "train_chars": train_chars, "val_chars": val_chars,
+            "val_bytes": len(doc.text[cut:].encode("utf-8")),
             "train_tokens": list(train_span), "val_tokens": list(val_span),
             # character offsets of this document's parts inside train.txt / val.txt
-            "train_text": [train_at, train_at + len(train_text)], "val_text": [val_at, val_at + len(val_text)],
+            "train_text": [train_at, train_at + train_chars], "val_text": [val_at, val_at + val_chars],
         })
-        train_at += len(train_text)
-        val_at += len(val_text)
+        train_at += train_chars
+        val_at += val_chars
     return out
 
 

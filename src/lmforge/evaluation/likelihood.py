@@ -83,9 +83,9 @@ def percent(rate: float) -> str:
 
 
 def _score_positions(logits: torch.Tensor, targets: torch.Tensor) -> Score:
-    """logits (N, V), targets (N,) -> summed loss and hit counts."""
+    """logits (N, V), targets (N,) -> summed loss and hit counts (the loss summed in float64)."""
     logits = logits.float()
-    nats = F.cross_entropy(logits, targets, reduction="sum").item()
+    nats = F.cross_entropy(logits, targets, reduction="none").double().sum().item()
     top5 = logits.topk(min(5, logits.size(-1)), dim=-1).indices
     hits = top5 == targets[:, None]
     return Score(nats=nats, tokens=targets.numel(), correct1=int(hits[:, 0].sum()), correct5=int(hits.any(-1).sum()))
@@ -102,11 +102,16 @@ def _windows(n: int, window: int, stride: int):
         end = new_end
 
 
+WINDOW_TOKENS = 4096  # a bounded-context model scores at least this many positions per forward pass
+
+
 @torch.inference_mode()
-def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int = 8, chunk: int = 1024,
-              part: tuple[int, int] = (0, 1)) -> Score:
+def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int | None = None,
+              chunk: int = 1024, part: tuple[int, int] = (0, 1)) -> Score:
     """Score `ids` given a leading `bos` token: predictions for every id, each exactly once. With
-    part=(rank, world) a bounded-context model scores only that process's share of the windows."""
+    part=(rank, world) a bounded-context model scores only that process's share of the windows,
+    `batch_windows` at a time (default: 8, or more for short contexts, so that a forward pass takes
+    about WINDOW_TOKENS positions: a small model's pass costs mostly its fixed overhead)."""
     seq = torch.tensor([bos] + list(ids), dtype=torch.long, device=device)
     n = seq.numel()
     total = Score()
@@ -123,6 +128,7 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
             total += _score_positions(logits[0], y)
         return total
     window, stride = limit + 1, max(1, limit // 2)  # window+1 tokens give `limit` predictions
+    batch_windows = batch_windows or max(8, WINDOW_TOKENS // limit)
     spans = list(_windows(n, window, stride))[part[0]::part[1]]
     # No `kind`: a scoring call checks at the same windows whatever ran before it, so its trials (which
     # may round differently at the other count) fall alike in a repeated or resumed run.
@@ -140,8 +146,9 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
             logits = model.head(model.hidden(x)[0][:, skip:])
         else:
             logits = [model.head(model.hidden(seq[start:end - 1][None])[0][:, skip:])[0] for start, end, _ in group]
-        for row, (start, end, first) in enumerate(group):
-            total += _score_positions(logits[row][first - start - 1 - skip:end - start - 1 - skip], seq[first:end])
+        kept = [logits[row][first - start - 1 - skip:end - start - 1 - skip] for row, (start, end, first)
+                in enumerate(group)]
+        total += _score_positions(torch.cat(kept), torch.cat([seq[first:end] for _, end, first in group]))
         tuner.record(time.perf_counter() - tic)
     tuner.settle()
     return total

@@ -20,6 +20,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_duration, parse_overrides
 from ..data import lm_batches, prepare_data
+from ..data.prepare import unknown_examples
 from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, collate_pairs, completion_batches,
                              count_targets, encode_pair, held_out, inputs_targets, pad, read_jsonl, render)
 from ..device import seed_everything
@@ -176,10 +177,8 @@ def weight_files(state: dict[str, torch.Tensor], ft) -> dict[str, dict[str, torc
 def report_unknown(unknown: dict, tokenizer, log) -> dict:
     """Log what the base tokenizer cannot represent in the new data (the top pieces); return it."""
     if unknown:
-        total = sum(unknown.values())
-        top = ", ".join(f"{k!r}×{v}" for k, v in list(unknown.items())[:10])
-        log(f"note: the base {tokenizer.kind} tokenizer cannot represent {total} piece(s) of the new data "
-            f"({len(unknown)} distinct: {top}); they are encoded as <unk>")
+        log(f"note: the base {tokenizer.kind} tokenizer cannot represent {sum(unknown.values())} piece(s) of the "
+            f"new data ({unknown_examples(unknown)}); they are encoded as <unk>")
     return dict(list(unknown.items())[:50])
 
 

@@ -21,20 +21,31 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 EOS_NAMES = [EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]"]
 
 
-def chunks(text: str, size: int = CHUNK_CHARS):
+def chunks(text: str, size: int = CHUNK_CHARS, spaces: bool = True):
     """Cut `text` into pieces of about `size` characters, just before a newline that follows a
-    non-space character. Byte-level pre-tokenization never joins across such a point, so
-    encoding the pieces gives the same ids as encoding the whole text."""
+    non-space character, or where no such newline comes within another `size` (a text without line
+    ends), with `spaces`, before a space that follows one. Byte-level pre-tokenization never joins
+    across such a point, so encoding the pieces gives the same ids as encoding the whole text."""
     start = 0
     while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut > 0 and text[cut - 1].isspace():
-            cut = text.find("\n", cut + 1)
-        if cut <= 0:
+        cut = _cut_before(text, "\n", start + size, start + 2 * size)
+        if cut is None and spaces:
+            cut = _cut_before(text, " ", start + size, start + 2 * size)
+        if cut is None:
+            cut = _cut_before(text, "\n", start + 2 * size, len(text))
+        if cut is None:
             break
         yield text[start:cut]
         start = cut
     yield text[start:]
+
+
+def _cut_before(text: str, char: str, lo: int, hi: int) -> int | None:
+    """The first position in [lo, hi) holding `char` after a non-space character, or None."""
+    cut = text.find(char, lo, hi)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.find(char, cut + 1, hi)
+    return cut if cut > 0 else None
 
 
 def gpt2_style(hf) -> bool:
@@ -125,6 +136,9 @@ class BPETokenizer:
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets we don't need
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
         self._fast = None  # (tiktoken Encoding, rank -> id array), built on first use
+        # GPT-2-style byte-level BPE encodes a text cut at chunks()'s points exactly as the whole text; other
+        # Hugging Face tokenizers (a SentencePiece model's prefix space, say) take each text whole
+        self.cuttable = gpt2_style(hf)
 
     def _fast_encoder(self):
         """GPT-2-style BPE runs through tiktoken: the same pattern and merges, about 3x faster than
@@ -166,7 +180,8 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         fast = self._fast_encoder()
         if not fast:
-            return [i for e in self._encode_batch(list(chunks(text)), add_special_tokens=False) for i in e.ids]
+            pieces = list(chunks(text)) if self.cuttable else [text]
+            return [i for e in self._encode_batch(pieces, add_special_tokens=False) for i in e.ids]
         encoding, ids = fast
         pieces = list(chunks(text))
         ranks = (encoding.encode_ordinary(text) if len(pieces) == 1 else
@@ -181,7 +196,7 @@ class BPETokenizer:
         if self._unk_id is None:
             return {}
         counts = Counter()
-        pieces = list(chunks(text))
+        pieces = list(chunks(text)) if self.cuttable else [text]
         for piece, encoding in zip(pieces, self._hf.encode_batch(pieces, add_special_tokens=False)):
             counts.update(piece[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == self._unk_id)
         return dict(counts)
