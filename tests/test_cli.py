@@ -48,6 +48,21 @@ def test_a_long_validation_split_is_scored_on_a_share_of_each_document_after_tra
     assert f"on the first {val['scored_chars']:,} of {val['val_chars']:,} characters" in out
 
 
+def test_compiling_without_a_cpp_compiler_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from lmforge import api, device
+
+    monkeypatch.setattr(api, "cpp_compiler", lambda: None)
+    code = main(["train", "--out", str(tmp_path / "run"), "--tokenizer", "char", "--max-steps", "2", "--no-progress",
+                 "--data", "gutenberg:austen-persuasion.txt", "train.compile=true", *TINY])
+    one_line_error(capsys, code, "train.compile=true needs a C++ compiler", "train.compile=false")
+    assert not (tmp_path / "run").exists()
+    # Dynamo's wrapper says "raised:" on its first line; the cause is on the next
+    wrapped = RuntimeError("backend='inductor' raised:\nCppCompileError: C++ compile error\n\nCommand: ...")
+    assert device.compile_failure(wrapped) == "torch.compile failed: RuntimeError: CppCompileError: C++ compile error"
+    monkeypatch.setattr(device, "cpp_compiler", lambda: None)
+    assert device.compile_failure(wrapped) == "torch.compile failed: no C++ compiler found (install g++ or clang++)"
+
+
 def test_generate_compile_falls_back_to_the_uncompiled_step_when_compiling_fails(cli_run, capsys, monkeypatch):
     import torch
 

@@ -163,6 +163,14 @@ def test_bench_generate_decodes_as_load_sets_up(capsys):
     assert set(family["batch"]) == {"1", "2"} and all(b["new_tokens_per_s"] > 0 for b in family["batch"].values())
     # the time to the first token is for a prompt the 16-position context can take, and says how long it was
     assert family["time_to_first_token_s"] > 0 and family["time_to_first_token_prompt_tokens"] == 15
+    pytest.importorskip("transformers")
+    assert result["reference_hf_gpt2"]["new_tokens_per_s"] > 0
+    code = main(["bench", "generate", "--arch", "transformer", "--batch-sizes", "1", "--new-tokens", "20",
+                 "--warmup", "2", "--rounds", "1", "--threads", "1", "model.d_model=32", "model.n_layers=1",
+                 "model.n_heads=2", "model.context_len=16"])
+    result = json.loads(capsys.readouterr().out)  # more new tokens than GPT-2's 16 positions: lmforge slides on
+    assert code == 0 and "--new-tokens 15" in result["reference_hf_gpt2"]["skipped"]
+    assert result["families"]["transformer"]["batch"]["1"]["new_tokens_per_s"] > 0
 
 
 def test_each_benchmark_help_lists_the_options_it_takes(capsys):

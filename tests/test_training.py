@@ -164,7 +164,14 @@ def test_a_compiled_cpu_run_repeats_bitwise_and_resumes_as_it_would_have_gone_on
 
     _, result = lmforge.train(config, out=tmp_path / "resumed", log=quiet, on_step=interrupt)
     assert result.interrupted and result.steps == 4
+    import shutil
+
+    shutil.copytree(tmp_path / "resumed", tmp_path / "eager")
     lmforge.train(None, out=tmp_path / "resumed", resume=True, log=quiet, final_eval=False)
+    said = []  # resumed without compiling: it goes on, and says it will not end bit for bit
+    lmforge.train(None, out=tmp_path / "eager", resume=True, overrides=["train.compile=false"], log=said.append,
+                  final_eval=False)
+    assert any("train.compile=true" in line and "bit for bit" in line for line in said)
     first = load_file(str(tmp_path / "first" / "model.safetensors"))
     assert json.loads((tmp_path / "first" / "config.json").read_text())["train"]["compile"] is True
     for other in ("second", "resumed"):

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt
 from .config import (RunConfig, absolute_sources, as_raw, build_config, default_embedding_lr_scale, default_lr,
                      default_warmup_steps, default_weight_decay, merge, parse_duration, parse_overrides)
 from .data.examples import render
-from .device import resolve_device
+from .device import cpp_compiler, resolve_device
 from .errors import LmforgeError
 from .generation import Decoder, Engine, Generation, SamplingConfig, default_weights
 from .generation import generate as _generate
@@ -275,6 +275,10 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
             raise LmforgeError(f"--preset sets up a new run; {out} resumes as it was set up: drop --preset")
         cfg = resume_config(Path(out), config, overrides)
         tokenizer = load_tokenizer(out)
+        compiled = ckpt.read_config(out)["train"].get("compile")
+        if compiled is not None and cfg.train.compile is not None and bool(compiled) != bool(cfg.train.compile):
+            log(f"note: this run trained with train.compile={str(bool(compiled)).lower()}; it goes on from the "
+                f"same weights, but its steps now round differently, so it will not end bit for bit as it would have")
     else:
         cfg = build_config(config, preset, overrides)
         tokenizer = None
@@ -299,6 +303,9 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
     # shared cores, each would time a slower machine and could choose apart)
     cfg = dist.main_first(lambda: with_measured_choices(cfg, log))
+    if cfg.train.compile and resolve_device(cfg.train.device).type == "cpu" and cpp_compiler() is None:
+        raise LmforgeError("train.compile=true needs a C++ compiler (torch.compile builds the CPU step with one) "
+                           "and none was found; install g++ or clang++, or set train.compile=false")
     speedup = None
     if not resume:  # a resumed run compiles, or not, as it started
         cfg, speedup = with_compile_choice(cfg, log, budget)

@@ -14,7 +14,7 @@ import time
 import torch
 
 from .config import TrainConfig
-from .device import measure_peak_flops, resolve_device, resolve_dtype, set_threads, synchronize as _sync
+from .device import cpp_compiler, measure_peak_flops, resolve_device, resolve_dtype, set_threads, synchronize as _sync
 from .errors import LmforgeError
 from .generation import Decoder, Engine, SamplingConfig
 from .models import MODELS, build_model, config_class, count_params, fields_of_none
@@ -103,6 +103,9 @@ def bench_train(archs: list[str] | None = None, model_fields: dict | None = None
         from .probe import choices
 
         dtype = choices(dev)["dtype"]
+    if compile and dev.type == "cpu" and cpp_compiler() is None:  # as `lmforge train` refuses train.compile=true
+        raise LmforgeError("--compile needs a C++ compiler (torch.compile builds the CPU step with one) and none "
+                           "was found; install g++ or clang++, or drop --compile")
     compute_dtype = resolve_dtype(dtype, dev)
     vocab_size = vocab_size or austen_char_vocab()
     peaks = []
@@ -162,11 +165,12 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
                    device: str = "cpu", threads: int | None = None, compile: bool = False) -> dict:
     """New tokens/s per family and batch size: `new_tokens` sampled (temperature 0.8, top-k 200) after a
     1-token prompt through the batching engine every `lmforge generate` runs, after a warm-up; and the
-    time to the first token after a 500-token prompt (shorter where the context is). The models decode as `lmforge.load` sets them up
-    (on a CPU, a Transformer's steps use int8 or fp16 weights and the KV cache dtype the probe
-    chose); batch 1 with the fp32 modules, and the largest batch with the other cache dtype, are
-    timed too. With `transformers` installed, the same Transformer shape as a Hugging Face GPT-2
-    through its `generate` (KV cache) is timed in the same run. `compile`: the Transformer's compiled batch-1
+    time to the first token after a 500-token prompt (shorter where the context is). The models decode
+    as `lmforge.load` sets them up (on a CPU, a Transformer's steps use int8 or fp16 weights and the KV
+    cache dtype the probe chose); batch 1 with the fp32 modules, and the largest batch with the other
+    cache dtype, are timed too. With `transformers` installed, the same Transformer shape as a Hugging
+    Face GPT-2 through its `generate` (KV cache) is timed in the same run, where its context holds the
+    new tokens (it cannot slide past it as lmforge does). `compile`: the Transformer's compiled batch-1
     step too (`Decoder.compile`: its compile time and step timings are reported, and batch 1 is
     timed through it when it was kept, that is measured faster).
 
@@ -209,6 +213,9 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
         if compiled is not None:
             results[arch]["compiled"] = {**compiled, "batch": {}}
     reference = _hf_gpt2(vocab_size, dev, model_fields)
+    hf_context = None if reference is None else reference.config.n_positions
+    if hf_context is not None and hf_context < new_tokens + 1:  # its generate would fail past its positions
+        reference = None
     if reference is not None:
         cases[("hf", "1")] = (reference, torch.ones(1, 1, dtype=torch.long, device=dev))
     times = {case: [] for case in cases}
@@ -237,6 +244,9 @@ def bench_generate(archs: list[str] | None = None, model_fields: dict | None = N
     out = {"benchmark": "generate", "device": dev.type, "threads": threads, "vocab_size": vocab_size,
            "new_tokens": new_tokens, "prompt_tokens": 1, "rounds": rounds, "sampling": SAMPLING,
            "families": results}
+    if reference is None and hf_context is not None:
+        out["reference_hf_gpt2"] = {"skipped": f"its context ({hf_context}) holds fewer than the {new_tokens} new "
+                                               f"tokens + 1; give --new-tokens {hf_context - 1} or less to time it"}
     if reference is not None:
         out["reference_hf_gpt2"] = speed(("hf", "1"))
         if ("transformer", "1") in cases:

@@ -209,6 +209,27 @@ class ThreadTuner:
         torch.set_num_threads(self.current)
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile builds CPU code with (found as Inductor finds it), or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - none found (InvalidCxxCompiler), or a torch without this helper
+        return None
+
+
+def compile_failure(e: BaseException) -> str:
+    """Why torch.compile failed, in one line: a missing C++ compiler said as such; else the error's
+    first informative line (Dynamo's wrapper ends its first line with "raised:", the cause follows)."""
+    if cpp_compiler() is None:
+        return "torch.compile failed: no C++ compiler found (install g++ or clang++)"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    while len(lines) > 1 and lines[0].endswith(":"):
+        lines.pop(0)
+    return f"torch.compile failed: {type(e).__name__}: {(lines or [''])[0][:200]}".rstrip(": ")
+
+
 def all_but_global_state(guards) -> list[bool]:
     """For torch.compile's guard_filter_fn: keep every guard but the one on global state, which includes
     the thread count. ThreadTuner moves that between its candidates while training or decoding, and

@@ -25,7 +25,7 @@ from .checkpoint import write_json
 from .config import TrainConfig, is_number
 from .data.prepare import cache_root
 from .errors import LmforgeError
-from .device import all_but_global_state, cpu_has_bf16
+from .device import all_but_global_state, compile_failure, cpp_compiler, cpu_has_bf16
 from .generation import Decoder
 from .generation.cpu_step import int8_matmul_available
 from .models import build_model
@@ -74,7 +74,8 @@ def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
     if log is not None:
         log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
     tic = time.perf_counter()
-    measured = measure()
+    with torch.inference_mode(False), torch.enable_grad():  # its training steps, whatever mode the caller is in
+        measured = measure()
     return _store(cache_file(), facts, "choices", {**measured, "probe_s": round(time.perf_counter() - tic, 2)})
 
 
@@ -250,7 +251,8 @@ def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> 
     "step_ms": {"eager", "compiled"}}, or {"gain": 0, "why": ...} where compiling failed (no C++
     compiler, say). Measured once per machine, torch version and setting (10-30 s, most of it compiling),
     then cached; None when not cached and `measure` is False."""
-    facts = {**machine(), "dtype": dtype, "attention": attention}
+    # the compiler too: a failure for want of one is measured again once one is installed
+    facts = {**machine(), "dtype": dtype, "attention": attention, "cpp_compiler": cpp_compiler()}
     cached = _cached(compile_file(), facts, "result")
     if cached is not None and not _sound_gain(cached):  # a damaged file is measured again
         cached = None
@@ -258,7 +260,9 @@ def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> 
         return cached
     if log is not None:
         log("timing a compiled training step against an eager one on this machine (once; 10-30 s)")
-    return _store(compile_file(), facts, "result", _compile_times(getattr(torch, dtype), attention == "float32"))
+    with torch.inference_mode(False), torch.enable_grad():
+        measured = _compile_times(getattr(torch, dtype), attention == "float32")
+    return _store(compile_file(), facts, "result", measured)
 
 
 def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
@@ -276,7 +280,7 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
     try:
         compiled = torch.compile(models[1], options={"guard_filter_fn": all_but_global_state})  # as a run compiles
     except Exception as e:  # noqa: BLE001 - a torch without a working compiler backend
-        return {"gain": 0.0, "why": f"torch.compile failed: {type(e).__name__}"}
+        return {"gain": 0.0, "why": compile_failure(e)}
 
     def step(i, forward) -> float:
         tic = time.perf_counter()
@@ -287,8 +291,7 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
         try:
             compile_s = step(1, compiled) + step(1, compiled)  # the first builds the forward, the second the backward
         except Exception as e:  # noqa: BLE001 - Inductor's errors have no common type (a missing C++ compiler...)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            return {"gain": 0.0, "why": f"torch.compile failed: {type(e).__name__}: {reason[:200]}"}
+            return {"gain": 0.0, "why": compile_failure(e)}
         times = _take_turns({"eager": functools.partial(step, 0, models[0]),
                              "compiled": functools.partial(step, 1, compiled)})
     return {"gain": round(times["eager"] / times["compiled"], 3), "compile_s": round(compile_s, 1),

@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn as nn
 
+from ..device import compile_failure
 from ..errors import LmforgeError
 from .cpu_step import CompiledStep, TransformerStep, int8_matmul_available
 
@@ -128,8 +129,7 @@ class Decoder:
             with CompiledStep.tracing():
                 worst = self._agreement(step, compiled)
         except Exception as e:  # Inductor's errors have no common type: a missing compiler, a failed build
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            return {"compiled": False, "why": f"torch.compile failed: {type(e).__name__}: {reason[:200]}"}
+            return {"compiled": False, "why": compile_failure(e)}
         out = {"compile_s": round(time.perf_counter() - tic, 2), "max_logit_difference": worst}
         if worst > 1e-2:
             return {**out, "compiled": False, "why": "its logits differ from the uncompiled step's"}
