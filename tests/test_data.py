@@ -191,6 +191,10 @@ def test_a_damaged_or_abandoned_cache_is_made_again_and_prepare_shares_trains_ca
 def test_default_cache_dir_from_environment(tiny_file, tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "env-cache"))
     assert prepare([str(tiny_file)]).path.parent == tmp_path / "env-cache"
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "a-file"))  # said as such, not as "File exists"
+    with pytest.raises(LmforgeError, match="a-file is a file, not a folder; set LMFORGE_CACHE"):
+        prepare([str(tiny_file)])
 
 
 def test_given_tokenizer_encodes_new_text_and_reports_unknown(tiny_file, tmp_path):

@@ -248,3 +248,28 @@ def test_choices_that_name_no_setting_are_measured_again(tmp_path, monkeypatch):
     (tmp_path / "probe.json").write_text("{trunc")  # doctor says that it measures, rather than going quiet
     heard = []
     assert probe.report(log=heard.append)["probed_now"] and heard and "probing" in heard[0]
+
+
+def test_runs_started_together_on_an_empty_cache_probe_once_and_choose_alike(tmp_path):
+    # Two `lmforge train` started at once each timed the (shared) machine and could pick different dtypes:
+    # the second now waits for the first one's probe and reads it.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, os, sys, time, torch\n"
+        "from lmforge import probe\n"
+        "def measure():\n"
+        "    open(os.path.join(sys.argv[1], f'measured-{os.getpid()}'), 'w').close()\n"
+        "    time.sleep(1.0)\n"
+        "    return {'dtype': 'float32' if os.getpid() % 2 else 'bfloat16', 'attention': 'float32',\n"
+        "            'decoding': 'fp32', 'cache': 'fp32'}\n"
+        "probe.measure = measure\n"
+        "print(json.dumps(probe.choices(torch.device('cpu'))['dtype']))\n")
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
+    children = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=120)[0] for child in children]
+    assert all(child.returncode == 0 for child in children)
+    assert len(list(tmp_path.glob("measured-*"))) == 1 and outputs[0] == outputs[1]

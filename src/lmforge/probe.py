@@ -12,6 +12,7 @@ supported, and the fp32 modules for decoding.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -71,12 +72,34 @@ def choices(device: torch.device, refresh: bool = False, log=None) -> dict:
     cached = None if refresh else _cached(cache_file(), facts, "choices")
     if cached is not None and _sound(cached):
         return cached
-    if log is not None:
-        log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
-    tic = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():  # its training steps, whatever mode the caller is in
-        measured = measure()
-    return _store(cache_file(), facts, "choices", {**measured, "probe_s": round(time.perf_counter() - tic, 2)})
+    with _alone(cache_file()):
+        cached = None if refresh else _cached(cache_file(), facts, "choices")  # another run's, measured meanwhile
+        if cached is not None and _sound(cached):
+            return cached
+        if log is not None:
+            log("probing this machine's fastest training dtype and decoding settings (once; a few seconds)")
+        tic = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():  # its training steps, whatever mode the caller's
+            measured = measure()
+        return _store(cache_file(), facts, "choices", {**measured, "probe_s": round(time.perf_counter() - tic, 2)})
+
+
+@contextlib.contextmanager
+def _alone(path):
+    """Hold an exclusive lock beside `path` (where the system has flock and the folder can be written),
+    so that runs started together measure once: the others wait, then read the first one's result,
+    rather than timing a machine they share at the same moment and choosing apart."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:  # closing it releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 CHOICES = {"dtype": ("float32", "bfloat16"), "attention": ("float32", "native"), "decoding": ("fp32", "fp16", "int8"),
@@ -253,16 +276,22 @@ def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> 
     then cached; None when not cached and `measure` is False."""
     # the compiler too: a failure for want of one is measured again once one is installed
     facts = {**machine(), "dtype": dtype, "attention": attention, "cpp_compiler": cpp_compiler()}
-    cached = _cached(compile_file(), facts, "result")
-    if cached is not None and not _sound_gain(cached):  # a damaged file is measured again
-        cached = None
+    def stored():
+        cached = _cached(compile_file(), facts, "result")
+        return cached if cached is not None and _sound_gain(cached) else None  # a damaged file is measured again
+
+    cached = stored()
     if cached is not None or not measure:
         return cached
-    if log is not None:
-        log("timing a compiled training step against an eager one on this machine (once; 10-30 s)")
-    with torch.inference_mode(False), torch.enable_grad():
-        measured = _compile_times(getattr(torch, dtype), attention == "float32")
-    return _store(compile_file(), facts, "result", measured)
+    with _alone(compile_file()):
+        cached = stored()  # another run's, measured while this one waited
+        if cached is not None:
+            return cached
+        if log is not None:
+            log("timing a compiled training step against an eager one on this machine (once; 10-30 s)")
+        with torch.inference_mode(False), torch.enable_grad():
+            measured = _compile_times(getattr(torch, dtype), attention == "float32")
+        return _store(compile_file(), facts, "result", measured)
 
 
 def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:

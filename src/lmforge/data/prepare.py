@@ -170,7 +170,9 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as exc:
-        raise LmforgeError(f"cannot write the data cache {folder.parent}: {exc.strerror or exc}; set LMFORGE_CACHE "
+        blocker = next((p for p in (folder.parent, *folder.parent.parents) if p.is_file()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or exc
+        raise LmforgeError(f"cannot write the data cache {folder.parent}: {why}; set LMFORGE_CACHE "
                            f"(or data.cache_dir) to a writable folder") from None
     cuts = [int(len(d.text) * (1.0 - val_fraction)) for d in documents]  # split_text's rule
     total = sum(len(d.text) for d in documents)
