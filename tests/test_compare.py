@@ -217,3 +217,10 @@ def test_a_model_field_no_compared_family_has_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.d_modle" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_sample_in_the_report_table_stays_one_visible_cell():
+    from lmforge.compare import _cell
+
+    # a barely trained byte-level model writes any byte: a NUL or a DEL would vanish or break the table
+    assert _cell("Emma|was\x00 \n\nhere\x7f") == "Emma\\|was\\x00 here\\x7f"

@@ -296,7 +296,10 @@ def _mib(n: int | None) -> str:
 
 
 def _cell(text: str) -> str:
-    return re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
+    """`text` for one cell of a Markdown table: on one line, its pipes escaped, its control characters
+    (which a barely trained model's sample can hold, a NUL say) written as escapes."""
+    text = re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def table_lines(report: dict) -> list[str]:

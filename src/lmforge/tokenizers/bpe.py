@@ -132,7 +132,7 @@ class BPETokenizer:
         self.bos_id = leading_special(hf)
         self.options = dict(options or {"vocab_size": self.vocab_size})
         unk_token = getattr(hf.model, "unk_token", None)
-        self.unk_id = self._unk_id = hf.token_to_id(unk_token) if unk_token else None  # byte-level: None
+        self.unk_id = hf.token_to_id(unk_token) if unk_token else None  # byte-level: None
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets we don't need
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)
         self._fast = None  # (tiktoken Encoding, rank -> id array), built on first use
@@ -193,12 +193,12 @@ class BPETokenizer:
 
     def unknown(self, text: str) -> dict[str, int]:
         """Byte-level BPE represents every string; other Hugging Face models may map pieces to <unk>."""
-        if self._unk_id is None:
+        if self.unk_id is None:
             return {}
         counts = Counter()
         pieces = list(chunks(text)) if self.cuttable else [text]
         for piece, encoding in zip(pieces, self._hf.encode_batch(pieces, add_special_tokens=False)):
-            counts.update(piece[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == self._unk_id)
+            counts.update(piece[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == self.unk_id)
         return dict(counts)
 
     def token_strings(self) -> list[str]:
