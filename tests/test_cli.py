@@ -43,9 +43,29 @@ def test_a_long_validation_split_is_scored_on_a_share_of_each_document_after_tra
     val = summary["val"]
     lm = api.load(str(tmp_path / "run"))
     docs = lm.validation_documents()
-    assert val["val_chars"] == sum(len(text) for _, text in docs) > 300 <= val["scored_chars"] < val["val_chars"]
+    assert val["val_chars"] == sum(len(text) for _, text in docs) > 300 >= val["scored_chars"] > 0
+    assert all(text.endswith("\n") for _, text in docs)  # cut back to a line end, not on to the next (the end)
     assert val["tokens"] < lm.evaluate()["tokens"] and set(val["documents"]) == {name for name, _ in docs}
     assert f"on the first {val['scored_chars']:,} of {val['val_chars']:,} characters" in out
+
+
+def test_sigterm_stops_prepare_as_ctrl_c_does_leaving_no_half_written_folder(tmp_path, capsys, monkeypatch):
+    import importlib
+    import os
+    import signal
+
+    prepare_module = importlib.import_module("lmforge.data.prepare")
+
+    def killed(*args, **kwargs):  # `kill PID` arrives while the text is being encoded
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop prepare")
+
+    monkeypatch.setattr(prepare_module, "_encode_to", killed)
+    (tmp_path / "a.txt").write_text("Emma Woodhouse, handsome, clever, and rich.\n" * 20)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["prepare", str(tmp_path / "a.txt"), "--tokenizer", "char", "--cache-dir", str(tmp_path / "c")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted" and list((tmp_path / "c").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # handed back
 
 
 def test_compiling_without_a_cpp_compiler_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):

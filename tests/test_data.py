@@ -100,6 +100,29 @@ def test_bad_utf8_names_file_offset_and_fix(tmp_path):
         read_sources([str(path)])
     assert read_sources([str(path)], encoding="latin-1")[0].text == "café au lait"
     assert read_sources([str(path)], errors="replace")[0].text == "caf\ufffd au lait"
+    # JSON can escape half of a surrogate pair, which is no character (and no file could hold it as UTF-8)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "bad \\ud800 x"}\n{"text": "smile \\ud83d\\ude00"}\n', encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"rows.jsonl:2: .*unpaired surrogate.*--errors replace"):
+        read_sources([str(path)])
+    assert [d.text for d in read_sources([str(path)], errors="replace")] == ["ok", "bad \ufffd x", "smile 😀"]
+    assert read_sources([str(path)], errors="ignore")[1].text == "bad  x"
+
+
+def test_a_full_disk_while_preparing_names_the_cache_and_leaves_nothing_half_written(tiny_file, tmp_path,
+                                                                                     monkeypatch):
+    import importlib
+
+    prepare_module = importlib.import_module("lmforge.data.prepare")
+
+    def full(*args, **kwargs):
+        raise OSError("4194308 requested and 2072536 written")  # what numpy's tofile says
+
+    monkeypatch.setattr(prepare_module, "_encode_to", full)
+    with pytest.raises(LmforgeError, match=r"cannot write the data cache .*cache \(4194308 requested.*MiB free there\)"
+                                           r"; free some space"):
+        prepare([str(tiny_file)], tokenizer="char", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_missing_file_and_empty_corpus(tmp_path):

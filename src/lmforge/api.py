@@ -452,8 +452,9 @@ def final_figures(lm: LanguageModel, log=print) -> dict:
         return {"val": lm.evaluate()}
 
     def lead(text: str) -> str:
+        """Its share, back to the last line end within it (forward, a short document ending in one was whole)."""
         cut = max(1, len(text) * FINAL_EVAL_CHARS // total)
-        line_end = text.find("\n", cut, cut + 10_000)
+        line_end = text.rfind("\n", max(0, cut - 10_000), cut)
         return text[:cut if line_end < 0 else line_end + 1]
 
     docs = [(name, lead(text)) for name, text in docs]

@@ -40,8 +40,9 @@ def _flag_overrides(args, names: dict[str, str], given: list[str] = ()) -> list[
 
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c():
-    """SIGTERM (`kill`, a job scheduler's stop) ends a training command as Ctrl-C does: the training loop
-    saves and stops, and outside it the command ends with a note and status 130, not silently with 143."""
+    """SIGTERM (`kill`, a job scheduler's stop) ends a command as Ctrl-C does: the training loop saves and
+    stops, `prepare` removes its half-written folder, and the command ends with a note and status 130,
+    not silently with 143."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -916,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv)
     try:
         try:
-            with _sigterm_as_ctrl_c() if args.func in (cmd_train, cmd_finetune) else contextlib.nullcontext():
+            # the server stops on SIGTERM itself; in chat, Ctrl-C stops an answer, not the session
+            with _sigterm_as_ctrl_c() if args.func not in (cmd_serve, cmd_chat) else contextlib.nullcontext():
                 return args.func(args) or 0
         finally:
             if "RANK" in os.environ:  # under torchrun: leave the process group cleanly (gloo aborts otherwise)

@@ -208,6 +208,11 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
         except OSError:
             if not (folder / "meta.json").exists():  # not just a concurrent prepare that finished first
                 raise
+    except OSError as exc:  # a full disk, most often (numpy's write says only how many bytes it wrote)
+        free = shutil.disk_usage(folder.parent).free if folder.parent.is_dir() else None
+        room = f", {free / 2**20:,.0f} MiB free there" if free is not None else ""
+        raise LmforgeError(f"cannot write the data cache {folder.parent} ({exc.strerror or exc}{room}); free some "
+                           f"space, or set LMFORGE_CACHE (or data.cache_dir) to a folder with room") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

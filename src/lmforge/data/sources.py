@@ -8,6 +8,7 @@ import fnmatch
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -84,7 +85,7 @@ def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str, train
         raise LmforgeError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
     text = decode(data, path, encoding, errors).replace("\r\n", "\n")
     if path.suffix == ".jsonl":
-        return read_jsonl(text, path, jsonl_field, training)
+        return read_jsonl(text, path, jsonl_field, training, errors)
     return [Document(str(path), text)]
 
 
@@ -99,21 +100,43 @@ def decode(data: bytes, path: Path, encoding: str, errors: str) -> str:
                            "use e.g. utf-8 / latin-1 and strict / replace / ignore") from None
 
 
-def json_lines(text: str, path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for every non-blank line of a JSONL text."""
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's escape of a UTF-16 surrogate: paired, a character
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_lines(text: str, path, errors: str = "strict") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSONL text. A string holding half of a
+    surrogate pair (an escape like \\ud800 with no partner: no character) is refused by line, or with
+    `errors` replace or ignore, its halves become U+FFFD or nothing, as undecodable bytes do."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove that line") from None
+        if SURROGATE_ESCAPE.search(line) and LONE_SURROGATE.search(json.dumps(value, ensure_ascii=False)):
+            if errors == "strict":
+                raise LmforgeError(f"{path}:{number}: a string holds an unpaired surrogate escape (like \\ud800), "
+                                   f"which is no character; fix that line, or pass --errors replace") from None
+            value = _without_lone_surrogates(value, "\ufffd" if errors == "replace" else "")
+        yield number, value
 
 
-def read_jsonl(text: str, path: Path, field: str, training: bool = True) -> list[Document]:
+def _without_lone_surrogates(value, replacement: str):
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub(replacement, value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v, replacement) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_lone_surrogates(v, replacement) for k, v in value.items()}
+    return value
+
+
+def read_jsonl(text: str, path: Path, field: str, training: bool = True, errors: str = "strict") -> list[Document]:
     """One document per non-blank line, from the string under `field`."""
     documents = []
-    for number, record in json_lines(text, path):
+    for number, record in json_lines(text, path, errors):
         if isinstance(record, dict) and field in record and not isinstance(record[field], str):
             kind = {"int": "a number", "float": "a number", "bool": "true or false", "NoneType": "null",
                     "list": "a list", "dict": "an object"}.get(type(record[field]).__name__, "not text")
