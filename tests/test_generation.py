@@ -419,7 +419,8 @@ def test_unk_is_never_sampled_even_where_the_model_likes_it_best(char):
     # a word model learns <unk> for rare words; written out it would be the literal text "<unk>"
     scores = torch.zeros(char.vocab_size)
     scores[char.unk_id], scores[char.encode("e")[0]] = 9.0, 1.0
-    for sampling in (SamplingConfig(max_new_tokens=6, temperature=0), SamplingConfig(max_new_tokens=200, seed=1, ignore_eos=True)):
+    for sampling in (SamplingConfig(max_new_tokens=6, temperature=0),
+                     SamplingConfig(max_new_tokens=200, seed=1, ignore_eos=True)):
         engine = Engine(Scripted(scores), char)
         request = engine.submit(char.encode("Emma"), sampling)
         engine.run()
