@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmforge.checkpoint import resume_points
+
 TEXT = "gutenberg:austen-persuasion.txt"
 TRAIN = ["--arch", "transformer", "--tokenizer", "char", "--max-steps", "300", "--no-progress",
          "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.context_len=128", "train.batch_size=16",
@@ -42,19 +44,18 @@ def digest(run: Path) -> dict:
     for name in ("model.safetensors", "adapter.safetensors", "classifier.safetensors"):
         if (run / name).exists():
             out[name] = hashlib.sha256((run / name).read_bytes()).hexdigest()
-    points = sorted((run / "checkpoints").glob("step-*"))
+    points = resume_points(run)  # newest first
     if points:
-        out["resume point"] = points[-1].name
-        out["resume weights"] = hashlib.sha256((points[-1] / "model.safetensors").read_bytes()).hexdigest()
+        out["resume point"] = points[0].name
+        out["resume weights"] = hashlib.sha256((points[0] / "model.safetensors").read_bytes()).hexdigest()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out["metrics"] = hashlib.sha256(json.dumps([{k: v for k, v in r.items() if k not in TIMINGS}
                                                 for r in rows]).encode()).hexdigest()
     return out
 
 
-def newest_point(run: Path) -> str | None:
-    points = sorted((run / "checkpoints").glob("step-*"))
-    return points[-1].name if points else None
+def newest_point(run: Path) -> Path | None:
+    return next(iter(resume_points(run)), None)
 
 
 def run_to_the_end(start: list[str], resume: list[str], run: Path, rng: random.Random, max_kill_s: float) -> dict:

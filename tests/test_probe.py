@@ -224,7 +224,7 @@ def test_choices_that_name_no_setting_are_measured_again(tmp_path, monkeypatch):
     report = probe.report()
     assert report["cache"] == str(tmp_path / "probe.json") and not report["probed_now"]
     # a compile measurement of the wrong shape is as if none were cached: `doctor` and runs read it
-    facts = {**probe.machine(), "dtype": "float32", "attention": "float32", "cpp_compiler": probe.cpp_compiler()}
+    facts = {**probe.machine(), "dtype": "float32", "attention": "float32"}
     for damaged in ({"compile_s": 3}, {"gain": 1.4}, {"gain": 0}, {"gain": 1.4, "compile_s": 3, "step_ms": []}):
         (tmp_path / "probe-compile.json").write_text(json.dumps({"machine": facts, "result": damaged}))
         assert probe.compile_gain("float32", "float32", measure=False) is None
@@ -232,9 +232,9 @@ def test_choices_that_name_no_setting_are_measured_again(tmp_path, monkeypatch):
     (tmp_path / "probe-compile.json").write_text(json.dumps({"machine": facts, "result": good}))
     assert probe.compile_gain("float32", "float32", measure=False) == good
     # a failure measured without a C++ compiler is measured again once one is installed
-    failed = {"gain": 0.0, "why": "torch.compile failed: no C++ compiler found (install g++ or clang++)"}
-    (tmp_path / "probe-compile.json").write_text(json.dumps({"machine": {**facts, "cpp_compiler": None},
-                                                             "result": failed}))
+    failed = {"gain": 0.0, "why": "torch.compile failed: no C++ compiler found (install g++ or clang++)",
+              "cpp_compiler": None}
+    (tmp_path / "probe-compile.json").write_text(json.dumps({"machine": facts, "result": failed}))
     monkeypatch.setattr(probe, "cpp_compiler", lambda: "g++")
     assert probe.compile_gain("float32", "float32", measure=False) is None
     monkeypatch.setattr(probe, "cpp_compiler", lambda: None)

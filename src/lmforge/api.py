@@ -449,7 +449,7 @@ def final_figures(lm: LanguageModel, log=print) -> dict:
     docs = lm.validation_documents()
     total = sum(len(text) for _, text in docs)
     if total <= FINAL_EVAL_CHARS:
-        return {"val": lm.evaluate()}
+        return {"val": evaluate_documents(lm.model, lm.tokenizer, docs, device=lm.device)}
 
     def lead(text: str) -> str:
         """Its share, back to the last line end within it (forward, a short document ending in one was whole)."""

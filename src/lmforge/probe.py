@@ -274,11 +274,14 @@ def compile_gain(dtype: str, attention: str, log=None, measure: bool = True) -> 
     "step_ms": {"eager", "compiled"}}, or {"gain": 0, "why": ...} where compiling failed (no C++
     compiler, say). Measured once per machine, torch version and setting (10-30 s, most of it compiling),
     then cached; None when not cached and `measure` is False."""
-    # the compiler too: a failure for want of one is measured again once one is installed
-    facts = {**machine(), "dtype": dtype, "attention": attention, "cpp_compiler": cpp_compiler()}
+    facts = {**machine(), "dtype": dtype, "attention": attention}
+
     def stored():
         cached = _cached(compile_file(), facts, "result")
-        return cached if cached is not None and _sound_gain(cached) else None  # a damaged file is measured again
+        if cached is None or not _sound_gain(cached):  # a damaged file is measured again
+            return None
+        # a failure records the compiler it had (looking one up costs a second): with another, measure again
+        return None if cached["gain"] <= 0 and cached.get("cpp_compiler") != cpp_compiler() else cached
 
     cached = stored()
     if cached is not None or not measure:
@@ -309,7 +312,7 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
     try:
         compiled = torch.compile(models[1], options={"guard_filter_fn": all_but_global_state})  # as a run compiles
     except Exception as e:  # noqa: BLE001 - a torch without a working compiler backend
-        return {"gain": 0.0, "why": compile_failure(e)}
+        return {"gain": 0.0, "why": compile_failure(e), "cpp_compiler": cpp_compiler()}
 
     def step(i, forward) -> float:
         tic = time.perf_counter()
@@ -320,7 +323,7 @@ def _compile_times(dtype: torch.dtype, upcast: bool) -> dict:
         try:
             compile_s = step(1, compiled) + step(1, compiled)  # the first builds the forward, the second the backward
         except Exception as e:  # noqa: BLE001 - Inductor's errors have no common type (a missing C++ compiler...)
-            return {"gain": 0.0, "why": compile_failure(e)}
+            return {"gain": 0.0, "why": compile_failure(e), "cpp_compiler": cpp_compiler()}
         times = _take_turns({"eager": functools.partial(step, 0, models[0]),
                              "compiled": functools.partial(step, 1, compiled)})
     return {"gain": round(times["eager"] / times["compiled"], 3), "compile_s": round(compile_s, 1),

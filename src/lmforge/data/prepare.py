@@ -149,8 +149,13 @@ def cache_key(documents: list[Document], val_fraction: float, kind: str, options
     return h.hexdigest()[:32]
 
 
+def split_point(text: str, val_fraction: float) -> int:
+    """Where a document's validation part begins (SPLIT_RULE)."""
+    return int(len(text) * (1.0 - val_fraction))
+
+
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    cut = int(len(text) * (1.0 - val_fraction))
+    cut = split_point(text, val_fraction)
     return text[:cut], text[cut:]
 
 
@@ -174,7 +179,7 @@ def build(folder: Path, documents, sources, val_fraction, kind, options, tokeniz
         why = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or exc
         raise LmforgeError(f"cannot write the data cache {folder.parent}: {why}; set LMFORGE_CACHE "
                            f"(or data.cache_dir) to a writable folder") from None
-    cuts = [int(len(d.text) * (1.0 - val_fraction)) for d in documents]  # split_text's rule
+    cuts = [split_point(d.text, val_fraction) for d in documents]
     total = sum(len(d.text) for d in documents)
     say = _progress(total, tokenizer_obj.kind if tokenizer_obj else kind, tokenizer_obj is None)
     try:

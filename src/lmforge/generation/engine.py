@@ -91,7 +91,8 @@ class Engine:
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         self.start_id = None if tokenizer is None else start_id(tokenizer)  # what an empty prompt feeds
         # never sampled: <unk> stands for text outside the vocabulary, and would be written as "<unk>"
-        self.unk_id = getattr(tokenizer, "unk_id", None)
+        unk_id = getattr(tokenizer, "unk_id", None)
+        self.unk = None if unk_id is None else torch.tensor([unk_id], device=decoder.device)
         # A decoding step takes a millisecond or two: re-checking the thread count every 40 steps, as for
         # training steps, spent 2-3% of the tokens on trials at the slower count. Every 200 steps (or 2 s)
         # a wrong choice (a trial misled by noise) still lasts only a fraction of a second. Step times
@@ -259,8 +260,7 @@ class Engine:
 
     def _without_unk(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits with <unk>'s at -inf (a new tensor: the decoder's may be inference tensors)."""
-        return logits if self.unk_id is None else logits.index_fill(
-            1, torch.tensor([self.unk_id], device=logits.device), float("-inf"))
+        return logits if self.unk is None else logits.index_fill(1, self.unk, float("-inf"))
 
     def _accept(self, row: _Row, token: int) -> None:
         request = row.request
