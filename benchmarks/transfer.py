@@ -191,13 +191,13 @@ def run_authors(out: Path, work: Path, more: Path, steps: int | None = None, thr
     gold = [labels.index(r["label"]) for r in test]
     bits = [[adapters[a].evaluate(r["text"])["bits_per_byte"] * len(r["text"].encode()) for a in labels]
             for r in test]
-    results["likelihood"] = scores(gold, [min(range(len(labels)), key=row.__getitem__) for row in bits], len(labels))
+    results["likelihood"] = scores(gold, [min(range(len(labels)), key=row.__getitem__) for row in bits])
     results["likelihood"]["wall_time_s"] = time.time() - tic
     # the head's log-probability of each author plus that author's model's log-likelihood (-bits · ln 2)
     probs = lmforge.load(work / "authors-pretrained").classify([r["text"] for r in test])
     both = [max(range(len(labels)), key=lambda j: math.log(p[labels[j]]) - row[j] * math.log(2))
             for p, row in zip(probs, bits)]
-    results["both"] = scores(gold, both, len(labels))
+    results["both"] = scores(gold, both)
     pick = [(r["text"], labels.index(r["label"])) for r in rows]
     results["bag of words"] = bag_of_words([p for p, r in zip(pick, rows) if r["split"] == "train"],
                                            [p for p, r in zip(pick, rows) if r["split"] == "test"], len(labels))

@@ -89,6 +89,29 @@ def test_chat_commands_keep_what_was_typed(served_run):
     assert said[-1] == "/mode takes chat or complete, not 'foo'\n" and chat.mode == "complete"
     chat.command("/eos")
     assert said[-1].startswith("/eos takes on or off") and not chat.sampling.ignore_eos
+    chat.command("/top_k abc")  # what to type, not Python's words for it
+    assert said[-1] == "cannot set top_k to 'abc': give a whole number\n"
+    chat.command("/max")
+    assert said[-1] == "cannot set max to '': give a whole number\n" and chat.sampling.max_new_tokens == 20
+    chat.command("/temp 0.5")  # a command shortened while it stays unambiguous
+    assert said[-1] == "temperature 0.5\n" and chat.sampling.temperature == 0.5
+    chat.command("/t 1")  # temperature, top_p or top_k: not guessed
+    assert said[-1].startswith("unknown command '/t 1'") and chat.sampling.temperature == 0.5
+
+
+def test_chat_says_what_the_model_cannot_read(served_run):
+    from lmforge.chat import Chat
+    from lmforge.generation import SamplingConfig
+
+    said = []
+    lm = lmforge.load(served_run)
+    chat = Chat(lm, SamplingConfig(3, 0.0), write=said.append)
+    chat.answer("Emma €€ was")  # a character the tiny vocabulary lacks, as `generate` says
+    assert "(note: the tokenizer can't represent '€'×2 in the prompt; replaced with <unk>)\n" in said
+    gaps = lm.transcript_gaps()  # the tiny text has no capital U: the model cannot write "User:"
+    assert "U" in gaps
+    chat.command("/mode chat")
+    assert said[-1].startswith("(this model's tokenizer cannot represent 'U'") and "/max" in said[-1]
 
 
 def test_a_long_conversation_forgets_its_oldest_turns_and_says_so(served_run):

@@ -2,6 +2,7 @@
 byte as a lower bound, and `lmforge bench train` prints JSON; all on tiny models and a few KB of text."""
 import json
 import shlex
+import subprocess
 
 import pytest
 import torch
@@ -224,3 +225,25 @@ def test_a_sample_in_the_report_table_stays_one_visible_cell():
 
     # a barely trained byte-level model writes any byte: a NUL or a DEL would vanish or break the table
     assert _cell("Emma|was\x00 \n\nhere\x7f") == "Emma\\|was\\x00 here\\x7f"
+
+
+def test_a_long_prompt_with_newlines_and_pipes_keeps_the_table_one_row_per_candidate():
+    from lmforge.compare import render_markdown, table_lines
+    from lmforge.errors import shell_join
+
+    prompt = "Chapter I.\n\nShe said | twice " * 20  # a user's passage as the seed
+    args = ["train", "--out", "cmp/lstm-char", "--prompt", prompt]
+    row = {"name": "lstm-char", "status": "ok", "command": shell_join(["lmforge", *args]), "params": 1e5,
+           "tokens_per_s": 1000.0, "val_bpb": 2.5, "bpb_is_lower_bound": False, "unknown_rate": 0.0,
+           "time_to_best_s": 3.0, "peak_rss_bytes": 2 ** 28, "sample": prompt + "and the model went on"}
+    report = {"budget_s": 10, "max_steps": None, "data": ["x.txt"], "val_fraction": 0.1, "match": "params",
+              "seed": 0, "prompt": prompt, "candidates": [row]}
+    lines = table_lines(report)
+    assert len(lines) == 3  # header, rule, one row
+    assert len(lines[2].replace("\\|", "").split("|")) == 11  # 9 cells, no pipe of the prompt splitting one
+    assert "and the model went on" in lines[2]  # the model's own text shows, after the prompt's end
+    command = lines[2].split("`")[1].replace("\\|", "|")  # and the rerun command pastes as it ran
+    out = subprocess.run(["bash", "-c", f"printf '%s\\0' {command.removeprefix('lmforge ')}"],
+                         capture_output=True, text=True).stdout
+    assert out.split("\0")[:-1] == args
+    assert len(render_markdown(report)) < 3000  # the prompt is not repeated whole in the text

@@ -119,8 +119,8 @@ def test_lora_run_saves_merged_weights_and_a_separate_adapter(base):
     run, _ = tune(base, "lora", mode="lora", lora_rank=4, lora_alpha=8.0)
     adapter = load_file(run / "adapter.safetensors")
     assert adapter and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
-    lm = lmforge.load(run)  # merged: loads as a plain model, and decodes through the fast step
-    assert lm.decoding != "fp32"
+    lm = lmforge.load(run, decoding="int8")  # merged: loads as a plain model, and decodes through the fast step
+    assert lm.decoding == "int8"
     base_lm = lmforge.load(base / "base")
     apply_lora(base_lm.model, rank=4, alpha=8.0)
     base_lm.model.load_state_dict(adapter, strict=False)  # base weights + the adapter alone
@@ -177,6 +177,11 @@ def test_completion_runs_generate_with_their_template_through_cli_and_api(base, 
     assert summary["completion_bits_per_byte"] == pytest.approx(best, abs=0.02)
     assert main(["eval", str(run)]) == 0
     assert f"{summary['completion_bits_per_byte']:.4f} bits per completion byte" in capsys.readouterr().out
+    # and every pair of a new file: its held-out pairs alone score as the run did
+    (base / "held.jsonl").write_text("\n".join(json.dumps({**r, "split": "train"}) for r in rows[:4]))
+    assert main(["eval", str(run), "--text", str(base / "held.jsonl")]) == 0
+    assert capsys.readouterr().out == (f"{base / 'held.jsonl'} (4 pairs): "
+                                       f"{summary['completion_bits_per_byte']:.4f} bits per completion byte\n")
     with pytest.raises(LmforgeError, match="completion fine-tune"):  # no text split to score: said so
         lm.evaluate()
 
@@ -218,6 +223,34 @@ def test_classification_head_learns_a_separable_task(base, capsys):
     assert len(lmforge.load(run).classify("one passage")) == 1  # one text, not one per character
     assert main(["eval", str(run)]) == 0  # a classifier's own figures, not its texts scored as language
     assert capsys.readouterr().out.startswith(f"held-out ({summary['n']} examples): accuracy")
+    # a new labelled file is scored as the task, every row of it (none is a training row), not as plain text
+    (base / "new.jsonl").write_text("\n".join(json.dumps({"text": t, "label": y, "split": "train"}) for t, y in
+                                              [("rich world", "a"), ("Emma handsome", "b"), ("Emma handsome", "a")]))
+    assert main(["eval", str(run), "--text", str(base / "new.jsonl")]) == 0
+    assert capsys.readouterr().out == f"{base / 'new.jsonl'} (3 examples): accuracy 66.7%, macro-F1 0.667\n"
+    (base / "odd.jsonl").write_text(json.dumps({"text": "rich world", "label": "c"}))
+    assert main(["eval", str(run), "--text", str(base / "odd.jsonl")]) == 2
+    assert "label(s) 'c' are not among the run's labels ('a', 'b')" in capsys.readouterr().err
+
+
+def test_macro_f1_averages_the_labels_that_occur():
+    from lmforge.finetuning.classify import scores
+
+    # a third label with no held-out rows, never predicted, is no F1 of 0: a perfect score stays perfect
+    assert scores([0, 1, 0, 1], [0, 1, 0, 1]) == {"accuracy": 1.0, "macro_f1": 1.0, "n": 4}
+    assert scores([0, 0], [0, 2])["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)  # a wrong prediction counts
+
+
+def test_classification_says_when_texts_are_cut_to_the_context(base):
+    rows = [{"text": ("Emma handsome " if i % 2 else "rich world ") * (1 + 10 * (i % 3 == 0)), "label": "ab"[i % 2],
+             "split": "val" if i < 8 else "train"} for i in range(40)]
+    (base / "longtexts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    said = []
+    lmforge.finetune(base / "base", [str(base / "longtexts.jsonl")], base / "longtexts", task="classify", max_steps=2,
+                     overrides=[*QUIET, f"data.cache_dir={json.dumps(str(base / 'cache'))}"], log=said.append)
+    cut = sum(len(r["text"]) > TINY_MODEL["context_len"] for r in rows)  # a character per token
+    assert cut and any(line.startswith(f"note: {cut} of 40 train and validation texts are longer than the model's "
+                                       f"context (32 tokens)") for line in said)
 
 
 def test_author_split_has_no_overlap(gutenberg_dir):
@@ -370,6 +403,8 @@ def test_a_finetune_is_continued_with_finetune_resume(base):
     run, _ = tune(base, "hint", max_steps=2)
     assert resume_command(run) == f"lmforge finetune --resume {run}"
     assert resume_command(base / "base") == f"lmforge train --resume {base / 'base'}"
+    # a folder whose name needs quoting is quoted, so the hint pastes into a shell as it reads
+    assert resume_command(base / "my runs" / "é 1") == f"lmforge train --resume '{base / 'my runs' / 'é 1'}'"
 
 
 def test_labelled_rows_that_cannot_train_and_folders_of_the_wrong_kind_are_named(base, tmp_path, capsys):

@@ -97,6 +97,31 @@ def test_imported_model_fine_tunes_and_trained_llama_exports(tokenizer, tmp_path
         assert max_diff(hf(x).logits, lmforge.load(run).model(x)[0]) < 1e-4
 
 
+def test_a_completion_run_keeps_its_prompt_template_through_export_and_import(tokenizer, tmp_path, capsys):
+    hf_model("gpt2").save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run", context_len=32, log=lambda *_: None)
+    rows = [{"prompt": f"say {i % 3}", "completion": " Emma" * (i % 3 + 1), "split": "val" if i < 4 else "train"}
+            for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    template = 'Q: {prompt} — "quoted" {{x}}\nA:'  # Jinja's own braces and quotes are text here
+    _, result = lmforge.finetune(tmp_path / "run", [str(tmp_path / "pairs.jsonl")], tmp_path / "tuned",
+                                 task="completion", template=template, mode="lora", max_steps=3,
+                                 overrides=["train.threads=1", "train.progress=false", "train.batch_size=4"],
+                                 log=lambda *_: None)
+    assert main(["export", "hf", str(result.run_dir), str(tmp_path / "export")]) == 0
+    assert "tokenizer_config.json carries it" in capsys.readouterr().out
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")  # for transformers, a chat template
+    messages = [{"role": "user", "content": "say 1"}]
+    assert hf_tok.apply_chat_template(messages, tokenize=False) == template.replace("{prompt}", "say 1")
+    assert main(["import", "hf", str(tmp_path / "export"), "--out", str(tmp_path / "back")]) == 0
+    assert "wrap prompts in it" in capsys.readouterr().out
+    tuned, back = lmforge.load(result.run_dir), lmforge.load(tmp_path / "back")
+    assert back.template == template and back.prompt_ids("say 1") == tuned.prompt_ids("say 1")
+    greedy = {"max_new_tokens": 8, "temperature": 0.0, "exact": True}
+    assert back.generate("say 1", **greedy) == tuned.generate("say 1", **greedy)
+
+
 def test_a_vocabulary_padded_past_the_tokenizer_imports_without_the_padding(tokenizer, tmp_path, capsys):
     torch.manual_seed(0)  # rows rounded up past the tokenizer's tokens, as nanoGPT's 50304 are
     config = transformers.GPT2Config(vocab_size=VOCAB + 20, n_positions=64, n_embd=32, n_layer=2, n_head=4)

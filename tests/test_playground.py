@@ -47,8 +47,11 @@ def test_type_a_prompt_press_generate_and_see_the_text_stream(served):
                     new KeyboardEvent('keydown', {key: 'Enter', ctrlKey: true})); }""")
             page.wait_for_function("document.querySelector('#generate').disabled === false", timeout=60000)
             again = page.inner_text("#output .new")
+            page.fill("#stopstr", r"\n\n or \\n")  # typed escapes, as `generate --stop` reads them
+            stops = page.evaluate("request().stop")
         finally:
             browser.close()
+    assert stops == ["\n\n or \\n"]
     expected = lm.generate("Emma", 300, temperature=0.8, top_p=0.95, seed=seed)
     assert shown == expected and again == expected
     assert updates >= 3  # the text arrived piece by piece, not all at the end (one update)

@@ -233,6 +233,9 @@ def test_two_processes_cannot_train_into_one_folder(straight, tmp_path):
     with ckpt.RunLock(tmp_path / "run"):  # a new run into a folder being trained: not told to resume it
         with pytest.raises(LmforgeError, match="in use by lmforge process .*choose another --out"):
             lmforge.train(config, out=tmp_path / "run", log=quiet)
+        # resuming it is refused before the machine is probed, and not told to pick another folder
+        with pytest.raises(LmforgeError, match=r"being trained by lmforge process \d+; .*then resume it$"):
+            lmforge.train(out=tmp_path / "run", resume=True, log=quiet)
 
 
 def test_ctrl_c_while_preparing_data_leaves_no_half_cache(straight, tmp_path, monkeypatch):

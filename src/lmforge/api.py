@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import (RunConfig, absolute_sources, as_raw, build_config, default_embedding_lr_scale, default_lr,
                      default_warmup_steps, default_weight_decay, merge, parse_duration, parse_overrides)
-from .data.examples import render
+from .data.examples import render, run_template
 from .device import cpp_compiler, resolve_device
 from .errors import LmforgeError
 from .generation import Decoder, Engine, Generation, SamplingConfig, default_weights
@@ -59,9 +59,9 @@ class LanguageModel:
 
     @property
     def template(self) -> str | None:
-        """The prompt template of a prompt -> completion fine-tuned run (generation wraps prompts in it)."""
-        ft = self.config.get("finetune") or {}
-        return ft.get("template") if ft.get("task") == "completion" else None
+        """The prompt template of a prompt -> completion fine-tuned run, or of one imported from such a run's
+        export (generation wraps prompts in it)."""
+        return run_template(self.config)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What the model reads for `prompt`: the run's template applied, then encoded (after the
@@ -73,6 +73,38 @@ class LanguageModel:
         """The end of `prompt` (templated) when prompt_ids ends in <unk> for it (a word the vocabulary has
         only with a space after it, or part of a word): generation lets the model write it (token healing)."""
         return prompt_tail(self.tokenizer, self._prompt_text(prompt))
+
+    def prompt_notes(self, prompt: str, token_healing: bool = True) -> list[str]:
+        """What a user should know about how the model reads `prompt`: pieces its tokenizer cannot
+        represent (read as <unk>, unless token healing lets the model write the last word itself), and
+        stop words a tokenizer that removes them leaves out."""
+        if not prompt:
+            return []
+        notes = []
+        unknown = self.tokenizer.unknown(prompt)
+        tail = self.prompt_tail(prompt) if token_healing else ""
+        if unknown.get(tail):  # the model writes that word itself (token healing), if any entry begins with it
+            from .generation.healing import heal
+
+            if heal(self.tokenizer, self.prompt_ids(prompt), tail) is not None:
+                unknown = {k: n - (k == tail) for k, n in unknown.items() if n - (k == tail)}
+        if unknown:
+            pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
+            notes.append(f"the tokenizer can't represent {pieces} in the prompt; replaced with <unk>")
+        dropped = self.tokenizer.dropped(prompt) if hasattr(self.tokenizer, "dropped") else []
+        if dropped:  # the model never sees them: what it continues is the prompt without them
+            ids = self.prompt_ids(prompt)
+            words = ", ".join(repr(w) for w in dropped[:8]) + (", ..." if len(dropped) > 8 else "")
+            reads = f"the model reads {self.tokenizer.decode(ids)!r}" if ids else "the model reads none of it"
+            notes.append(f"this run's tokenizer removes stop words (tokenizer.remove_stopwords), so {words} "
+                         f"{'is' if len(dropped) == 1 else 'are'} left out of the prompt; {reads}")
+        return notes
+
+    def transcript_gaps(self) -> list[str]:
+        """The pieces of the chat transcript's role markers ("User:", "Assistant:") the tokenizer cannot
+        represent. Where there are any, the model cannot write the next turn's marker, so a chat reply ends
+        only at the end-of-text token or its length limit (a word vocabulary without "User", say)."""
+        return [] if self.template is not None else list(self.tokenizer.unknown("User: \nAssistant:"))
 
     def _prompt_text(self, prompt: str) -> str:
         if not isinstance(prompt, str):
@@ -232,8 +264,8 @@ def decoding_setup(model, dev: torch.device, decoding: str = "auto", cache: str 
         from .probe import choices
 
         measured = choices(dev)  # a CPU Transformer: what the probe measured fastest here
-    if decoding == "auto":
-        weights = measured.get("decoding", weights)
+    if decoding == "auto" and not (cache == "bf16" and measured.get("decoding") == "fp32"):
+        weights = measured.get("decoding", weights)  # (a bf16 cache asked for needs int8 or fp16 weights)
     if cache == "auto":
         cache = measured.get("cache", "fp32") if weights != "fp32" else "fp32"
     return weights, cache
@@ -300,27 +332,29 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         raise LmforgeError("--budget sizes a new model; a resumed run keeps its size and time budget")
     if budget is not None:
         check_budget(cfg, budget)
-    # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
-    # shared cores, each would time a slower machine and could choose apart)
-    cfg = dist.main_first(lambda: with_measured_choices(cfg, log))
     if cfg.train.compile and resolve_device(cfg.train.device).type == "cpu" and cpp_compiler() is None:
         raise LmforgeError("train.compile=true needs a C++ compiler (torch.compile builds the CPU step with one) "
                            "and none was found; install g++ or clang++, or set train.compile=false")
-    speedup = None
-    if not resume:  # a resumed run compiles, or not, as it started
-        cfg, speedup = with_compile_choice(cfg, log, budget)
     if out is None:
         out = Path("runs") / f"{preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     created = not Path(out).exists()
-    # before any data is read: a taken --out fails at once (under torchrun, every process with its line)
+    # before the probe and any data: a taken --out fails at once (under torchrun, every process with its line)
     dist.on_main(ckpt.open_run_dir, Path(out), resume)
+    if resume:
+        dist.on_main(ckpt.not_in_training, Path(out))
     try:
+        # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
+        # shared cores, each would time a slower machine and could choose apart)
+        cfg = dist.main_first(lambda: with_measured_choices(cfg, log))
+        speedup = None
+        if not resume:  # a resumed run compiles, or not, as it started
+            cfg, speedup = with_compile_choice(cfg, log, budget)
         if budget is not None:
             cfg = size_for_budget(cfg, budget, log, decay_given, speedup)
         elif not resume:
             cfg = regularise_for_passes(cfg, log, decay_given, speedup)
         with contextlib.ExitStack() as held:
-            dist.on_main(lambda: held.enter_context(ckpt.RunLock(out)))  # process 0 holds the folder's lock
+            dist.on_main(lambda: held.enter_context(ckpt.RunLock(out, resume)))  # process 0 holds the folder's lock
             if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
                 job = dist.main_first(lambda: finetune_job(cfg, tokenizer, log=log,
                                                            resume=resume and bool(ckpt.resume_points(out))))
@@ -443,7 +477,7 @@ def final_figures(lm: LanguageModel, log=print) -> dict:
     if lm.config.get("finetune"):
         from .finetuning.run import finetune_results
 
-        return finetune_results(lm, log)
+        return finetune_results(lm, log=log)
     from .evaluation.likelihood import evaluate_documents
 
     docs = lm.validation_documents()

@@ -21,7 +21,7 @@ from .errors import LmforgeError
 from .generation import SamplingConfig
 from .generation.engine import refill_length
 
-HELP = """commands:
+HELP = """commands (each may be shortened while it stays unambiguous: /temp 0.7):
   /temperature T   sampling temperature (0 = greedy)      /top_p P    nucleus sampling (1 = off)
   /top_k K         keep the K likeliest tokens (0 = off)  /max N      new tokens per answer
   /seed S          fixed seed (off = random)              /stop TEXT  stop string (off = none)
@@ -30,6 +30,9 @@ HELP = """commands:
   /reset           forget the conversation                /settings   show the settings
   /help            this list                              /quit       leave (or Ctrl-D)"""
 
+
+COMMANDS = ("temperature", "top_p", "top_k", "max", "seed", "stop", "mode", "eos", "reset", "settings", "help",
+            "quit", "exit")  # a command may be shortened to a prefix only one of them has: /temp, /set
 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
@@ -60,6 +63,9 @@ class Chat:
         arg = arg.strip()
         numbers = {"temperature": ("temperature", float), "top_p": ("top_p", float), "top_k": ("top_k", int),
                    "max": ("max_new_tokens", int), "seed": ("seed", int)}
+        starting = [c for c in COMMANDS if c.startswith(name)] if name else []
+        if name not in COMMANDS and len(starting) == 1:  # /temp for /temperature
+            name = starting[0]
         if name in ("quit", "exit"):
             return False
         if name == "help":
@@ -75,6 +81,11 @@ class Chat:
             else:
                 self.mode, self.messages, self.forgetting = arg, [], False
                 self.say(f"mode {arg}\n")
+                gaps = self.lm.transcript_gaps() if arg == "chat" else []
+                if gaps:
+                    self.say(f"(this model's tokenizer cannot represent {', '.join(map(repr, gaps))}, which the "
+                             f"conversation marks turns with: an answer ends only at the end of text or after /max "
+                             f"tokens)\n")
         elif name == "eos":
             if arg not in ("on", "off"):
                 self.say(f"/eos takes on or off, not {arg!r}\n")
@@ -87,12 +98,15 @@ class Chat:
         elif name in numbers:
             field, kind = numbers[name]
             try:
-                value = None if arg == "off" or (field in ("top_k",) and arg == "0") else kind(arg)
+                try:
+                    value = None if arg == "off" or (field in ("top_k",) and arg == "0") else kind(arg)
+                except ValueError:
+                    raise LmforgeError("give a whole number" if kind is int else "give a number") from None
                 if field == "top_p" and value == 1.0:  # 1 keeps every token: the same as off
                     value = None
                 self.sampling = replace(self.sampling, **{field: value})
-            except (ValueError, LmforgeError) as exc:
-                self.say(f"cannot set {name} to {arg!r}: {str(exc) or 'not a number'}\n")
+            except LmforgeError as exc:
+                self.say(f"cannot set {name} to {arg!r}: {exc}\n")
             else:
                 self.say(f"{name} {arg}\n")
         else:
@@ -124,6 +138,8 @@ class Chat:
 
     def answer(self, text: str) -> str:
         """Generate for one typed message, writing pieces as they come; returns the whole answer."""
+        for note in self.lm.prompt_notes(text, self.sampling.token_healing and self.mode != "chat"):
+            self.say(f"(note: {note})\n")
         prompt, stops = self._prompt(text)
         ids, tail = self.lm.prompt_ids(prompt), self.lm.prompt_tail(prompt)
         limit = self.lm.decoder.max_context

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, read_json
-from .errors import LmforgeError
+from .errors import LmforgeError, shell_join
 from .models import build_model
 from .tokenizers import load_tokenizer
 
@@ -263,6 +263,15 @@ def _not_yet(file: Path) -> None:
                            f"{file.name} yet; wait for its first evaluation, or for it to finish")
 
 
+def not_in_training(run_dir: Path) -> None:
+    """Refuse to resume a run that another process is training (its RunLock would refuse it later, after
+    the probe and the data)."""
+    holder = training_process(run_dir)
+    if holder is not None:
+        raise LmforgeError(f"{run_dir} is being trained by lmforge process {holder}; wait for it to finish (or stop "
+                           f"it), then resume it")
+
+
 def training_process(run_dir: Path) -> str | None:
     """The process id of the lmforge process training into `run_dir` (holding its run.lock), or None."""
     try:
@@ -285,8 +294,8 @@ class RunLock:
     """An exclusive lock on a run folder (run.lock) while a process trains into it: a second process
     is refused in one line instead of interleaving its writes. The lock goes with the process."""
 
-    def __init__(self, run_dir: Path):
-        self.path, self.file = Path(run_dir) / LOCK, None
+    def __init__(self, run_dir: Path, resume: bool = False):
+        self.path, self.file, self.resume = Path(run_dir) / LOCK, None, resume
 
     def __enter__(self):
         try:
@@ -303,8 +312,9 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another"
             self.file.close()
+            instead = "then resume it" if self.resume else "or choose another --out"
             raise LmforgeError(f"{self.path.parent} is in use by lmforge process {holder}; wait for it to finish "
-                               f"(or stop it), or choose another --out") from None
+                               f"(or stop it), {instead}") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -378,7 +388,7 @@ def resume_command(run_dir: Path) -> str:
         finetune = bool(read_json(Path(run_dir) / CONFIG, "run config").get("finetune"))
     except LmforgeError:
         finetune = False
-    return f"lmforge {'finetune' if finetune else 'train'} --resume {run_dir}"
+    return shell_join(["lmforge", "finetune" if finetune else "train", "--resume", run_dir])
 
 
 def read_config(run_dir: Path) -> dict:
@@ -387,7 +397,8 @@ def read_config(run_dir: Path) -> dict:
     if run_dir.is_file():
         raise LmforgeError(f"{run_dir} is a file; give a run folder (the one holding config.json)")
     if not run_dir.is_dir():
-        raise LmforgeError(f"run folder {run_dir} does not exist; train one with `lmforge train --out {run_dir}`")
+        raise LmforgeError(f"run folder {run_dir} does not exist; train one with "
+                           f"`{shell_join(['lmforge', 'train', '--out', run_dir])}`")
     if not (run_dir / CONFIG).exists():
         raise LmforgeError(f"{run_dir} is not an lmforge run (no {CONFIG}); point at a folder made by `lmforge train`")
     data = read_json(run_dir / CONFIG, "run config")

@@ -208,23 +208,9 @@ def cmd_generate(args) -> int:
                               args.top_p, args.seed, [unescape(s) for s in args.stop or []],
                               token_healing=not args.no_token_healing)
     lm = api.load(args.run, device=args.device, decoding="fp32" if args.exact else "auto")
-    unknown = lm.tokenizer.unknown(args.prompt) if args.prompt else {}
-    tail = lm.prompt_tail(args.prompt) if sampling.token_healing else ""
     ids = lm.prompt_ids(args.prompt)
-    if unknown.get(tail):  # the model writes that word itself (token healing), if any entry begins with it
-        from .generation.healing import heal
-
-        if heal(lm.tokenizer, ids, tail) is not None:
-            unknown = {k: n - (k == tail) for k, n in unknown.items() if n - (k == tail)}
-    if unknown:
-        pieces = ", ".join(f"{k!r}×{v}" for k, v in unknown.items())
-        print(f"note: the tokenizer can't represent {pieces} in the prompt; replaced with <unk>", file=sys.stderr)
-    dropped = lm.tokenizer.dropped(args.prompt) if args.prompt and hasattr(lm.tokenizer, "dropped") else []
-    if dropped:  # the model never sees them: what it continues is the prompt without them
-        words = ", ".join(repr(w) for w in dropped[:8]) + (", ..." if len(dropped) > 8 else "")
-        reads = f"the model reads {lm.tokenizer.decode(ids)!r}" if ids else "the model reads none of it"
-        print(f"note: this run's tokenizer removes stop words (tokenizer.remove_stopwords), so {words} "
-              f"{'is' if len(dropped) == 1 else 'are'} left out of the prompt; {reads}", file=sys.stderr)
+    for note in lm.prompt_notes(args.prompt, sampling.token_healing):
+        print(f"note: {note}", file=sys.stderr)
     length, limit = len(ids), lm.decoder.max_context
     if limit is not None and length >= limit:  # a full context leaves no position for the first new token
         from .generation.engine import refill_length
@@ -291,6 +277,11 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this machine can use it",
               file=sys.stderr)
+    gaps = lm.transcript_gaps()
+    if gaps:
+        print(f"note: this model's tokenizer cannot represent {', '.join(map(repr, gaps))}, which the chat transcript "
+              f"marks turns with: /v1/chat/completions replies end only at the end of text or max_tokens",
+              file=sys.stderr)
     compiled = ", compiled" if lm.decoder.compiled else ""
     print(f"serving {name} ({lm.config['model']['arch']}, {lm.num_params / 1e6:.2f}M parameters, {lm.decoding} "
           f"decoding, {lm.decoding_cache} cache{compiled}) at http://{args.host}:{args.port}/  "
@@ -341,19 +332,32 @@ def cmd_eval(args) -> int:
                                        ("--seed", args.seed, "--report DIR", args.report)):
         if value is not None and not given:  # not silently ignored
             raise LmforgeError(f"{flag} applies to {needed}; add it, or drop {flag}")
+    reading = [flag for flag, value in (("--encoding", args.encoding), ("--errors", args.errors),
+                                        ("--jsonl-field", args.jsonl_field)) if value is not None]
     args.encoding, args.errors = args.encoding or "utf-8", args.errors or "strict"
     args.jsonl_field, args.prompts = args.jsonl_field or "text", 100 if args.prompts is None else args.prompts
     args.seed = 0 if args.seed is None else args.seed
     lm = api.load(args.run, device=args.device)
     task = (lm.config.get("finetune") or {}).get("task")
-    if task in ("classify", "completion") and not args.text and not args.report:
+    from .finetuning.run import holds_task_rows
+
+    labelled = bool(args.text) and holds_task_rows(args.text, task)  # a .jsonl of the task's own rows
+    if task in ("classify", "completion") and (labelled or not args.text) and not args.report:
+        if args.adapt and labelled:
+            raise LmforgeError(f"--adapt scores plain text; {args.text} holds this {task} run's rows, scored as its "
+                               f"task: drop --adapt")
         if args.adapt:
             raise LmforgeError(f"--adapt scores text; give it with --text FILE (this {task} run's own figures come "
                                f"without --adapt)")
+        if labelled and reading:
+            raise LmforgeError(f"{args.text} holds this {task} run's rows, which are read as UTF-8 JSONL with their "
+                               f"own fields: drop {reading[0]}")
         from .finetuning.run import finetune_results
 
-        # the task's own figures, on its held-out rows, in the line the run printed when it finished
-        result = finetune_results(lm, log=print if dist.is_main() and not args.json else lambda *_: None)
+        # the task's own figures, on its held-out rows (in the line the run printed when it finished) or on
+        # every row of the --text file
+        result = finetune_results(lm, args.text if labelled else None,
+                                  log=print if dist.is_main() and not args.json else lambda *_: None)
         if dist.is_main() and args.json:
             print(json.dumps(result, indent=2))
         return 0

@@ -10,13 +10,12 @@ import json
 import math
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from .config import AUSTEN, RunConfig, TrainConfig
-from .errors import LmforgeError
+from .errors import LmforgeError, shell_join
 from .models import build_model, config_class, count_params, fields_of_none
 from .training.plots import read_metrics
 
@@ -57,7 +56,7 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
         if prompt == TrainConfig().sample_prompt and list(base.data.sources) != AUSTEN:
             prompt = seed_phrase(documents, prompt)  # the default seed is Austen's
     # what the author wrote after the same phrase, in text no candidate trains on: the samples' yardstick
-    original = original_passage(documents, prompt, SAMPLE_CHARS - len(prompt))
+    original = original_passage(documents, prompt, SAMPLE_CHARS - len(shortened(prompt)))
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LmforgeError(f"{out_dir} exists and is not empty; choose another --out (nothing was written)")
@@ -72,7 +71,7 @@ def compare(archs: list[str], tokenizers: list[str] | None, budget_s: float | No
         for arch in archs:
             name = f"{arch}-{tokenizer}"
             args = train_args(arch, tokenizer, out_dir / name, budget_s, max_steps, prompt, base, sizes.get(arch, {}))
-            log(f"[{len(rows) + 1}/{len(archs) * len(tokenizers)}] {name}: lmforge {shlex.join(args)}")
+            log(f"[{len(rows) + 1}/{len(archs) * len(tokenizers)}] {name}: {shell_join(['lmforge', *args])}")
             rows.append(run_candidate(name, arch, tokenizer, args, out_dir, prompt))
             log(f"    {row_summary(rows[-1])}")
     from .probe import machine
@@ -191,7 +190,7 @@ def run_candidate(name: str, arch: str, tokenizer: str, args: list[str], out_dir
     """Train one candidate in a child process; read back its summary, curve, peak memory and a sample."""
     log_path = out_dir / "logs" / f"{name}.log"
     rerun = [f"{a}-rerun" if i and args[i - 1] == "--out" else a for i, a in enumerate(args)]  # the row's folder is taken
-    row = {"name": name, "arch": arch, "tokenizer": tokenizer, "command": "lmforge " + shlex.join(rerun),
+    row = {"name": name, "arch": arch, "tokenizer": tokenizer, "command": shell_join(["lmforge", *rerun]),
            "run_dir": str(out_dir / name), "log": str(log_path)}
     with open(log_path, "w") as log_file:
         code, peak = run_child([sys.executable, "-m", "lmforge.cli", *args], log_file)
@@ -302,6 +301,21 @@ def _cell(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+PROMPT_CHARS = 60  # of a long prompt shown in the report's text and samples (report.json keeps it whole)
+
+
+def shortened(prompt: str) -> str:
+    return prompt if len(prompt) <= PROMPT_CHARS else "…" + prompt[-(PROMPT_CHARS - 1):]
+
+
+def shown_sample(sample: str, prompt: str) -> str:
+    """A sample for the table: a long prompt's end only, so the model's own text shows, then cut to
+    SAMPLE_CHARS."""
+    if len(prompt) > PROMPT_CHARS and sample.startswith(prompt):
+        sample = shortened(prompt) + sample[len(prompt):]
+    return sample[:SAMPLE_CHARS] + ("…" if len(sample) > SAMPLE_CHARS else "")
+
+
 def table_lines(report: dict) -> list[str]:
     """The report's table (as in report.md)."""
     return [line for line in render_markdown(report).splitlines() if line.startswith("|")]
@@ -320,7 +334,7 @@ def render_markdown(report: dict) -> str:
         "Validation bits per byte is scored on the whole validation split with the best checkpoint. "
         "**≥** marks a lower bound: that tokenizer maps unseen pieces to `<unk>`, whose spelling costs "
         "nothing, so the true cost is higher (the OOV column says how often). Samples continue "
-        f"{report['prompt']!r} at temperature {SAMPLE_TEMPERATURE}, seed {SAMPLE_SEED}. Peak memory is the "
+        f"{shortened(report['prompt'])!r} at temperature {SAMPLE_TEMPERATURE}, seed {SAMPLE_SEED}. Peak memory is the "
         "training process's maximum resident set size. Time to best is training time (evaluation "
         "excluded) at the evaluation with the lowest validation loss. The rerun command repeats a row "
         "exactly, into a folder of its own (`<row>-rerun`).", "",
@@ -328,19 +342,19 @@ def render_markdown(report: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in report["candidates"]:
-        rerun = f"`{r['command']}`"
+        rerun = f"`{r['command']}`".replace("|", "\\|")  # (GitHub's tables read \| as | in code too)
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | | | {_cell(r['status'])} | | | {_mib(r['peak_rss_bytes'])} | | {rerun} |")
             continue
         mark = "≥ " if r["bpb_is_lower_bound"] else ""
         best = f"{r['time_to_best_s']:.3g} s" if "time_to_best_s" in r else "n/a"
-        sample = r["sample"][:SAMPLE_CHARS] + ("…" if len(r["sample"]) > SAMPLE_CHARS else "")
+        sample = shown_sample(r["sample"], report["prompt"])
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {mark}{r['val_bpb']:.3f} "
                      f"| {r['unknown_rate']:.2%} | {best} | {_mib(r['peak_rss_bytes'])} | {_cell(sample)} | {rerun} |")
     original = report.get("original")
     if original:
         lines += ["", f"The original, from the validation text of {original['document']} (after its first "
-                      f"{report['prompt']!r}): {_cell(original['text'])}"]
+                      f"{shortened(report['prompt'])!r}): {_cell(shown_sample(original['text'], report['prompt']))}"]
     lines += ["", "![validation bits per byte against training time](bpb_vs_time.png)", ""]
     return "\n".join(lines)
 

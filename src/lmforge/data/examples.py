@@ -22,17 +22,18 @@ SPLITS = ("train", "val", "test")
 DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n### Completion:\n"
 
 
-def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
+def read_jsonl(path, fields: tuple[str, ...], training: bool = True, option: str = "--data") -> list[dict]:
     """Rows of a JSONL file that hold the string `fields`; a row without "split" gets one by hashing
-    its content (80% train, 10% val, 10% test), so the assignment is stable across runs."""
+    its content (80% train, 10% val, 10% test), so the assignment is stable across runs. `training`:
+    the file must hold training rows (not so for a file that is only scored); `option` names it in errors."""
     if str(path).startswith("gutenberg:"):
-        raise LmforgeError(f"--data {path} is a plain text; this task reads labelled rows: give a .jsonl file with "
+        raise LmforgeError(f"{option} {path} is a plain text; this task reads labelled rows: give a .jsonl file with "
                            f"{', '.join(repr(f) for f in fields)} in each line")
     path = Path(path).expanduser()
     if not path.exists():
-        raise LmforgeError(f"--data {path} does not exist; give the .jsonl file with one JSON object per line")
+        raise LmforgeError(f"{option} {path} does not exist; give the .jsonl file with one JSON object per line")
     if path.suffix != ".jsonl" or not path.is_file():
-        raise LmforgeError(f"--data {path} is not a .jsonl file; give one JSON object per line with "
+        raise LmforgeError(f"{option} {path} is not a .jsonl file; give one JSON object per line with "
                            f"{', '.join(repr(f) for f in fields)}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not a row
@@ -54,7 +55,7 @@ def read_jsonl(path, fields: tuple[str, ...]) -> list[dict]:
         if split not in SPLITS:
             raise LmforgeError(f"{path}:{number}: split {split!r} is not one of {', '.join(SPLITS)}")
         rows.append({**row, "split": split})
-    if not any(r["split"] == "train" for r in rows):
+    if training and not any(r["split"] == "train" for r in rows):
         raise LmforgeError(f"{path} has no training rows; add rows with \"split\": \"train\" (or no split field)")
     if "completion" in fields and not any(r["completion"] for r in rows):
         raise LmforgeError(f"{path}: every 'completion' is empty; give the text each prompt should be answered with")
@@ -91,6 +92,15 @@ def sampler(n: int, batch_size: int, seed: int):
 
 
 # ---- prompt -> completion pairs -------------------------------------------------------------------
+
+def run_template(config: dict) -> str | None:
+    """The prompt template of a run's config.json: a completion run's, or one an import brought along
+    (from such a run's export)."""
+    ft = config.get("finetune") or {}
+    if ft.get("task") == "completion":
+        return ft.get("template")
+    return (config.get("imported") or {}).get("template")
+
 
 def render(template: str, prompt: str) -> str:
     """The text a completion run sees for `prompt` (training and generation use the same template)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import absolute_sources
+from ..config import absolute_sources, is_number
 from ..errors import LmforgeError
 from ..tokenizers import load_tokenizer, resolve_options, train_tokenizer
 from .sources import Document, read_sources
@@ -76,8 +76,7 @@ def prepare(sources, *, tokenizer: str = "bpe", tokenizer_options: dict | None =
     train parts, unless `tokenizer_obj` is given (fine-tuning encodes new text with a base model's).
     The tokenizer defaults to BPE, as for `lmforge prepare` and `train`, so they share one cache.
     """
-    number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
-    if not (number and 0.0 < val_fraction < 1.0):
+    if not (is_number(val_fraction) and 0.0 < val_fraction < 1.0):
         raise LmforgeError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}; "
                            f"try 0.1")
     if tokenizer_options is not None and not isinstance(tokenizer_options, dict):

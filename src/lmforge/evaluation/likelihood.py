@@ -7,6 +7,7 @@ window of history; recurrent and convolutional models carry their state through 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -103,19 +104,52 @@ def _windows(n: int, window: int, stride: int):
 
 
 WINDOW_TOKENS = 4096  # a bounded-context model scores at least this many positions per forward pass
+QUIET_S = 10.0  # a scoring done within this many seconds says nothing; a longer one reports its progress
+LOUD_CHARS = 1_000_000  # (and only on a text this long: Austen's validation split is 0.2M characters)
+
+
+class Progress:
+    """How far a long scoring has come, on stderr: nothing in its first QUIET_S seconds, then a line at
+    each tenth of the text with the time left (a 60 MB text takes many minutes on a laptop)."""
+
+    def __init__(self, total_chars: int, loud: bool = True):
+        self.total, self.loud, self.tic = max(1, total_chars), loud, time.perf_counter()
+        self.finished, self.mark = 0, 0.1  # characters of the documents scored; the next tenth to report
+
+    def document(self, chars: int):
+        """The function score_ids calls with the share of a `chars`-long document it has scored."""
+        counted = False
+
+        def update(share: float) -> None:
+            nonlocal counted
+            if counted:
+                return
+            done = (self.finished + share * chars) / self.total
+            spent = time.perf_counter() - self.tic
+            if done >= self.mark:
+                if self.loud and spent >= QUIET_S and done < 1:
+                    print(f"scoring: {done:.0%} of {self.total / 1e6:,.1f}M characters after {spent:,.0f} s, about "
+                          f"{spent * (1 - done) / done:,.0f} s left", file=sys.stderr, flush=True)
+                self.mark = math.floor(done * 10 + 1) / 10
+            if share >= 1:
+                self.finished, counted = self.finished + chars, True
+        return update
 
 
 @torch.inference_mode()
 def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: int | None = None,
-              chunk: int = 1024, part: tuple[int, int] = (0, 1)) -> Score:
+              chunk: int = 1024, part: tuple[int, int] = (0, 1), progress=None) -> Score:
     """Score `ids` given a leading `bos` token: predictions for every id, each exactly once. With
     part=(rank, world) a bounded-context model scores only that process's share of the windows,
     `batch_windows` at a time (default: 8, or more for short contexts, so that a forward pass takes
-    about WINDOW_TOKENS positions: a small model's pass costs mostly its fixed overhead)."""
+    about WINDOW_TOKENS positions: a small model's pass costs mostly its fixed overhead). `progress` is
+    called with the share scored so far (Progress.document)."""
     seq = torch.tensor([bos] + list(ids), dtype=torch.long, device=device)
     n = seq.numel()
     total = Score()
+    progress = progress or (lambda share: None)
     if n < 2:
+        progress(1.0)
         return total
     limit = model.max_context
     if limit is None:
@@ -126,6 +160,7 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
             y = seq[begin + 1:begin + 1 + x.size(1)]
             logits, state = model(x, state)
             total += _score_positions(logits[0], y)
+            progress((begin + x.size(1)) / (n - 1))
         return total
     window, stride = limit + 1, max(1, limit // 2)  # window+1 tokens give `limit` predictions
     batch_windows = batch_windows or max(8, WINDOW_TOKENS // limit)
@@ -150,13 +185,16 @@ def score_ids(model, ids: list[int], bos: int, *, device="cpu", batch_windows: i
                 in enumerate(group)]
         total += _score_positions(torch.cat(kept), torch.cat([seq[first:end] for _, end, first in group]))
         tuner.record(time.perf_counter() - tic)
+        progress(min(1.0, (i + len(group)) / len(spans)))
     tuner.settle()
+    progress(1.0)
     return total
 
 
-def evaluate_text(model, tokenizer, text: str, *, device="cpu", part: tuple[int, int] = (0, 1)) -> Score:
+def evaluate_text(model, tokenizer, text: str, *, device="cpu", part: tuple[int, int] = (0, 1),
+                  progress=None) -> Score:
     ids = tokenizer.encode(text)
-    score = score_ids(model, ids, start_id(tokenizer), device=device, part=part)
+    score = score_ids(model, ids, start_id(tokenizer), device=device, part=part, progress=progress)
     if part[0] == 0:  # the text's own counts, once
         score.bytes = len(text.encode("utf-8"))
         unk = getattr(tokenizer, "unk_id", None)
@@ -175,13 +213,17 @@ def evaluate_documents(model, tokenizer, documents: list[tuple[str, str]], *, de
 
     rank, world = dist.rank(), dist.world_size()
     scores = []
+    chars = sum(len(text) for _, text in documents)
+    progress = Progress(chars, loud=rank == 0 and chars >= LOUD_CHARS)
     for i, (_, text) in enumerate(documents):
+        done = progress.document(len(text))
         if model.max_context is not None:
-            scores.append(evaluate_text(model, tokenizer, text, device=device, part=(rank, world)))
+            scores.append(evaluate_text(model, tokenizer, text, device=device, part=(rank, world), progress=done))
         elif i % world == rank:
-            scores.append(evaluate_text(model, tokenizer, text, device=device))
+            scores.append(evaluate_text(model, tokenizer, text, device=device, progress=done))
         else:
             scores.append(Score())
+            done(1.0)
     if world > 1:
         table = torch.tensor([[getattr(s, f) for f in FIELDS] for s in scores], dtype=torch.float64)
         table = torch.tensor(dist.sum_floats(table.flatten().tolist()), dtype=torch.float64).view(len(scores), -1)

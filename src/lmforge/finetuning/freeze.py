@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..config import is_number
 from ..errors import LmforgeError
 
 
@@ -15,7 +16,7 @@ def freeze(model: nn.Module, n_layers: int = 0, embeddings: bool = True) -> int:
     parameters were frozen."""
     groups = model.parameter_groups()
     total = len(groups["layers"])
-    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 0 <= n_layers <= total:
+    if not is_number(n_layers, integer=True) or not 0 <= n_layers <= total:
         raise LmforgeError(f"--freeze-layers must be between 0 and the model's {total} layers, got {n_layers!r}")
     frozen = (groups["embeddings"] if embeddings else []) + [p for layer in groups["layers"][:n_layers] for p in layer]
     for param in frozen:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, merge, parse_duration, parse_overrides
+from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, is_number, merge, parse_duration, parse_overrides
 from ..data import lm_batches, prepare_data
 from ..data.prepare import unknown_examples
 from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, collate_pairs, completion_batches,
@@ -51,7 +51,7 @@ def finetune_config(base, data, *, task: str = "lm", mode: str = "full", max_tim
     if not isinstance(base, (str, Path)):
         raise LmforgeError(f"the base run must be a run folder's path, got {base!r}")
     base = Path(base).expanduser()
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+    if max_steps is not None and (not is_number(max_steps, integer=True) or max_steps < 1):
         raise LmforgeError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
     max_time = parse_duration(max_time)  # seconds, or a duration such as "5m"
     if max_time is not None and not max_time >= 0:
@@ -246,8 +246,13 @@ def classification_data(config: RunConfig, tokenizer, context_len: int, log):
     if trained != set(labels):
         log(f"note: no training row has the label(s) {', '.join(repr(x) for x in labels if x not in trained)}; "
             f"the classifier cannot learn to predict them")
-    examples = {s: [(tokenizer.encode(r["text"])[:context_len], index[r["label"]]) for r in split[s]]
-                for s in ("train", "val")}
+    encoded = {s: [(tokenizer.encode(r["text"]), index[r["label"]]) for r in split[s]] for s in ("train", "val")}
+    cut = sum(len(ids) > context_len for s in encoded.values() for ids, _ in s)
+    if cut:
+        log(f"note: {cut} of {sum(map(len, encoded.values()))} train and validation texts are longer than the "
+            f"model's context ({context_len} tokens): the classifier reads the first {context_len} tokens of each "
+            f"(as `lmforge classify` does)")
+    examples = {s: [(ids[:context_len], label) for ids, label in rows] for s, rows in encoded.items()}
     empty = sum(not ids for s in examples.values() for ids, _ in s)
     if empty:  # stop words alone, with tokenizer.remove_stopwords: nothing to read
         raise LmforgeError(f"{empty} text(s) of {path} are empty after tokenizing; give each row words the "
@@ -259,33 +264,63 @@ def classification_data(config: RunConfig, tokenizer, context_len: int, log):
     return classification_batches(examples, tokenizer.eos_id, config.train.batch_size, config.train.seed)
 
 
-def finetune_results(lm, log=print) -> dict:
+TASK_FIELDS = {"classify": ("text", "label"), "completion": ("prompt", "completion")}
+
+
+def finetune_results(lm, data=None, log=print) -> dict:
     """The task's own figures for the run summary: classify, accuracy and macro-F1 on the held-out
     rows; lm, bits per byte on the new data's validation split; completion, bits per byte of the
-    held-out completions."""
+    held-out completions. With `data` (a .jsonl of the task's rows), on every row of it instead."""
     task = lm.config["finetune"]["task"]
     if task == "lm":
         val = lm.evaluate()
         log(f"validation: {val['bits_per_byte']:.4f} bits per byte")
         return {"val": val, "val_bits_per_byte": val["bits_per_byte"]}
+    where = "held-out" if data is None else str(data)
     if task == "classify":
-        result = evaluate_classifier(lm)
-        log(f"held-out ({result['n']} examples): accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
+        result = evaluate_classifier(lm, data)
+        log(f"{where} ({result['n']} examples): accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
         return result
-    result = evaluate_completions(lm)
-    log(f"held-out ({result['n']} pairs): {result['completion_bits_per_byte']:.4f} bits per completion byte")
+    result = evaluate_completions(lm, data)
+    log(f"{where} ({result['n']} pairs): {result['completion_bits_per_byte']:.4f} bits per completion byte")
     return result
+
+
+def holds_task_rows(path, task: str) -> bool:
+    """Whether `path` is a .jsonl whose first row holds `task`'s fields (then `eval --text` scores the task)."""
+    path = Path(path).expanduser()
+    if task not in TASK_FIELDS or path.suffix != ".jsonl" or not path.is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            first = next((line for line in file if line.strip()), "")
+        row = json.loads(first)
+    except (OSError, ValueError):
+        return False  # the reader names the problem
+    return isinstance(row, dict) and all(f in row for f in TASK_FIELDS[task])
+
+
+def _task_rows(lm, data, fields: tuple[str, ...]) -> tuple[list[dict], str]:
+    """The rows to score, and their file: the held-out rows of the run's own data, or every row of `data`."""
+    if data is None:
+        source = lm.config["data"]["sources"][0]
+        rows = held_out(read_jsonl(source, fields))
+        if not rows:
+            raise LmforgeError(f"{source} has no held-out rows to score; give some rows \"split\": \"val\"")
+        return rows, source
+    rows = read_jsonl(data, fields, training=False, option="--text")
+    if not rows:
+        raise LmforgeError(f"{data} has no rows to score; give one JSON object per line with "
+                           f"{', '.join(map(repr, fields))}")
+    return rows, str(data)
 
 
 def evaluate_completions(lm, data=None, batch_size: int = 16) -> dict:
     """Bits per byte of the held-out completions (the test split, else val) given their prompts in the
-    run's template: how well the run writes what follows each prompt, scored as the loop scores its
-    validation pairs (end-of-text included, over the completions' UTF-8 bytes)."""
+    run's template, or of every pair in `data`: how well the run writes what follows each prompt, scored
+    as the loop scores its validation pairs (end-of-text included, over the completions' UTF-8 bytes)."""
     ft = lm.config["finetune"]
-    source = data or lm.config["data"]["sources"][0]
-    rows = held_out(read_jsonl(source, ("prompt", "completion")))
-    if not rows:
-        raise LmforgeError(f"{source} has no held-out pairs to score; give some rows \"split\": \"val\"")
+    rows, _ = _task_rows(lm, data, ("prompt", "completion"))
     encoded, completion_bytes, _ = encode_pairs(lm.tokenizer, ft["template"], rows, lm.model.config.context_len)
     pairs = [inputs_targets(*e) for e in encoded]
     batches = [collate_pairs(pairs[i:i + batch_size], lm.tokenizer.eos_id) for i in range(0, len(pairs), batch_size)]
@@ -324,11 +359,17 @@ def class_probabilities(lm, texts: list[str], batch_size: int = 32) -> list[dict
 
 
 def evaluate_classifier(lm, data=None) -> dict:
-    """Accuracy and macro-F1 of a classification run on the held-out rows of its data (or `data`)."""
+    """Accuracy and macro-F1 of a classification run on the held-out rows of its data, or on every row
+    of `data`, a .jsonl of labelled texts."""
     model = load_classifier(lm)
-    index = {label: i for i, label in enumerate(lm.config["finetune"]["labels"])}
-    rows = [r for r in held_out(read_jsonl(data or lm.config["data"]["sources"][0], ("text", "label")))
-            if r["label"] in index]
+    labels = lm.config["finetune"]["labels"]
+    index = {label: i for i, label in enumerate(labels)}
+    rows, source = _task_rows(lm, data, ("text", "label"))
+    strange = sorted({r["label"] for r in rows} - set(index))
+    if strange:
+        raise LmforgeError(f"{source}: label(s) {', '.join(map(repr, strange[:5]))} are not among the run's "
+                           f"labels ({', '.join(map(repr, labels))}); the classifier cannot predict them: remove "
+                           f"those rows, or fine-tune with them")
     context_len = model.config.context_len
     predicted = predict(model, [lm.tokenizer.encode(r["text"])[:context_len] for r in rows], lm.tokenizer.eos_id)
-    return scores([index[r["label"]] for r in rows], predicted, len(index))
+    return scores([index[r["label"]] for r in rows], predicted)

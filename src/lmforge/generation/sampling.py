@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import is_number
 from ..errors import LmforgeError
 
 
@@ -30,8 +31,7 @@ class SamplingConfig:
 
     def __post_init__(self):
         def number(value, integer=False) -> bool:
-            kinds = (int,) if integer else (int, float)
-            return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+            return is_number(value, integer) and math.isfinite(value)
 
         checks = [
             (number(self.max_new_tokens, True) and self.max_new_tokens >= 0,

@@ -16,6 +16,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import ModelConfig, RunConfig, TokenizerConfig, is_number
+from ..data.examples import run_template
 from ..errors import LmforgeError
 from ..models import TransformerConfig
 from ..tokenizers import BPETokenizer, declared_eos, load_tokenizer
@@ -181,13 +182,17 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
     run = RunConfig(tokenizer=TokenizerConfig(tokenizer.kind, tokenizer.options),
                     model=ModelConfig("transformer", fields))
     run.train.sample_prompt = ""
+    imported = {"from": str(directory), "model_type": kind}
+    template = declared_template(directory)
+    if template is not None:  # a completion run's export: its prompts go on in their template
+        imported["template"] = template
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
         raise LmforgeError(f"cannot write {out}: {e.strerror or e}; choose another --out") from None
     try:
-        ckpt.save_config(tmp, run, fields, extra={"imported": {"from": str(directory), "model_type": kind}})
+        ckpt.save_config(tmp, run, fields, extra={"imported": imported})
         ckpt.save_tensors(tmp / ckpt.WEIGHTS, {k: v.float() for k, v in weights.items()})
         tokenizer.save(tmp)
         try:
@@ -204,6 +209,9 @@ def import_hf(directory, out, *, context_len: int | None = None, log=print) -> P
     bos = "" if tokenizer.bos_id is None else f", and begins every text with {strings[tokenizer.bos_id]}"
     log(f"imported {kind} ({sum(v.numel() for v in weights.values()) / 1e6:.2f}M parameters) into {out}; "
         f"it ends a text with {strings[tokenizer.eos_id]}{bos}")
+    if template is not None:
+        log(f"it answers prompts in the template it was fine-tuned with, {template!r}: generate, chat and serve wrap "
+            f"prompts in it")
     return out
 
 
@@ -321,15 +329,37 @@ def export_hf(run, directory, log=print) -> Path:
     tokenizer.save(directory)
     strings = tokenizer.token_strings()
     eos = strings[tokenizer.eos_id]
-    ckpt.write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
-        "bos_token": eos if bos_id is None else strings[bos_id],
-        "model_max_length": fields["context_len"], "clean_up_tokenization_spaces": False})
-    task = (data.get("finetune") or {}).get("task")
-    if task == "classify":  # a causal LM folder has no place for them
+    special = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+               "bos_token": eos if bos_id is None else strings[bos_id],
+               "model_max_length": fields["context_len"], "clean_up_tokenization_spaces": False}
+    template = run_template(data)
+    if template is not None:  # lmforge import reads it back; transformers' apply_chat_template applies it
+        special.update({TEMPLATE_KEY: template, "chat_template": chat_template(template)})
+    ckpt.write_json(directory / "tokenizer_config.json", special)
+    if (data.get("finetune") or {}).get("task") == "classify":  # a causal LM folder has no place for them
         log(f"note: exported the language model only; the classifier head ({run / 'classifier.safetensors'}) "
             f"has no place in a Hugging Face causal LM folder")
-    elif task == "completion":
-        log(f"note: this run answers prompts in its template {data['finetune']['template']!r}; "
-            f"Hugging Face users must wrap their prompts in it themselves")
+    elif template is not None:
+        log(f"note: this run answers prompts in its template {template!r}: tokenizer_config.json carries it, as a "
+            f"chat template for transformers (apply_chat_template with the prompt as the user message) and for "
+            f"lmforge import")
     return directory
+
+
+TEMPLATE_KEY = "lmforge_prompt_template"  # tokenizer_config.json's key for a completion run's prompt template
+
+
+def chat_template(template: str) -> str:
+    """`template` as a Jinja chat template: the last message's content in place of {prompt}. The text
+    around it goes in as string literals (ascii() escapes what Jinja's literals read back)."""
+    parts = [ascii(part) for part in template.split("{prompt}")]
+    return "{{ " + " + messages[-1]['content'] + ".join(parts) + " }}"
+
+
+def declared_template(directory: Path) -> str | None:
+    """The prompt template an exported completion run wrote into tokenizer_config.json, if any."""
+    from ..config import read_json
+
+    path = directory / "tokenizer_config.json"
+    template = read_json(path, "Hugging Face tokenizer config").get(TEMPLATE_KEY) if path.is_file() else None
+    return template if isinstance(template, str) and "{prompt}" in template else None

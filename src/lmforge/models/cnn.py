@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import is_number
 from lmforge.errors import LmforgeError
 
 from .dropout import dropout
@@ -46,7 +47,7 @@ class CNNConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "kernel_size", "context_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_number(value, integer=True) or value < 1:
                 raise LmforgeError(f"model.{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LmforgeError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
@@ -57,7 +58,7 @@ class CNNConfig:
             self.dilations = tuple(2 ** (i % cycle) for i in range(self.n_layers))
         self.dilations = tuple(self.dilations)  # JSON gives a list back
         if len(self.dilations) != self.n_layers or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.dilations):
+                is_number(d, integer=True) and d >= 1 for d in self.dilations):
             raise LmforgeError(f"model.dilations must be {self.n_layers} positive integers (one per layer), "
                                f"got {list(self.dilations)}; or leave it unset")
 

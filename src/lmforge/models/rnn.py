@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import is_number
 from lmforge.errors import LmforgeError
 
 from .dropout import dropout
@@ -47,7 +48,7 @@ class RNNConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_hidden", "n_layers", "context_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_number(value, integer=True) or value < 1:
                 raise LmforgeError(f"model.{name} must be a positive integer, got {value!r}")
         if self.cell not in CELLS:
             raise LmforgeError(f"model.cell={self.cell!r} is unknown; choose one of {', '.join(CELLS)}")

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import is_number
 from lmforge.errors import LmforgeError
 
 from .dropout import dropout
@@ -85,7 +86,7 @@ class TransformerConfig:
         self.d_ff = 4 * self.d_model if self.d_ff is None else self.d_ff
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "context_len", "d_ff"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_number(value, integer=True) or value < 1:
                 raise LmforgeError(f"model.{name} must be a positive integer, got {value!r}")
         if self.context_len < 2:  # decoding re-reads part of a full window, and a window of 1 has no part
             raise LmforgeError(f"model.context_len must be at least 2, got {self.context_len}")

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import is_number
 from ..device import physical_cores
 from ..errors import LmforgeError
 from . import EOS, checked_ids, sha256_text, write_special_tokens, write_tokenizer_json
@@ -165,7 +166,7 @@ class BPETokenizer:
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 257:
+        if not is_number(vocab_size, integer=True) or vocab_size < 257:
             raise LmforgeError(f"bpe tokenizer option vocab_size must be an integer >= 257 (256 bytes + "
                                f"{EOS}), got {vocab_size!r}")
         hf = Tokenizer(models.BPE())

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
+from ..config import is_number
 from ..errors import LmforgeError
 from . import EOS, FORMAT_VERSION, UNK, checked_ids, sha256_text, write_tokenizer_json
 
@@ -180,7 +181,7 @@ class WordTokenizer:
 def check_options(options: dict) -> None:
     for name in ("max_vocab", "min_freq"):
         value = options[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_number(value, integer=True) or value < 1:
             raise LmforgeError(f"word tokenizer option {name} must be a positive integer, got {value!r}")
     if options["max_vocab"] <= len(FIXED):
         raise LmforgeError(f"word tokenizer option max_vocab={options['max_vocab']} leaves no room for words "

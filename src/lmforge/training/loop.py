@@ -298,7 +298,7 @@ def skipped_step(state: TrainerState, result, cfg, log, run_dir) -> None:
     if cfg.on_nonfinite == "stop" or state.skipped >= MAX_SKIPPED:
         raise LmforgeError(f"{state.skipped} step(s) in a row had a non-finite {what} (at step {state.step}); "
                            f"lower train.lr (now {cfg.lr}) or raise train.warmup_steps, then resume "
-                           f"(lmforge train --resume {run_dir})")
+                           f"({ckpt.resume_command(run_dir)})")
 
 
 def save_weights(run_dir: Path, files: dict[str, dict[str, torch.Tensor]]) -> None:
