@@ -96,7 +96,10 @@ def test_chat_commands_keep_what_was_typed(served_run):
     chat.command("/temp 0.5")  # a command shortened while it stays unambiguous
     assert said[-1] == "temperature 0.5\n" and chat.sampling.temperature == 0.5
     chat.command("/t 1")  # temperature, top_p or top_k: not guessed
-    assert said[-1].startswith("unknown command '/t 1'") and chat.sampling.temperature == 0.5
+    assert said[-1] == "/t could be /temperature, /top_p, /top_k; type more of it\n"
+    assert chat.sampling.temperature == 0.5
+    chat.command("/x")
+    assert said[-1].startswith("unknown command '/x'")
 
 
 def test_chat_says_what_the_model_cannot_read(served_run):

@@ -1,8 +1,10 @@
 """`lmforge compare` writes a report folder with a rerun command per row, marks word rows' bits per
 byte as a lower bound, and `lmforge bench train` prints JSON; all on tiny models and a few KB of text."""
 import json
+import re
 import shlex
 import subprocess
+from html import unescape as html_unescape
 
 import pytest
 import torch
@@ -228,21 +230,29 @@ def test_a_sample_in_the_report_table_stays_one_visible_cell():
 
 
 def test_a_long_prompt_with_newlines_and_pipes_keeps_the_table_one_row_per_candidate():
+    from markdown_it import MarkdownIt
+
     from lmforge.compare import render_markdown, table_lines
     from lmforge.errors import shell_join
 
-    prompt = "Chapter I.\n\nShe said | twice " * 20  # a user's passage as the seed
+    prompt = "Chapter I.\n\nShe said | twice, `C:\\|D` " * 20  # a user's passage as the seed
     args = ["train", "--out", "cmp/lstm-char", "--prompt", prompt]
     row = {"name": "lstm-char", "status": "ok", "command": shell_join(["lmforge", *args]), "params": 1e5,
            "tokens_per_s": 1000.0, "val_bpb": 2.5, "bpb_is_lower_bound": False, "unknown_rate": 0.0,
            "time_to_best_s": 3.0, "peak_rss_bytes": 2 ** 28, "sample": prompt + "and the model went on"}
     report = {"budget_s": 10, "max_steps": None, "data": ["x.txt"], "val_fraction": 0.1, "match": "params",
               "seed": 0, "prompt": prompt, "candidates": [row]}
+    # report.md, as a Markdown reader sees it: one row of 9 cells, the sample's and the command's text whole
+    html = MarkdownIt("commonmark").enable("table").render(render_markdown(report))
+    cells = re.split(r"<td[^>]*>", html.split("<tbody>")[1])[1:]
+    assert len(cells) == 9  # no pipe of the prompt splitting a cell
+    assert "twice, `C:\\|D` and the model went on" in cells[7]  # the model's own text, after the prompt's end
+    command = re.search(r"<code>(.*)</code>", cells[8], re.S).group(1)
+    assert html_unescape(command) == row["command"]  # its backticks and backslashes kept
+    # the terminal's table: the same row, then the rerun command as it pastes into a shell
     lines = table_lines(report)
-    assert len(lines) == 3  # header, rule, one row
-    assert len(lines[2].replace("\\|", "").split("|")) == 11  # 9 cells, no pipe of the prompt splitting one
-    assert "and the model went on" in lines[2]  # the model's own text shows, after the prompt's end
-    command = lines[2].split("`")[1].replace("\\|", "|")  # and the rerun command pastes as it ran
+    assert len(lines[2].replace("\\|", "").split("|")) == 10  # 8 cells: the command comes after the table
+    command = lines[-1].strip()
     out = subprocess.run(["bash", "-c", f"printf '%s\\0' {command.removeprefix('lmforge ')}"],
                          capture_output=True, text=True).stdout
     assert out.split("\0")[:-1] == args

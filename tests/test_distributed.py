@@ -138,7 +138,8 @@ def test_bad_text_under_torchrun_stops_every_process_with_its_message(tmp_path):
 def test_a_taken_run_folder_or_a_report_under_torchrun_is_one_line_from_each_process(setup):
     folder, common = setup
     for args, messages in [(["train", "--out", str(folder / "single"), "--max-steps", "2", *common],
-                            ["already holds a run; continue it with --resume", "process 0 stopped the run"]),
+                            ["already holds a run; continue it with `lmforge train --resume",
+                             "process 0 stopped the run"]),
                            (["eval", str(folder / "single"), "--report", str(folder / "report")],
                             ["--report runs in one process"] * 2)]:
         child = torchrun(*args)

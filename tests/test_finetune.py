@@ -231,6 +231,17 @@ def test_classification_head_learns_a_separable_task(base, capsys):
     (base / "odd.jsonl").write_text(json.dumps({"text": "rich world", "label": "c"}))
     assert main(["eval", str(run), "--text", str(base / "odd.jsonl")]) == 2
     assert "label(s) 'c' are not among the run's labels ('a', 'b')" in capsys.readouterr().err
+    # labelled rows however the file is named or ordered, or encoded: never silently scored as plain text
+    (base / "NEW.JSONL").write_bytes((base / "new.jsonl").read_bytes())
+    assert main(["eval", str(run), "--text", str(base / "NEW.JSONL")]) == 0
+    assert "(3 examples): accuracy 66.7%" in capsys.readouterr().out
+    (base / "mixed.jsonl").write_text(json.dumps({"text": "rich world"}) + "\n" + (base / "new.jsonl").read_text())
+    one_line_error(capsys, main(["eval", str(run), "--text", str(base / "mixed.jsonl")]), "mixed.jsonl:1: no string "
+                                                                                           "field 'label'")
+    (base / "latin.jsonl").write_bytes('{"text": "Café rich", "label": "a"}'.encode("latin-1"))
+    for extra in ([], ["--encoding", "latin-1"]):
+        one_line_error(capsys, main(["eval", str(run), "--text", str(base / "latin.jsonl"), *extra]),
+                       "--encoding" if extra else "re-encode it")
 
 
 def test_macro_f1_averages_the_labels_that_occur():
@@ -405,6 +416,21 @@ def test_a_finetune_is_continued_with_finetune_resume(base):
     assert resume_command(base / "base") == f"lmforge train --resume {base / 'base'}"
     # a folder whose name needs quoting is quoted, so the hint pastes into a shell as it reads
     assert resume_command(base / "my runs" / "é 1") == f"lmforge train --resume '{base / 'my runs' / 'é 1'}'"
+
+
+def test_commands_suggested_in_messages_paste_into_a_shell(base, capsys):
+    import re
+    import shutil
+    import subprocess
+
+    odd = base / "it's $HOME é"
+    shutil.copytree(base / "base", odd)
+    for args, words in [(["finetune", "--resume", str(odd)], ["lmforge", "train", "--resume", str(odd)]),
+                        (["train", "--out", str(odd), "--max-steps", "2"], ["lmforge", "train", "--resume", str(odd)])]:
+        assert main(args) == 2
+        command = re.search(r"`(lmforge [^`]*)`", capsys.readouterr().err).group(1)
+        pasted = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, text=True).stdout
+        assert pasted.split("\0")[:-1] == words
 
 
 def test_labelled_rows_that_cannot_train_and_folders_of_the_wrong_kind_are_named(base, tmp_path, capsys):

@@ -241,6 +241,9 @@ def test_training_into_an_existing_run_is_refused_and_leaves_it_intact(run, tiny
         (tmp_path / "other" / "notes.txt").write_text("mine")
         lmforge.train(tiny_config(tiny_file, tmp_path / "cache"), out=tmp_path / "other", log=quiet)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    with pytest.raises(LmforgeError, match="notes.txt is a file; --out names the folder"):
+        lmforge.train(tiny_config(tiny_file, tmp_path / "cache"), out=tmp_path / "other" / "notes.txt", log=quiet)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     assert (result.run_dir / "model.safetensors").read_bytes() == before
 
 

@@ -19,7 +19,7 @@ from .config import (RunConfig, absolute_sources, as_raw, build_config, default_
                      default_warmup_steps, default_weight_decay, merge, parse_duration, parse_overrides)
 from .data.examples import render, run_template
 from .device import cpp_compiler, resolve_device
-from .errors import LmforgeError
+from .errors import LmforgeError, shell_join
 from .generation import Decoder, Engine, Generation, SamplingConfig, default_weights
 from .generation import generate as _generate
 from .generation import stream as _stream
@@ -197,7 +197,8 @@ class LanguageModel:
         if task in ("classify", "completion"):
             held = "labelled examples" if task == "classify" else "prompt -> completion pairs"
             raise LmforgeError(f"{self.run_dir} is a {task} fine-tune: it holds out {held}, not text to score; "
-                               f"`lmforge eval {self.run_dir}` gives its own figures, or give text to score "
+                               f"`{shell_join(['lmforge', 'eval', self.run_dir])}` gives its own figures, or give "
+                               f"text to score "
                                f"(--text FILE, lm.evaluate(text))")
 
         return self.prepared_data().validation_documents()

@@ -66,6 +66,9 @@ class Chat:
         starting = [c for c in COMMANDS if c.startswith(name)] if name else []
         if name not in COMMANDS and len(starting) == 1:  # /temp for /temperature
             name = starting[0]
+        elif name not in COMMANDS and starting:
+            self.say(f"/{name} could be {', '.join('/' + c for c in starting)}; type more of it\n")
+            return True
         if name in ("quit", "exit"):
             return False
         if name == "help":

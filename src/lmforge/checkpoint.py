@@ -207,8 +207,8 @@ def open_run_dir(out: Path, resume: bool) -> Path:
             what = "was imported, so it has no resume points" if imported else \
                 f"finished training and its resume points ({CHECKPOINTS}/) are gone"
             raise LmforgeError(f"{out} {what}: --resume would train it again from the start over its {WEIGHTS}; "
-                               f"to train it further, fine-tune it (lmforge finetune {out} --data TEXT --mode full "
-                               f"--out NEW)")
+                               f"to train it further, fine-tune it (`{shell_join(['lmforge', 'finetune', out])} "
+                               f"--data TEXT --mode full --out NEW`)")
         return out
     if (out / CONFIG).exists():
         if not _lmforge_config(out / CONFIG):
@@ -218,7 +218,11 @@ def open_run_dir(out: Path, resume: bool) -> Path:
         if holder is not None:  # --resume would be refused too while that process runs
             raise LmforgeError(f"{out} is in use by lmforge process {holder}, which is training it; "
                                f"choose another --out")
-        raise LmforgeError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        raise LmforgeError(f"{out} already holds a run; continue it with `{resume_command(out)}` or choose another "
+                           f"--out")
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"{out} is a file; --out names the folder a run is written to: choose another --out "
+                           f"(nothing was written)")
     # what a start killed before config.json was written leaves behind is not "a run": start again over it
     if out.exists() and (not out.is_dir() or any(p.name not in LEFTOVERS and not p.name.endswith(".tmp")
                                                   for p in out.iterdir())):
@@ -405,7 +409,7 @@ def read_config(run_dir: Path) -> dict:
     version = data.get("format_version")
     if version is None and "model_type" in data:
         raise LmforgeError(f"{run_dir} is a Hugging Face model folder, not an lmforge run; import it with "
-                           f"`lmforge import hf {run_dir} --out RUN`, then use RUN")
+                           f"`{shell_join(['lmforge', 'import', 'hf', run_dir])} --out RUN`, then use RUN")
     if version != FORMAT_VERSION:
         raise LmforgeError(f"{run_dir} was written by another lmforge (run format {version!r}; this lmforge reads "
                            f"{FORMAT_VERSION}); use the lmforge that made it, or train it again")

@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 
-from .errors import LmforgeError
+from .errors import LmforgeError, shell_join
 
 AUSTEN = ["gutenberg:austen-emma.txt", "gutenberg:austen-persuasion.txt"]
 
@@ -94,8 +94,9 @@ def cmd_train(args) -> int:
         print(f"validation: {val['bits_per_byte']:.3f} bits per byte, perplexity {val['perplexity']:.2f}, "
               f"accuracy {val['accuracy']:.1%}")
         if "scored_chars" in val:  # a long split: its leading share
+            rest = shell_join(["lmforge", "eval", result.run_dir])
             print(f"  (on the first {val['scored_chars']:,} of {val['val_chars']:,} characters of validation text, "
-                  f"the same share of each document; `lmforge eval {result.run_dir}` scores it all)")
+                  f"the same share of each document; `{rest}` scores it all)")
         if val["bits_per_byte_is_lower_bound"]:
             from .evaluation.likelihood import lower_bound_reason
 
@@ -148,8 +149,9 @@ def cmd_finetune(args) -> int:
         from . import checkpoint
 
         if not checkpoint.read_config(Path(args.resume)).get("finetune"):
-            raise LmforgeError(f"{args.resume} is not a fine-tune; continue its training with `lmforge train --resume "
-                               f"{args.resume}`, or fine-tune it with `lmforge finetune {args.resume} --data ...`")
+            raise LmforgeError(f"{args.resume} is not a fine-tune; continue its training with "
+                               f"`{shell_join(['lmforge', 'train', '--resume', args.resume])}`, or fine-tune it "
+                               f"with `{shell_join(['lmforge', 'finetune', args.resume])} --data ...`")
         lm, result = api.train(None, args.resume, resume=True, overrides=settings + _flag_overrides(args, {
             "max_steps": "train.max_steps"}, settings) + ([f"train.max_time={parse_duration(args.max_time)}"]
                                                if args.max_time else []))
@@ -428,7 +430,7 @@ def cmd_classify(args) -> int:
             raise LmforgeError(f"--file {path} is not a file; give a text file (one text per line) or a .jsonl")
         documents = read_file(path, jsonl_field=args.jsonl_field, encoding=args.encoding, errors=args.errors,
                               training=False)
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             texts += [d.text for d in documents]
         else:
             texts += [line for line in documents[0].text.splitlines() if line.strip()]

@@ -295,9 +295,10 @@ def _mib(n: int | None) -> str:
 
 
 def _cell(text: str) -> str:
-    """`text` for one cell of a Markdown table: on one line, its pipes escaped, its control characters
-    (which a barely trained model's sample can hold, a NUL say) written as escapes."""
-    text = re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
+    """`text` for one cell of a Markdown table, shown as written: on one line, the characters Markdown
+    reads as markup (pipes, backticks, emphasis, links, HTML) escaped, control characters (which a barely
+    trained model's sample can hold, a NUL say) written as escapes."""
+    text = re.sub(r"([\\`*_\[\]<>|~&])", r"\\\1", re.sub(r"\s+", " ", text).strip())
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -316,12 +317,22 @@ def shown_sample(sample: str, prompt: str) -> str:
     return sample[:SAMPLE_CHARS] + ("…" if len(sample) > SAMPLE_CHARS else "")
 
 
+def code_cell(text: str) -> str:
+    """`text` as inline code in a Markdown table cell: fenced by more backticks than it holds in a row
+    (so its own backticks stay), its pipes escaped (GitHub's tables read \\| as | in code too)."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+
+
 def table_lines(report: dict) -> list[str]:
-    """The report's table (as in report.md)."""
-    return [line for line in render_markdown(report).splitlines() if line.startswith("|")]
+    """The report's table for a terminal: report.md's, without its rerun column (Markdown escapes in a
+    command would not paste into a shell), then each row's rerun command as it runs."""
+    rows = [line for line in render_markdown(report, rerun=False).splitlines() if line.startswith("|")]
+    return [*rows, "", "rerun a row exactly:", *(f"  {r['command']}" for r in report["candidates"])]
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, rerun: bool = True) -> str:
     budget = [f"{report['budget_s']:g} s of training" if report["budget_s"] else None,
               f"at most {report['max_steps']} step{'s' if report['max_steps'] != 1 else ''}"
               if report["max_steps"] else None]
@@ -338,19 +349,20 @@ def render_markdown(report: dict) -> str:
         "training process's maximum resident set size. Time to best is training time (evaluation "
         "excluded) at the evaluation with the lowest validation loss. The rerun command repeats a row "
         "exactly, into a folder of its own (`<row>-rerun`).", "",
-        "| candidate | params | train tokens/s | val bits/byte | OOV rate | time to best | peak memory | sample | rerun |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| candidate | params | train tokens/s | val bits/byte | OOV rate | time to best | peak memory | sample |"
+        + (" rerun |" if rerun else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |" + (" --- |" if rerun else ""),
     ]
     for r in report["candidates"]:
-        rerun = f"`{r['command']}`".replace("|", "\\|")  # (GitHub's tables read \| as | in code too)
+        last = f" {code_cell(r['command'])} |" if rerun else ""
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | | | {_cell(r['status'])} | | | {_mib(r['peak_rss_bytes'])} | | {rerun} |")
+            lines.append(f"| {r['name']} | | | {_cell(r['status'])} | | | {_mib(r['peak_rss_bytes'])} | |{last}")
             continue
         mark = "≥ " if r["bpb_is_lower_bound"] else ""
         best = f"{r['time_to_best_s']:.3g} s" if "time_to_best_s" in r else "n/a"
         sample = shown_sample(r["sample"], report["prompt"])
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {mark}{r['val_bpb']:.3f} "
-                     f"| {r['unknown_rate']:.2%} | {best} | {_mib(r['peak_rss_bytes'])} | {_cell(sample)} | {rerun} |")
+                     f"| {r['unknown_rate']:.2%} | {best} | {_mib(r['peak_rss_bytes'])} | {_cell(sample)} |{last}")
     original = report.get("original")
     if original:
         lines += ["", f"The original, from the validation text of {original['document']} (after its first "

@@ -32,13 +32,14 @@ def read_jsonl(path, fields: tuple[str, ...], training: bool = True, option: str
     path = Path(path).expanduser()
     if not path.exists():
         raise LmforgeError(f"{option} {path} does not exist; give the .jsonl file with one JSON object per line")
-    if path.suffix != ".jsonl" or not path.is_file():
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
         raise LmforgeError(f"{option} {path} is not a .jsonl file; give one JSON object per line with "
                            f"{', '.join(repr(f) for f in fields)}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not a row
     except UnicodeDecodeError as exc:
-        raise LmforgeError(f"{path}: byte {exc.start} is not valid UTF-8; JSONL files must be UTF-8") from None
+        raise LmforgeError(f"{path}: byte {exc.start} is not valid UTF-8; JSONL files must be UTF-8: re-encode it "
+                           f"(iconv -f latin1 -t utf-8, say, for a Latin-1 file)") from None
     rows = []
     for number, row in json_lines(text, path):
         missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), str)]

@@ -84,7 +84,7 @@ def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str, train
     except OSError as exc:
         raise LmforgeError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
     text = decode(data, path, encoding, errors).replace("\r\n", "\n")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return read_jsonl(text, path, jsonl_field, training, errors)
     return [Document(str(path), text)]
 

@@ -279,25 +279,33 @@ def finetune_results(lm, data=None, log=print) -> dict:
     where = "held-out" if data is None else str(data)
     if task == "classify":
         result = evaluate_classifier(lm, data)
-        log(f"{where} ({result['n']} examples): accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
+        examples = "example" if result["n"] == 1 else "examples"
+        log(f"{where} ({result['n']} {examples}): accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
         return result
     result = evaluate_completions(lm, data)
-    log(f"{where} ({result['n']} pairs): {result['completion_bits_per_byte']:.4f} bits per completion byte")
+    pairs = "pair" if result["n"] == 1 else "pairs"
+    log(f"{where} ({result['n']} {pairs}): {result['completion_bits_per_byte']:.4f} bits per completion byte")
     return result
 
 
 def holds_task_rows(path, task: str) -> bool:
-    """Whether `path` is a .jsonl whose first row holds `task`'s fields (then `eval --text` scores the task)."""
+    """Whether `path` is a .jsonl with a row holding `task`'s fields (then `eval --text` scores the task,
+    and the reader names any row that lacks them, or bytes that are not UTF-8)."""
     path = Path(path).expanduser()
-    if task not in TASK_FIELDS or path.suffix != ".jsonl" or not path.is_file():
+    if task not in TASK_FIELDS or path.suffix.lower() != ".jsonl" or not path.is_file():
         return False
     try:
-        with open(path, encoding="utf-8-sig") as file:
-            first = next((line for line in file if line.strip()), "")
-        row = json.loads(first)
-    except (OSError, ValueError):
-        return False  # the reader names the problem
-    return isinstance(row, dict) and all(f in row for f in TASK_FIELDS[task])
+        with open(path, encoding="utf-8-sig", errors="replace") as file:
+            for line in file:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and all(f in row for f in TASK_FIELDS[task]):
+                    return True
+    except OSError:
+        pass  # the reader names the problem
+    return False
 
 
 def _task_rows(lm, data, fields: tuple[str, ...]) -> tuple[list[dict], str]:
