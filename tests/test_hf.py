@@ -193,6 +193,12 @@ def test_a_hugging_face_folder_with_bad_sizes_or_weights_is_refused_in_one_line(
         assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and f"{key} must be a positive whole number, got {value!r}" in err
+    # an option lmforge cannot import is named as the user set it; a file is not a model folder
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]) == 2
+    assert "unsupported Llama option(s) attention_bias=True with mlp_bias=False;" in capsys.readouterr().err
+    assert main(["import", "hf", str(tmp_path / "hf" / "config.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "config.json is a file; point at a Hugging Face model folder" in capsys.readouterr().err
     # an absent context length takes the default, as transformers does
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": None}))
     assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ok")]) == 0

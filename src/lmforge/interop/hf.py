@@ -34,7 +34,8 @@ def read_folder(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, every tensor of the folder's *.safetensors files)."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
-        raise LmforgeError(f"{directory} does not exist; point at a Hugging Face model folder "
+        what = "is a file" if directory.exists() else "does not exist"
+        raise LmforgeError(f"{directory} {what}; point at a Hugging Face model folder "
                            "(config.json + *.safetensors + tokenizer.json)")
     if not (directory / "config.json").is_file():
         raise LmforgeError(f"{directory} has no config.json; point at a Hugging Face model folder "
@@ -85,11 +86,12 @@ def llama_fields(c: dict) -> dict:
     heads, d = c["num_attention_heads"], c["hidden_size"]
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    problems = [f"{k}={value!r}" for k, value, ok in [
-        ("hidden_act", c.get("hidden_act"), c.get("hidden_act", "silu") == "silu"),
-        ("head_dim", c.get("head_dim"), c.get("head_dim") in (None, d // heads)),
-        ("rope_type", rope_type, rope_type == "default"),
-        ("mlp_bias", c.get("mlp_bias"), c.get("mlp_bias", False) == c.get("attention_bias", False))] if not ok]
+    bias = f"attention_bias={c.get('attention_bias', False)!r} with mlp_bias={c.get('mlp_bias', False)!r}"
+    problems = [problem for problem, ok in [
+        (f"hidden_act={c.get('hidden_act')!r}", c.get("hidden_act", "silu") == "silu"),
+        (f"head_dim={c.get('head_dim')!r}", c.get("head_dim") in (None, d // heads)),
+        (f"rope_type={rope_type!r}", rope_type == "default"),
+        (bias, c.get("mlp_bias", False) == c.get("attention_bias", False))] if not ok]
     if problems:
         raise LmforgeError(f"unsupported Llama option(s) {', '.join(problems)}; lmforge imports SiLU, head_dim = "
                            "hidden_size / heads, default RoPE and equal attention/MLP bias")
