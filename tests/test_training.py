@@ -231,6 +231,16 @@ def test_an_extended_run_that_is_interrupted_continues_to_its_new_budget(run, tm
     lmforge.load(run_dir)  # the manifest still vouches for the rewritten config.json
 
 
+def test_missing_data_fails_before_the_probe_times_anything(tmp_path, monkeypatch):
+    import lmforge.probe
+
+    monkeypatch.setattr(lmforge.probe, "choices", lambda *a, **k: pytest.fail("probed before reading the data"))
+    config = tiny_config(tmp_path / "missing.txt", tmp_path / "cache", dtype="auto")
+    with pytest.raises(LmforgeError, match="missing.txt"):
+        lmforge.train(config, out=tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_into_an_existing_run_is_refused_and_leaves_it_intact(run, tiny_file, tmp_path):
     _, result = run
     before = (result.run_dir / "model.safetensors").read_bytes()

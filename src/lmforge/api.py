@@ -344,6 +344,10 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if resume:
         dist.on_main(ckpt.not_in_training, Path(out))
     try:
+        if cfg.finetune is None:  # missing or unreadable data fails now, not after the probe's timings
+            from .data import prepare_data
+
+            dist.main_first(lambda: prepare_data(cfg, tokenizer))  # (later calls read the prepared files)
         # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
         # shared cores, each would time a slower machine and could choose apart)
         cfg = dist.main_first(lambda: with_measured_choices(cfg, log))
