@@ -192,6 +192,8 @@ def test_serve_on_a_taken_port_is_one_line(cli_run, capsys):
     (["generate", "{run}", "--top-p", "1.5"], ["top_p"]),
     (["generate", "{run}", "--temperature", "nan"], ["temperature"]),
     (["generate", "{run}", "--num-samples", "-1"], ["--num-samples"]),
+    (["generate", "{run}", "--stop", "x", "--stop", ""], ["--stop ''", "stop nothing"]),
+    (["train", "--out", "{tmp}/r", "--max-time", "0"], ["give a budget", "--max-time 0 is no time limit"]),
     (["generate", "{run}", "--seed", "-1"], ["seed", "from 0"]),
     (["train", "--resume", "{run}", "--out", "{tmp}/elsewhere", "--max-steps", "50"], ["--resume", "--out"]),
     (["train", "--out", "{tmp}/r", "--max-steps", "1", "train.lr=abc"], ["train.lr", "abc"]),
@@ -513,3 +515,19 @@ def test_running_out_of_memory_is_one_line(cli_run, capsys, monkeypatch):
     capsys.readouterr()
     one_line_error(capsys, main(["generate", str(cli_run / "run"), "-n", "3"]), "not enough memory (23.8 GiB at once)",
                    "model.context_len")
+
+
+def test_a_config_files_relative_data_paths_are_read_from_its_folder(tmp_path, monkeypatch):
+    from lmforge.config import build_config
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "run.toml").write_text('[data]\nsources = ["notes.txt", "books/*.txt", '
+                                                    '"gutenberg:austen-emma.txt"]\ncache_dir = "cache"\n')
+    monkeypatch.chdir(tmp_path)  # started from elsewhere: the file still means its own notes.txt
+    config = build_config("project/run.toml", overrides=['data.val_fraction=0.2'])
+    here = tmp_path / "project"
+    assert config.data.sources == [str(here / "notes.txt"), str(here / "books" / "*.txt"), "gutenberg:austen-emma.txt"]
+    assert config.data.cache_dir == str(here / "cache")
+    # an override's path is the user's, typed where they are
+    assert build_config("project/run.toml", overrides=['data.sources=["mine.txt"]']).data.sources == [
+        str(tmp_path / "mine.txt")]

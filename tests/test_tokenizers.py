@@ -179,3 +179,12 @@ def test_importing_lmforge_does_not_import_spacy():
 
     code = "import sys, lmforge.tokenizers, lmforge.data; assert 'spacy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_bpe_vocabulary_smaller_than_asked_says_so():
+    from lmforge.tokenizers import vocab_text
+
+    small = train_tokenizer("bpe", ["abab abab abab"], vocab_size=4096)  # few pairs to merge
+    assert small.vocab_size < 4096
+    assert vocab_text(small) == f"vocab {small.vocab_size} of the 4096 asked: the text has no more pairs to merge"
+    assert vocab_text(train_tokenizer("char", ["abab"])) == f"vocab {train_tokenizer('char', ['abab']).vocab_size}"

@@ -239,6 +239,12 @@ def test_missing_data_fails_before_the_probe_times_anything(tmp_path, monkeypatc
     with pytest.raises(LmforgeError, match="missing.txt"):
         lmforge.train(config, out=tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()
+    (tmp_path / "short.txt").write_text("Emma was here.")  # fewer tokens than one window: said first, and alone
+    said = []
+    with pytest.raises(LmforgeError, match="fewer than context_len"):
+        lmforge.train(tiny_config(tmp_path / "short.txt", tmp_path / "cache", dtype="auto"), out=tmp_path / "run",
+                      log=said.append)
+    assert said == [] and not (tmp_path / "run").exists()
 
 
 def test_training_into_an_existing_run_is_refused_and_leaves_it_intact(run, tiny_file, tmp_path):

@@ -344,10 +344,14 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     if resume:
         dist.on_main(ckpt.not_in_training, Path(out))
     try:
-        if cfg.finetune is None:  # missing or unreadable data fails now, not after the probe's timings
+        if cfg.finetune is None:  # missing, unreadable or too little data fails now, not after the probe
             from .data import prepare_data
+            from .data.batches import check_split
+            from .models import resolve_config
 
-            dist.main_first(lambda: prepare_data(cfg, tokenizer))  # (later calls read the prepared files)
+            prepared = dist.main_first(lambda: prepare_data(cfg, tokenizer))  # (later calls read its files)
+            check_split(len(prepared.train), resolve_config(cfg.model.arch, **{
+                **cfg.model.options, "vocab_size": prepared.tokenizer.vocab_size}).context_len)
         # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
         # shared cores, each would time a slower machine and could choose apart)
         cfg = dist.main_first(lambda: with_measured_choices(cfg, log))

@@ -205,6 +205,9 @@ def cmd_generate(args) -> int:
         if given:
             raise LmforgeError(f"--greedy always takes the likeliest token, so {'/'.join(given)} would change "
                                f"nothing; drop {'them' if len(given) > 1 else 'it'}, or drop --greedy to sample")
+    if "" in (args.stop or []):
+        raise LmforgeError("--stop '' would stop nothing; give the text that ends the output (--stop '\\n' for a "
+                           "line), or drop it")
     temperature = 0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature
     sampling = SamplingConfig(args.max_new_tokens, temperature, args.top_k or None,  # 0: off, as in chat
                               args.top_p, args.seed, [unescape(s) for s in args.stop or []],
@@ -486,7 +489,9 @@ def cmd_prepare(args) -> int:
                        val_fraction=args.val_fraction, cache_dir=args.cache_dir, jsonl_field=args.jsonl_field,
                        encoding=args.encoding, errors=args.errors)
     print(f"{'reused' if prepared.reused else 'written'}: {prepared.path}")
-    print(f"tokenizer {prepared.tokenizer.kind}, vocab {prepared.tokenizer.vocab_size}; "
+    from .tokenizers import vocab_text
+
+    print(f"tokenizer {prepared.tokenizer.kind}, {vocab_text(prepared.tokenizer)}; "
           f"{len(prepared.train):,} train tokens, {len(prepared.val):,} validation tokens")
     if prepared.unknown:  # pieces of the text the tokenizer has no entry for (a char vocabulary from other text)
         from .data.prepare import unknown_examples

@@ -188,7 +188,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "train.max_steps must be at least 1"),
             (self.max_time is None or self.max_time > 0, "train.max_time must be positive"),
             (self.max_steps is not None or self.max_time is not None,
-             "give a budget: --max-steps N or --max-time 5m"),
+             "give a budget: --max-steps N or --max-time 5m (--max-time 0 is no time limit)"),
             (0 <= self.decay_fraction <= 1, "train.decay_fraction must be in [0, 1]"),
             (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "train.warmup_steps must be 0 or more"),
@@ -435,7 +435,30 @@ def as_raw(config) -> dict:
     if not isinstance(config, (str, Path)) or (isinstance(config, str) and "\n" in config):
         raise LmforgeError("a config is the path of a .toml file, a dict or a RunConfig (not TOML text: "
                            "tomllib.loads(text) makes it a dict)")
-    return load_toml(config)
+    raw = load_toml(config)
+    return with_paths_from(raw, Path(config).expanduser().resolve().parent)
+
+
+def with_paths_from(raw: dict, folder: Path) -> dict:
+    """A config file's relative data paths (sources, globs included, and cache_dir) read from its own
+    folder, so the file works from wherever lmforge is started."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+
+    def placed(path):
+        if not isinstance(path, str) or not path.strip() or path.startswith("gutenberg:"):
+            return path  # (a wrong type is the config check's to name)
+        path = os.path.expanduser(path)
+        return path if os.path.isabs(path) else os.path.join(folder, path)
+
+    if isinstance(data.get("sources"), list):
+        data["sources"] = [placed(s) for s in data["sources"]]
+    elif isinstance(data.get("sources"), str):
+        data["sources"] = placed(data["sources"])
+    if isinstance(data.get("cache_dir"), str):
+        data["cache_dir"] = placed(data["cache_dir"])
+    return raw
 
 
 def build_config(config: str | Path | dict | RunConfig | None = None, preset: str | None = None,

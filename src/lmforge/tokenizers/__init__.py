@@ -31,6 +31,15 @@ class Tokenizer(Protocol):
     def fingerprint(self) -> str: ...
 
 
+def vocab_text(tokenizer: Tokenizer) -> str:
+    """"vocab N", and where a BPE vocabulary came out smaller than asked (the text ran out of pairs to
+    merge), how many were asked for."""
+    asked = tokenizer.options.get("vocab_size") if tokenizer.kind == "bpe" else None
+    short = isinstance(asked, int) and asked > tokenizer.vocab_size
+    return f"vocab {tokenizer.vocab_size}" + (f" of the {asked} asked: the text has no more pairs to merge"
+                                              if short else "")
+
+
 def checked_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
     """`ids` as a list, or a one-line error naming the first id that is not a token of this vocabulary
     (Python would read -1 as the last token, and Hugging Face's decoder skips ids past the end)."""

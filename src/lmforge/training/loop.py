@@ -28,6 +28,7 @@ from ..device import (ThreadTuner, all_but_global_state, measure_peak_flops, res
                       resolve_dtype, set_threads)
 from ..errors import LmforgeError
 from ..models import count_params
+from ..tokenizers import vocab_text
 from . import distributed as dist
 from .average import WeightAverage
 from .optim import build_optimizers, lr_factor, progress, set_lr
@@ -261,7 +262,7 @@ def describe(config: RunConfig, job: Job, model: nn.Module, device, dtype, threa
     return (f"model: {config.model.arch}, {millions(count_params(model))} parameters "
             f"({millions(count_params(model, exclude_embeddings=True))} without embeddings), "
             f"{flops} per training token; tokenizer: {tokenizer.kind} "
-            f"(vocab {tokenizer.vocab_size}); data: {job.batches.description}; {where}, "
+            f"({vocab_text(tokenizer)}); data: {job.batches.description}; {where}, "
             f"{str(dtype).removeprefix('torch.')}{' autocast' if dtype != torch.float32 else ''}"
             f"{', compiled step' if compiled else ''}")
 
