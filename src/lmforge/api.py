@@ -343,13 +343,14 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
     dist.on_main(ckpt.open_run_dir, Path(out), resume)
     if resume:
         dist.on_main(ckpt.not_in_training, Path(out))
+    prepared = None
     try:
         if cfg.finetune is None:  # missing, unreadable or too little data fails now, not after the probe
             from .data import prepare_data
             from .data.batches import check_split
             from .models import resolve_config
 
-            prepared = dist.main_first(lambda: prepare_data(cfg, tokenizer))  # (later calls read its files)
+            prepared = dist.main_first(lambda: prepare_data(cfg, tokenizer))
             check_split(len(prepared.train), resolve_config(cfg.model.arch, **{
                 **cfg.model.options, "vocab_size": prepared.tokenizer.vocab_size}).context_len)
         # under torchrun process 0 probes first, alone, and the others read its cache (probing at once, on
@@ -359,16 +360,16 @@ def train(config: str | Path | dict | RunConfig | None = None, out: str | Path |
         if not resume:  # a resumed run compiles, or not, as it started
             cfg, speedup = with_compile_choice(cfg, log, budget)
         if budget is not None:
-            cfg = size_for_budget(cfg, budget, log, decay_given, speedup)
+            cfg = size_for_budget(cfg, budget, log, decay_given, speedup, prepared)
         elif not resume:
-            cfg = regularise_for_passes(cfg, log, decay_given, speedup)
+            cfg = regularise_for_passes(cfg, log, decay_given, speedup, prepared)
         with contextlib.ExitStack() as held:
             dist.on_main(lambda: held.enter_context(ckpt.RunLock(out, resume)))  # process 0 holds the folder's lock
             if cfg.finetune is not None:  # weights: the resume point's if there is one, else the base's
                 job = dist.main_first(lambda: finetune_job(cfg, tokenizer, log=log,
                                                            resume=resume and bool(ckpt.resume_points(out))))
-            else:  # process 0 prepares the data first; the others then read its cache
-                job = dist.main_first(lambda: language_model_job(cfg, tokenizer))
+            else:  # on the data prepared above (process 0 first; the others read its cache)
+                job = language_model_job(cfg, tokenizer, prepared)
             result = run_loop(cfg, out, job, resume=resume, log=log, on_step=on_step)
     except BaseException:
         if dist.is_main() and not resume:  # bad data, say: no empty run folder left behind

@@ -424,7 +424,7 @@ def cmd_classify(args) -> int:
     from pathlib import Path
 
     from . import api
-    from .data.sources import read_file
+    from .data.sources import is_jsonl, read_file
 
     texts = list(args.texts)
     if args.file:
@@ -433,7 +433,7 @@ def cmd_classify(args) -> int:
             raise LmforgeError(f"--file {path} is not a file; give a text file (one text per line) or a .jsonl")
         documents = read_file(path, jsonl_field=args.jsonl_field, encoding=args.encoding, errors=args.errors,
                               training=False)
-        if path.suffix.lower() == ".jsonl":
+        if is_jsonl(path):
             texts += [d.text for d in documents]
         else:
             texts += [line for line in documents[0].text.splitlines() if line.strip()]

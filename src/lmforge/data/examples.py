@@ -16,7 +16,7 @@ import torch
 
 from ..errors import LmforgeError
 from .batches import IGNORE, Batches, batch_generator, shard
-from .sources import json_lines
+from .sources import is_jsonl, json_lines
 
 SPLITS = ("train", "val", "test")
 DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n### Completion:\n"
@@ -32,7 +32,7 @@ def read_jsonl(path, fields: tuple[str, ...], training: bool = True, option: str
     path = Path(path).expanduser()
     if not path.exists():
         raise LmforgeError(f"{option} {path} does not exist; give the .jsonl file with one JSON object per line")
-    if path.suffix.lower() != ".jsonl" or not path.is_file():
+    if not is_jsonl(path) or not path.is_file():
         raise LmforgeError(f"{option} {path} is not a .jsonl file; give one JSON object per line with "
                            f"{', '.join(repr(f) for f in fields)}")
     try:

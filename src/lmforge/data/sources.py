@@ -76,6 +76,11 @@ def expand_path(spec: str) -> list[Path]:
     return [path]
 
 
+def is_jsonl(path: Path) -> bool:
+    """Whether `path` is read as JSON lines, one record per line (by its name: .jsonl in any case)."""
+    return path.suffix.lower() == ".jsonl"
+
+
 def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str, training: bool = True) -> list[Document]:
     """A text file as one document, a .jsonl as one per line. `training` False (texts to classify):
     a missing field's message leaves out the config and fine-tuning hints."""
@@ -84,7 +89,7 @@ def read_file(path: Path, *, jsonl_field: str, encoding: str, errors: str, train
     except OSError as exc:
         raise LmforgeError(f"cannot read {path}: {exc.strerror or exc}; check the path and its permissions") from None
     text = decode(data, path, encoding, errors).replace("\r\n", "\n")
-    if path.suffix.lower() == ".jsonl":
+    if is_jsonl(path):
         return read_jsonl(text, path, jsonl_field, training, errors)
     return [Document(str(path), text)]
 

@@ -21,6 +21,7 @@ from .. import checkpoint as ckpt
 from ..config import DEFAULT_WEIGHT_DECAY, RunConfig, as_raw, is_number, merge, parse_duration, parse_overrides
 from ..data import lm_batches, prepare_data
 from ..data.prepare import unknown_examples
+from ..data.sources import is_jsonl
 from ..data.examples import (DEFAULT_TEMPLATE, classification_batches, collate_pairs, completion_batches,
                              count_targets, encode_pair, held_out, inputs_targets, pad, read_jsonl, render)
 from ..device import seed_everything
@@ -292,7 +293,7 @@ def holds_task_rows(path, task: str) -> bool:
     """Whether `path` is a .jsonl with a row holding `task`'s fields (then `eval --text` scores the task,
     and the reader names any row that lacks them, or bytes that are not UTF-8)."""
     path = Path(path).expanduser()
-    if task not in TASK_FIELDS or path.suffix.lower() != ".jsonl" or not path.is_file():
+    if task not in TASK_FIELDS or not is_jsonl(path) or not path.is_file():
         return False
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as file:

@@ -18,10 +18,11 @@ def check(config: RunConfig) -> None:
     resolve_config(config.model.arch, **{"vocab_size": 1, **config.model.options})
 
 
-def language_model_job(config: RunConfig, tokenizer=None) -> Job:
-    """Next-token prediction on the config's sources; a given `tokenizer` (a resumed run's) encodes
-    them, else one is trained on the training split."""
-    prepared = prepare_data(config, tokenizer)
+def language_model_job(config: RunConfig, tokenizer=None, prepared=None) -> Job:
+    """Next-token prediction on the config's sources (`prepared`, if the caller has read them); a given
+    `tokenizer` (a resumed run's) encodes them, else one is trained on the training split."""
+    if prepared is None:
+        prepared = prepare_data(config, tokenizer)
     seed_everything(config.train.seed)
     model = build_model(config.model.arch, **{**config.model.options, "vocab_size": prepared.tokenizer.vocab_size})
     t = config.train

@@ -133,19 +133,20 @@ def check_budget(config: RunConfig, seconds: float) -> None:
                            f"drop it, or use --max-time to keep your size")
 
 
-def _prepared(config: RunConfig):
-    """The run's prepared data (under torchrun process 0 prepares it first and the others read its cache)
-    and its model options with the tokenizer's vocabulary size."""
-    prepared = dist.main_first(lambda: prepare_data(config))
+def _prepared(config: RunConfig, prepared=None):
+    """The run's prepared data (`prepared`, if the caller has it; under torchrun process 0 prepares it
+    first and the others read its cache) and its model options with the tokenizer's vocabulary size."""
+    if prepared is None:
+        prepared = dist.main_first(lambda: prepare_data(config))
     return prepared, {**config.model.options, "vocab_size": prepared.tokenizer.vocab_size}
 
 
 def size_for_budget(config: RunConfig, seconds: float, log=print, decay_given: bool = True,
-                    speedup: float | None = None) -> RunConfig:
+                    speedup: float | None = None, prepared=None) -> RunConfig:
     """`config` with train.max_time = seconds and the Transformer's size chosen for that much training
     on this machine (and its regularisation for the passes that makes, as regularise_for_passes)."""
     check_budget(config, seconds)
-    prepared, options = _prepared(config)
+    prepared, options = _prepared(config, prepared)
     tokens_per_s, flops = probe_tokens_per_s(options, config.train, speedup=speedup)
     compute = flops * tokens_per_s * seconds
     size, table = choose(options, compute, len(prepared.train))
@@ -187,7 +188,7 @@ def _regularise(passes: float, config: RunConfig, raw: dict, decay_given: bool, 
 
 
 def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True,
-                          speedup: float | None = None) -> RunConfig:
+                          speedup: float | None = None, prepared=None) -> RunConfig:
     """`config` with the dropout and (AdamW's) weight decay for the passes a new Transformer run will
     make over its training text, where the user left them alone (`decay_given` False: the weight
     decay in `config` is the family default): MANY_PASSES_DROPOUT and MANY_PASSES_WEIGHT_DECAY past
@@ -198,7 +199,7 @@ def regularise_for_passes(config: RunConfig, log=print, decay_given: bool = True
             or config.finetune is not None:
         return config
     cfg = config.train
-    prepared, options = _prepared(config)
+    prepared, options = _prepared(config, prepared)
     n_train = max(1, len(prepared.train))
     step_tokens = cfg.batch_size * cfg.grad_accum * resolve_config("transformer", **options).context_len
     passes = math.inf if cfg.max_steps is None else cfg.max_steps * step_tokens / n_train  # batches are global
